@@ -1,0 +1,3 @@
+from hoverdask.cli import app
+
+app(prog_name="hoverdask")

@@ -1,0 +1,23 @@
+"""User-facing errors.
+
+Library code raises these for problems the user can fix (bad input files, wrong options, missing
+metadata). The CLI turns them into a one-line message and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+
+class HoverdaskError(Exception):
+    """A problem with the user's input: say what is wrong and what to do about it."""
+
+
+class SlideError(HoverdaskError):
+    """A slide cannot be opened or lacks what processing needs (e.g. its pixel size)."""
+
+
+class CheckpointError(HoverdaskError):
+    """A model file cannot be loaded safely, or does not fit the HoVer-Net layout."""
+
+
+class DatasetError(HoverdaskError):
+    """A training/evaluation dataset folder is missing files or has inconsistent labels."""
