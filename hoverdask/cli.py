@@ -79,5 +79,60 @@ def version() -> None:
 
 # --- commands: clusters (cluster) ---
 
+cluster_app = typer.Typer(
+    help="Start a Dask cluster on HPC/cloud resources for `hoverdask run --scheduler ADDRESS`.",
+    no_args_is_help=True,
+)
+app.add_typer(cluster_app, name="cluster")
+
+
+@cluster_app.command("slurm")
+@user_errors
+def cluster_slurm(
+    config: Annotated[
+        Path,
+        typer.Option(
+            "--config",
+            help="TOML file: partition, account, cores, memory, GPUs per job, walltime, "
+            "adaptive min/max jobs (example: deploy/slurm/cluster.toml).",
+            dir_okay=False,
+        ),
+    ],
+    print_script: Annotated[
+        bool,
+        typer.Option("--print-script", help="Print the sbatch script of one worker job and exit."),
+    ] = False,
+) -> None:
+    """Run an adaptive SLURM cluster of GPU workers until Ctrl-C."""
+    import time
+
+    from hoverdask.jobqueue import (
+        dashboard_link,
+        job_script,
+        load_slurm_config,
+        start_slurm_cluster,
+    )
+
+    settings = load_slurm_config(config)
+    if print_script:
+        typer.echo(job_script(settings))
+        return
+    cluster = start_slurm_cluster(settings)
+    try:
+        typer.echo(f"scheduler: {cluster.scheduler_address}")
+        typer.echo(f"dashboard: {dashboard_link(cluster, settings)}")
+        typer.echo(
+            f"workers: {settings.minimum_jobs}..{settings.maximum_jobs} jobs on partition "
+            f"{settings.partition}; run `hoverdask run ... --scheduler "
+            f"{cluster.scheduler_address}`; Ctrl-C stops the cluster"
+        )
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        console.print("stopping the cluster and cancelling its jobs")
+    finally:
+        cluster.close()
+
+
 
 _ = (Annotated, Path)  # used by the command sections above
