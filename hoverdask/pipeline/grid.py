@@ -1,0 +1,83 @@
+"""The map-tile grid: one global patch grid per slide, anchored at the slide origin.
+
+HoVer-Net predicts ``output`` x ``output`` pixels from a patch ``2*margin`` pixels larger. The
+reference tile mode pads the image by ``margin`` with reflection and steps patches by
+``output``; map tile ``(r, c)`` here is a block of whole patches of that same grid, so every map
+pixel comes from the same patch input whatever the tile size, and tiles never overlap (each is
+written by exactly one task). Context outside the slide is the reflection of the slide, exactly
+``np.pad(image, margin, mode="reflect")`` extended as far as needed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """Map tiles of ``tile`` x ``tile`` pixels over a (height, width) image at processing mpp."""
+
+    height: int
+    width: int
+    tile: int
+    output: int
+    margin: int
+
+    def __post_init__(self) -> None:
+        if self.tile <= 0 or self.tile % self.output:
+            raise ValueError(f"tile size {self.tile} is not a multiple of the patch output")
+
+    @classmethod
+    def for_chunk_size(
+        cls, height: int, width: int, chunk_size: int, output: int, margin: int
+    ) -> TileGrid:
+        """Round ``chunk_size`` down to whole patch outputs (at least one patch)."""
+        tile = max(1, chunk_size // output) * output
+        return cls(height, width, tile, output, margin)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return math.ceil(self.height / self.tile), math.ceil(self.width / self.tile)
+
+    def tiles(self) -> Iterator[tuple[int, int]]:
+        rows, cols = self.shape
+        for row in range(rows):
+            for col in range(cols):
+                yield row, col
+
+    def extent(self, row: int, col: int) -> tuple[int, int, int, int]:
+        """``(y0, x0, y1, x1)`` of the tile inside the image (half-open)."""
+        y0, x0 = row * self.tile, col * self.tile
+        return y0, x0, min(y0 + self.tile, self.height), min(x0 + self.tile, self.width)
+
+    def padded_size(self, row: int, col: int) -> tuple[int, int]:
+        """The tile's size rounded up to whole patches (what the predictor computes)."""
+        y0, x0, y1, x1 = self.extent(row, col)
+        return _round_up(y1 - y0, self.output), _round_up(x1 - x0, self.output)
+
+
+def _round_up(value: int, step: int) -> int:
+    return -(-value // step) * step
+
+
+def reflect_indices(start: int, stop: int, size: int) -> np.ndarray:
+    """Indices of ``range(start, stop)`` mapped into ``[0, size)`` as ``np.pad`` 'reflect' does."""
+    idx = np.arange(start, stop)
+    if size == 1:
+        return np.zeros_like(idx)
+    period = 2 * (size - 1)
+    idx = np.mod(idx, period)
+    return np.where(idx >= size, period - idx, idx)
+
+
+def window_indices(grid: TileGrid, row: int, col: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column indices of the predictor window of tile ``(row, col)``."""
+    y0, x0, _, _ = grid.extent(row, col)
+    ph, pw = grid.padded_size(row, col)
+    m = grid.margin
+    return (reflect_indices(y0 - m, y0 + ph + m, grid.height),
+            reflect_indices(x0 - m, x0 + pw + m, grid.width))

@@ -1,0 +1,234 @@
+"""Predictors: turn an RGB window into HoVer-Net maps for one map tile.
+
+A predictor sees a window that is its tile plus ``margin`` pixels of context on every side and
+returns the maps of the tile, ``[tp, np, h, v]`` (or ``[np, h, v]`` without a type branch), as
+float32. The tile is a whole number of patch outputs and the window is cut from the one global
+patch grid, so a pixel's value never depends on how the slide was chunked.
+
+:class:`PatchPredictor` runs the network (or any patch function); :class:`ArrayPredictor` replays maps computed
+elsewhere (tests use it as a stub with known maps, and it lets external maps be post-processed
+by the same pipeline). Workers hold one predictor each through :class:`PredictorPlugin`, which
+receives a small picklable *factory* (a checkpoint path and options, never the weights).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+PLUGIN_NAME = "hoverdask-predictor"
+log = logging.getLogger(__name__)
+
+
+class TilePredictor(Protocol):
+    margin: int
+    output: int
+    nr_types: int | None
+
+    def predict_tile(self, window: np.ndarray, tile_origin_yx: tuple[int, int]) -> np.ndarray:
+        """Maps (H - 2*margin, W - 2*margin, C) float32 for a (H, W, 3) uint8 window."""
+        ...
+
+
+class PredictorFactory(Protocol):
+    def __call__(self) -> TilePredictor: ...
+
+
+def split_patches(window: np.ndarray, margin: int, output: int) -> np.ndarray:
+    """Cut a window into the patches of its grid: (N, output+2m, output+2m, 3), row-major."""
+    size = output + 2 * margin
+    rows = (window.shape[0] - 2 * margin) // output
+    cols = (window.shape[1] - 2 * margin) // output
+    views = np.lib.stride_tricks.sliding_window_view(window, (size, size), axis=(0, 1))
+    patches = views[: rows * output : output, : cols * output : output]
+    return np.ascontiguousarray(patches.transpose(0, 1, 3, 4, 2).reshape(-1, size, size, 3))
+
+
+def join_patches(outputs: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """Inverse of :func:`split_patches` for the patch outputs: edge to edge, no blending."""
+    out, channels = outputs.shape[1], outputs.shape[3]
+    grid = outputs.reshape(rows, cols, out, out, channels).transpose(0, 2, 1, 3, 4)
+    return grid.reshape(rows * out, cols * out, channels)
+
+
+class PatchPredictor:
+    """Cuts the window into patches, predicts them in batches, joins the outputs edge to edge.
+
+    ``predict_patches`` maps (N, in, in, 3) uint8 to (N, out, out, C) float32. On CUDA out of
+    memory the batch is halved (and stays halved) instead of failing the tile.
+    """
+
+    def __init__(
+        self,
+        predict_patches: Callable[[np.ndarray], np.ndarray],
+        *,
+        margin: int,
+        output: int,
+        nr_types: int | None,
+        batch_size: int = 8,
+    ) -> None:
+        self.predict_patches = predict_patches
+        self.margin = margin
+        self.output = output
+        self.nr_types = nr_types
+        self.batch_size = max(1, batch_size)
+
+    def predict_tile(self, window: np.ndarray, tile_origin_yx: tuple[int, int]) -> np.ndarray:
+        rows = (window.shape[0] - 2 * self.margin) // self.output
+        cols = (window.shape[1] - 2 * self.margin) // self.output
+        patches = split_patches(window, self.margin, self.output)
+        outputs = []
+        start = 0
+        while start < len(patches):
+            stop = start + self.batch_size
+            outputs.append(self._predict_batch(patches[start:stop]))
+            start = stop
+        return join_patches(np.concatenate(outputs), rows, cols).astype(np.float32, copy=False)
+
+    def _predict_batch(self, batch: np.ndarray) -> np.ndarray:
+        try:
+            return np.asarray(self.predict_patches(batch))
+        except Exception as err:
+            if not _is_cuda_oom(err) or len(batch) == 1:
+                raise
+            import torch
+
+            torch.cuda.empty_cache()
+            half = len(batch) // 2
+            self.batch_size = max(1, half)
+            log.warning("GPU out of memory: batch size lowered to %d", self.batch_size)
+            return np.concatenate([self._predict_batch(batch[:half]),
+                                   self._predict_batch(batch[half:])])
+
+
+def _is_cuda_oom(err: Exception) -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return isinstance(err, torch.cuda.OutOfMemoryError)
+
+
+@dataclass(frozen=True)
+class TorchPredictorFactory:
+    """Everything a worker needs to load the network itself: a path, not the weights."""
+
+    model_path: str
+    device: str = "cpu"
+    batch_size: int = 8
+    autocast: bool = False
+
+    def __call__(self) -> PatchPredictor:
+        from hoverdask.model import patch_geometry, predict_patches
+        from hoverdask.model.checkpoints import load_model
+
+        model = load_model(self.model_path, self.device)
+        geometry = patch_geometry(model.mode)
+        predict = functools.partial(predict_patches, model, device=self.device,
+                                    autocast=self.autocast)
+        return PatchPredictor(predict, margin=geometry.margin, output=geometry.output,
+                              nr_types=model.nr_types, batch_size=self.batch_size)
+
+
+class ArrayPredictor:
+    """Replays known maps by position: maps[y:y+h, x:x+w] of a (H, W, C) float array.
+
+    Beyond the array's extent it returns zeros (background), which is what the pipeline crops
+    away anyway. The window's pixels are ignored; only its position and size matter.
+    """
+
+    def __init__(self, maps: np.ndarray, *, margin: int, output: int, nr_types: int | None):
+        self.maps = maps
+        self.margin = margin
+        self.output = output
+        self.nr_types = nr_types
+
+    def predict_tile(self, window: np.ndarray, tile_origin_yx: tuple[int, int]) -> np.ndarray:
+        height = window.shape[0] - 2 * self.margin
+        width = window.shape[1] - 2 * self.margin
+        y, x = tile_origin_yx
+        out = np.zeros((height, width, self.maps.shape[2]), np.float32)
+        part = self.maps[y : y + height, x : x + width]
+        out[: part.shape[0], : part.shape[1]] = np.asarray(part, dtype=np.float32)
+        return out
+
+
+@dataclass(frozen=True)
+class ArrayPredictorFactory:
+    """Maps saved as a ``.npy`` file (H, W, C) float, memory-mapped by each worker."""
+
+    maps_path: str
+    margin: int
+    output: int
+    nr_types: int | None
+
+    def __call__(self) -> ArrayPredictor:
+        maps = np.load(self.maps_path, mmap_mode="r")
+        return ArrayPredictor(maps, margin=self.margin, output=self.output,
+                              nr_types=self.nr_types)
+
+
+def _plugin_base() -> type:
+    from distributed import WorkerPlugin
+
+    return WorkerPlugin
+
+
+class PredictorPlugin(_plugin_base()):  # type: ignore[misc]
+    """Holds one predictor per worker process, built once in ``setup``.
+
+    On CUDA workers it pins the worker to GPU ``name % device_count`` (LocalCluster names workers
+    0..N-1); on CPU workers it gives torch the worker's threads back, since the nanny sets
+    ``OMP_NUM_THREADS=1``.
+    """
+
+    idempotent = False
+
+    def __init__(self, factory: PredictorFactory, *, torch_threads: int | None = None) -> None:
+        self.factory = factory
+        self.torch_threads = torch_threads
+        self.predictor: TilePredictor | None = None
+
+    def setup(self, worker: Any) -> None:
+        configure_torch(getattr(self.factory, "device", "cpu"), self.torch_threads,
+                        worker_name=worker.name)
+        self.predictor = self.factory()
+
+    def teardown(self, worker: Any) -> None:
+        self.predictor = None
+
+
+def configure_torch(device: str, threads: int | None, *, worker_name: Any = 0) -> None:
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        try:
+            index = int(worker_name) % torch.cuda.device_count()
+        except (TypeError, ValueError):
+            index = 0
+        torch.cuda.set_device(index)
+    elif threads:
+        torch.set_num_threads(threads)
+
+
+def current_predictor(factory: PredictorFactory) -> TilePredictor:
+    """The worker's predictor from the plugin, or a per-process cached one outside a cluster."""
+    try:
+        from distributed import get_worker
+
+        plugin = get_worker().plugins.get(PLUGIN_NAME)
+    except (ImportError, ValueError):
+        plugin = None
+    if plugin is not None and plugin.predictor is not None:
+        return plugin.predictor
+    return _cached_predictor(factory)
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_predictor(factory: PredictorFactory) -> TilePredictor:
+    return factory()

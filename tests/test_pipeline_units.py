@@ -1,0 +1,129 @@
+"""Pieces of the pipeline on their own: tile grid, reflection, patching, quantisation, ledger."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from hoverdask.pipeline import maps_store
+from hoverdask.pipeline.grid import TileGrid, reflect_indices, window_indices
+from hoverdask.pipeline.ledger import SlideLedger, atomic_write_text
+from hoverdask.pipeline.predictors import (
+    ArrayPredictor,
+    PatchPredictor,
+    join_patches,
+    split_patches,
+)
+
+
+@pytest.mark.parametrize(("start", "stop", "size"), [(-46, 300, 256), (-95, 500, 7), (-3, 9, 2)])
+def test_reflect_indices_equal_numpy_reflect_padding(start: int, stop: int, size: int) -> None:
+    values = np.arange(size) * 10
+    padded = np.pad(values, (-start, stop - size), mode="reflect")
+    np.testing.assert_array_equal(values[reflect_indices(start, stop, size)], padded)
+
+
+def test_tiles_cover_the_image_once_and_follow_the_reference_patch_grid() -> None:
+    grid = TileGrid.for_chunk_size(700, 1000, chunk_size=400, output=164, margin=46)
+    assert grid.tile == 328
+    cover = np.zeros((700, 1000), int)
+    for row, col in grid.tiles():
+        y0, x0, y1, x1 = grid.extent(row, col)
+        cover[y0:y1, x0:x1] += 1
+        assert y0 % 164 == 0
+        assert x0 % 164 == 0
+    assert (cover == 1).all()
+    # the window of the last tile: patches continue the global grid into the reflected border
+    rows, cols = window_indices(grid, 2, 3)
+    assert len(rows) == grid.padded_size(2, 3)[0] + 2 * 46
+    np.testing.assert_array_equal(rows, reflect_indices(656 - 46, 656 + 164 + 46, 700))
+    np.testing.assert_array_equal(cols[:46], np.arange(984 - 46, 984))
+
+
+def test_tile_size_must_be_whole_patches() -> None:
+    with pytest.raises(ValueError, match="multiple"):
+        TileGrid(100, 100, tile=200, output=164, margin=46)
+
+
+def _patch_function(margin: int, output: int):
+    """A 'network' whose output depends on its whole input patch, not just the centre."""
+
+    def predict(patches: np.ndarray) -> np.ndarray:
+        centre = patches[:, margin : margin + output, margin : margin + output].astype(np.float32)
+        mean = patches.astype(np.float32).mean(axis=(1, 2, 3))[:, None, None, None]
+        spread = np.broadcast_to(mean / 255.0, (*centre.shape[:3], 1))
+        return np.concatenate([centre / 255.0, spread], axis=-1)
+
+    return predict
+
+
+def test_tiled_prediction_equals_untiled_reference_tile_mode() -> None:
+    """Any tile size gives exactly what one pass over the reflect-padded image gives."""
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (150, 230, 3), dtype=np.uint8)
+    margin, output = 5, 16
+    predictor = PatchPredictor(_patch_function(margin, output), margin=margin, output=output,
+                               nr_types=1, batch_size=3)
+    # oracle: reference tile mode on the whole image
+    rows = -(-150 // output)
+    cols = -(-230 // output)
+    padded = np.pad(image, ((margin, rows * output - 150 + margin),
+                            (margin, cols * output - 230 + margin), (0, 0)), mode="reflect")
+    expected = predictor.predict_tile(padded, (0, 0))[:150, :230]
+    for tile in (16, 48, 112):
+        grid = TileGrid(150, 230, tile, output, margin)
+        got = np.zeros_like(expected)
+        for row, col in grid.tiles():
+            r, c = window_indices(grid, row, col)
+            y0, x0, y1, x1 = grid.extent(row, col)
+            got[y0:y1, x0:x1] = predictor.predict_tile(image[np.ix_(r, c)], (y0, x0))[
+                : y1 - y0, : x1 - x0
+            ]
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_split_and_join_patches_are_inverse_on_the_centres() -> None:
+    window = np.arange(2 * 10 + 4 * 3, dtype=np.uint8)[:, None, None].repeat(3 * 4 + 2 * 10,
+                                                                              1).repeat(3, 2)
+    patches = split_patches(window, margin=10, output=4)
+    assert patches.shape == (3 * 3, 24, 24, 3)
+    centres = patches[:, 10:14, 10:14, :1]
+    np.testing.assert_array_equal(join_patches(centres, 3, 3)[..., 0], window[10:-10, 10:-10, 0])
+
+
+def test_array_predictor_slices_by_position_and_pads_with_background() -> None:
+    maps = np.random.default_rng(1).random((50, 60, 3)).astype(np.float32)
+    predictor = ArrayPredictor(maps, margin=2, output=8, nr_types=None)
+    out = predictor.predict_tile(np.zeros((16 + 4, 24 + 4, 3), np.uint8), (40, 48))
+    np.testing.assert_array_equal(out[:10, :12], maps[40:50, 48:60])
+    assert not out[10:].any()
+    assert not out[:, 12:].any()
+
+
+def test_quantised_store_round_trip(tmp_path) -> None:
+    rng = np.random.default_rng(2)
+    maps = np.stack([rng.integers(0, 6, (40, 50)).astype(np.float32), rng.random((40, 50)),
+                     rng.uniform(-1, 1, (40, 50)), rng.uniform(-1, 1, (40, 50))], -1)
+    store = tmp_path / "maps.zarr"
+    maps_store.create_store(store, (100, 120), 32, nr_types=6)
+    maps_store.write_tile(store, 32, 64, maps[:32, :32], nr_types=6)
+    back = maps_store.read_window(store, 32, 64, 64, 96, nr_types=6)
+    np.testing.assert_array_equal(back[..., 0], maps[:32, :32, 0])
+    np.testing.assert_allclose(back[..., 1], maps[:32, :32, 1], atol=0.5 / 255 + 1e-7)
+    np.testing.assert_allclose(back[..., 2:], maps[:32, :32, 2:], atol=0.5 / 32767 + 1e-7)
+    whole = maps_store.as_dask(store, nr_types=6).compute()
+    np.testing.assert_array_equal(whole[32:64, 64:96], back)
+    assert not whole[:32].any()  # never written: background
+
+
+def test_ledger_discards_parts_of_other_parameters(tmp_path) -> None:
+    ledger = SlideLedger(tmp_path / "slide")
+    assert ledger.prepare({"tile": 328}, overwrite=False) is False
+    atomic_write_text(ledger.tile_marker(0, 0), json.dumps({"row": 0}))
+    assert ledger.prepare({"tile": 328}, overwrite=False) is True
+    assert ledger.read_marker(ledger.tile_marker(0, 0)) == {"row": 0}
+    assert ledger.prepare({"tile": 492}, overwrite=False) is False
+    assert ledger.read_marker(ledger.tile_marker(0, 0)) is None
+    assert not list(ledger.work.rglob("*.tmp"))
