@@ -62,10 +62,127 @@ def version() -> None:
 # --- commands: model and tile inference (segment, models) ---
 
 
+@app.command()
+@user_errors
+def segment(
+    image: Annotated[Path, typer.Argument(help="PNG, JPEG or TIFF image (RGB; alpha is dropped).")],
+    model: Annotated[
+        Path, typer.Option("--model", "-m", help="HoVer-Net checkpoint (.tar or .pth).")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    batch_size: Annotated[int, typer.Option(min=1, help="Patches per network call.")] = 8,
+    types: Annotated[
+        Path | None, typer.Option(help='Type table JSON: id -> {"name", "color" (RGB list)}.')
+    ] = None,
+) -> None:
+    """Segment and classify the nuclei of one image (reference tile mode)."""
+    from hoverdask.model.segment import segment_image
+
+    result = segment_image(
+        image, model, out, device=device, batch_size=batch_size, types_path=types
+    )
+    console.print(f"{result.table_reason}")
+    counts = ", ".join(f"{name} {n}" for name, n in sorted(result.type_counts.items()))
+    typer.echo(f"{result.nuclei} nuclei" + (f" ({counts})" if counts else ""))
+    for path in (result.json_path, result.inst_path, result.overlay_path):
+        typer.echo(str(path))
+
+
+@app.command()
+@user_errors
+def models() -> None:
+    """List the known nucleus type tables and any model files shipped with hoverdask."""
+    from rich.table import Table
+
+    from hoverdask.model.catalog import bundled_models
+    from hoverdask.model.types import KNOWN_TABLES
+
+    table = Table(title="Type tables (id: name)")
+    table.add_column("table")
+    table.add_column("types")
+    table.add_column("chosen when")
+    chosen = {
+        "pannuke": "nr_types 6",
+        "monusac": "nr_types 5, fast mode",
+        "consep": "nr_types 5, original mode",
+    }
+    for name, types in KNOWN_TABLES.items():
+        listing = ", ".join(f"{k}: {t.name}" for k, t in types.types.items())
+        table.add_row(name, listing, chosen.get(name, ""))
+    Console().print(table)
+    found = bundled_models()
+    if not found:
+        typer.echo(
+            "No bundled model files (hoverdask/model/weights/*.tar). Pass an official "
+            "HoVer-Net .tar or TIAToolbox .pth file with --model."
+        )
+    for entry in found:
+        typer.echo(f"{entry.path}  {entry.mode}  nr_types={entry.nr_types}  {entry.table}")
+
+
 # --- commands: slides (convert, tissue, synth) ---
 
 
 # --- commands: pipeline (run) ---
+
+
+@app.command()
+@user_errors
+def run(
+    slides: Annotated[list[Path], typer.Argument(help="Slide files (svs, ndpi, tif, OME-Zarr...).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (one subfolder a slide).")],
+    model: Annotated[
+        Path | None, typer.Option("--model", "-m", help="HoVer-Net checkpoint (.tar or .pth).")
+    ] = None,
+    workers: Annotated[int, typer.Option(min=1, help="Local CPU workers (GPU: one per GPU).")] = 1,
+    threads_per_worker: Annotated[int, typer.Option(min=1, help="Threads per worker.")] = 1,
+    scheduler: Annotated[
+        str | None,
+        typer.Option(help="Use this Dask scheduler (address or scheduler file) instead of a "
+                     "local cluster."),
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    mpp: Annotated[
+        float | None, typer.Option(help="µm per level-0 pixel, for slides without it.")
+    ] = None,
+    chunk_size: Annotated[
+        int, typer.Option(min=1, help="Map tile size in processing pixels (whole patches).")
+    ] = 1968,
+    batch_size: Annotated[int, typer.Option(min=1, help="Patches per network call.")] = 8,
+    formats: Annotated[
+        str, typer.Option("--format", help="Comma-separated outputs: parquet, qupath.")
+    ] = "parquet,qupath",
+    overwrite: Annotated[bool, typer.Option(help="Redo slides that finished earlier.")] = False,
+    keep_work: Annotated[
+        bool, typer.Option(help="Keep the map cache and block parts (DIR/<slide>/.work).")
+    ] = False,
+    tls_ca: Annotated[Path | None, typer.Option(help="TLS CA certificate (PEM).")] = None,
+    tls_cert: Annotated[Path | None, typer.Option(help="TLS certificate (PEM).")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="TLS private key (PEM).")] = None,
+) -> None:
+    """Find, outline and classify the nuclei of every slide on a Dask cluster."""
+    from hoverdask.pipeline.run import RunOptions, run_cohort, run_security
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise HoverdaskError(f"--device must be auto, cpu or cuda, not {device!r}")
+    wanted = tuple(f.strip() for f in formats.split(",") if f.strip())
+    unknown = sorted(set(wanted) - {"parquet", "qupath"})
+    if unknown or not wanted:
+        raise HoverdaskError(f"--format takes parquet and/or qupath, not {formats!r}")
+    options = RunOptions(mpp=mpp, chunk_size=chunk_size, batch_size=batch_size, device=device,
+                         formats=wanted, overwrite=overwrite, keep_work=keep_work)
+    result = run_cohort(
+        slides, out, model=model, options=options, workers=workers,
+        threads_per_worker=threads_per_worker, scheduler=scheduler,
+        security=run_security(tls_ca, tls_cert, tls_key),
+    )
+    for slide in result.slides:
+        note = f"  {slide.error}" if slide.error else ""
+        typer.echo(f"{slide.status:8} {slide.slide_id}  {slide.nuclei} nuclei  "
+                   f"{slide.seconds:.1f} s{note}")
+    typer.echo(str(result.out_dir / "summary.csv"))
+    raise typer.Exit(code=result.exit_code)
 
 
 # --- commands: outputs (validate-qupath) ---

@@ -116,11 +116,14 @@ class ResidualBlock(nn.Module):
         self.blk_bna = _bn_relu(out)
 
     def forward(self, x: torch.Tensor, freeze_units: bool = False) -> torch.Tensor:
+        # frozen units still pass gradients to the shortcut (and conv0) through the sums
+        grad_in_units = torch.is_grad_enabled() and not freeze_units
         shortcut = self.shortcut(x)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not freeze_units):
-            for unit in self.units:
-                x = unit(x) + shortcut
-                shortcut = x
+        for unit in self.units:
+            with torch.set_grad_enabled(grad_in_units):
+                new = unit(x)
+            x = new + shortcut
+            shortcut = x
         return self.blk_bna(x)
 
 

@@ -1,0 +1,153 @@
+"""Batched HoVer-Net inference: patches -> ``[tp, np, h, v]`` maps, and whole images in tile mode.
+
+``predict_patches`` returns exactly what the reference ``infer_step`` returns (the layout every
+post-processing step expects). ``predict_image`` reproduces the reference tile mode
+(``infer/tile.py::_prepare_patching``): reflect padding, patches stepped by the output size and
+outputs pasted edge to edge, so a single image gives the reference's map.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from hoverdask.errors import HoverdaskError
+from hoverdask.model.network import HoVerNet, PatchGeometry
+
+
+def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
+    """``auto`` picks CUDA when present; asking for CUDA without it is a user error."""
+    if isinstance(name, torch.device):
+        return name
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(name).startswith("cuda") and not torch.cuda.is_available():
+        raise HoverdaskError(f"device {name!r} requested but CUDA is not available here")
+    try:
+        return torch.device(str(name))
+    except RuntimeError:
+        raise HoverdaskError(f"unknown device {name!r}; use auto, cpu or cuda") from None
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def output_channels(model: HoVerNet) -> int:
+    """4 (``[tp, np, h, v]``) with a type branch, else 3 (``[np, h, v]``)."""
+    return 4 if model.nr_types is not None else 3
+
+
+def _check_patches(patches: np.ndarray) -> None:
+    if not isinstance(patches, np.ndarray) or patches.ndim != 4 or patches.shape[-1] != 3:
+        shape = getattr(patches, "shape", None)
+        raise ValueError(f"patches must be a uint8 (N, H, W, 3) RGB array, got shape {shape}")
+    if patches.dtype != np.uint8:
+        raise ValueError(f"patches must be uint8 RGB 0..255, got {patches.dtype}")
+
+
+def logits_to_maps(logits: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Reference ``infer_step`` head: NHWC ``[tp_argmax, np_fg, h, v]`` (no tp without types)."""
+    maps = []
+    if "tp" in logits:
+        tp_prob = torch.softmax(logits["tp"].float(), dim=1)
+        maps.append(torch.argmax(tp_prob, dim=1, keepdim=True).float())
+    maps.append(torch.softmax(logits["np"].float(), dim=1)[:, 1:])
+    maps.append(logits["hv"].float())
+    return torch.cat(maps, dim=1).permute(0, 2, 3, 1)
+
+
+def predict_patches(
+    model: HoVerNet,
+    patches_nhwc_uint8: np.ndarray,
+    *,
+    device: str | torch.device | None = None,
+    autocast: bool = False,
+) -> np.ndarray:
+    """Run the network on uint8 NHWC RGB patches; float32 ``(N, out, out, 4 or 3)``.
+
+    ``device`` None uses the model's device (the model is moved if another one is named).
+    ``autocast`` runs the network in bfloat16 on CUDA; it has no effect on CPU, where fp32 is
+    kept so that results equal the reference.
+    """
+    _check_patches(patches_nhwc_uint8)
+    target = model_device(model) if device is None else resolve_device(device)
+    if model_device(model) != target:
+        model.to(target)
+    model.eval()
+    use_autocast = autocast and target.type == "cuda"
+    with torch.inference_mode():
+        x = torch.from_numpy(np.ascontiguousarray(patches_nhwc_uint8)).to(target)
+        x = x.permute(0, 3, 1, 2).float()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_autocast):
+            logits = model(x)
+        return logits_to_maps(logits).cpu().numpy()
+
+
+@dataclass(frozen=True)
+class TileLayout:
+    """Where the reference tile mode pads an image and where its patches start.
+
+    ``pad`` is ``((top, bottom), (left, right))``; ``top_lefts`` are patch input corners in the
+    padded image (y, x); ``covered`` is the (height, width) of the pasted output canvas.
+    """
+
+    pad: tuple[tuple[int, int], tuple[int, int]]
+    top_lefts: tuple[tuple[int, int], ...]
+    covered: tuple[int, int]
+
+
+def tile_layout(height: int, width: int, geometry: PatchGeometry) -> TileLayout:
+    """The reference ``_prepare_patching`` geometry (step = output size)."""
+    win, step = geometry.input, geometry.output
+
+    def axis(length: int) -> tuple[int, int]:
+        nr_step = math.ceil((length - step) / step)
+        last = (nr_step + 1) * step
+        return last, last + win - length
+
+    last_h, pad_b = axis(height)
+    last_w, pad_r = axis(width)
+    margin = geometry.margin
+    corners = tuple((y, x) for x in range(0, last_w, step) for y in range(0, last_h, step))
+    return TileLayout(((margin, pad_b), (margin, pad_r)), corners, (last_h, last_w))
+
+
+def _batches(items: tuple[tuple[int, int], ...], size: int) -> Iterator[tuple[tuple[int, int], ...]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def predict_image(
+    model: HoVerNet,
+    image_hwc_uint8: np.ndarray,
+    *,
+    batch_size: int = 8,
+    device: str | torch.device | None = None,
+    autocast: bool = False,
+) -> np.ndarray:
+    """The whole-image ``(H, W, 4 or 3)`` map of the reference tile mode.
+
+    The image is reflect-padded by the patch margin on the top/left and enough on the
+    bottom/right to cover it with output windows; outputs are pasted edge to edge and cropped.
+    """
+    if image_hwc_uint8.ndim != 3:
+        raise ValueError(f"image must be (H, W, 3) uint8 RGB, got shape {image_hwc_uint8.shape}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    height, width = image_hwc_uint8.shape[:2]
+    geometry = model.geometry
+    layout = tile_layout(height, width, geometry)
+    padded = np.pad(image_hwc_uint8, (*layout.pad, (0, 0)), mode="reflect")
+    win, out = geometry.input, geometry.output
+    canvas = np.zeros((*layout.covered, output_channels(model)), dtype=np.float32)
+    for batch in _batches(layout.top_lefts, batch_size):
+        patches = np.stack([padded[y : y + win, x : x + win] for y, x in batch])
+        maps = predict_patches(model, patches, device=device, autocast=autocast)
+        for (y, x), patch_map in zip(batch, maps, strict=True):
+            canvas[y : y + out, x : x + out] = patch_map
+    return canvas[:height, :width]
