@@ -1,0 +1,431 @@
+"""Open a whole-slide image: pyramid geometry, pixel size, pixels (eager or lazy).
+
+Every slide hoverdask touches goes through :func:`open_slide`, so the rules live in one place:
+
+* TIFF-based slides (svs, ndpi, tif/tiff, ome-tiff, scn, bif, ... whatever tiffslide reads) and
+  OME-Zarr stores written by ``hoverdask convert`` open to the same :class:`Slide` interface.
+* The pixel size (µm/px at level 0, "mpp") comes from, in order: the ``mpp`` override (``--mpp``),
+  the vendor metadata (Aperio ``MPP``), OME ``PhysicalSizeX/Y``, the TIFF resolution tags. A slide
+  with none of these is refused: guessing would silently change nucleus sizes by 2x.
+* Broken input (missing, empty, not an image, truncated, undecodable) raises
+  :class:`~hoverdask.errors.SlideError` with a message that says what is wrong.
+
+Pixels are RGB uint8 ``(h, w, 3)``. :meth:`Slide.level_array` is a lazy dask array whose blocks
+re-open the slide by path in whatever thread or process computes them, so graphs pickle cleanly.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import threading
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Protocol, Self
+
+import numpy as np
+
+from hoverdask.errors import SlideError
+
+if TYPE_CHECKING:
+    import dask.array as da
+
+SUPPORTED_FORMATS = (
+    "TIFF-based slides (svs, ndpi, tif/tiff, ome-tiff, scn, bif) and OME-Zarr stores written by "
+    "`hoverdask convert`"
+)
+# Pixel sizes outside this range are metadata accidents (e.g. a 72 dpi screen resolution tag
+# reads as 352 µm/px), never a microscope.
+PLAUSIBLE_MPP = (0.02, 50.0)
+MPP_HINT = "pass the pixel size with --mpp (µm per level-0 pixel, e.g. --mpp 0.25 for 40x)"
+DEFAULT_ARRAY_CHUNK = 1024
+BACKGROUND = 255  # what lies outside the slide when a region crosses its edge: white glass
+
+
+def sanitize_slide_id(name: str) -> str:
+    """A slide identifier that is safe as a file or folder name inside an output folder.
+
+    Keeps letters, digits, ``.``, ``_`` and ``-``; everything else becomes ``_``; runs of dots
+    collapse (no ``..``) and leading dots are dropped (no hidden files, no parent folder).
+    """
+    cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", name)
+    cleaned = re.sub(r"\.{2,}", ".", cleaned).lstrip(".")
+    return cleaned or "slide"
+
+
+def slide_stem(path: Path) -> str:
+    """The file name without its slide extension (``x.ome.tiff`` -> ``x``, ``x.zarr`` -> ``x``)."""
+    name = path.name
+    for suffix in (".ome.tiff", ".ome.tif", ".ome.zarr", ".zarr"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+class PixelReader(Protocol):
+    """Reads RGB pixels of one pyramid level; picklable, opens its file lazily per thread."""
+
+    def read(self, level: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray: ...
+
+    def tile_size(self, level: int) -> tuple[int, int]: ...
+
+    def token(self) -> str: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class Slide:
+    """A whole-slide image: level geometry, pixel size and pixel access.
+
+    ``read_region`` follows OpenSlide: ``location`` is ``(x, y)`` in level-0 pixels, ``size`` is
+    ``(w, h)`` in pixels of ``level``. Pixels outside the slide read as white (255).
+    """
+
+    path: Path
+    slide_id: str
+    level_dimensions: tuple[tuple[int, int], ...]
+    mpp: float
+    objective_power: float | None
+    properties: dict[str, Any]
+    reader: PixelReader = field(repr=False)
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        return self.level_dimensions[0]
+
+    @property
+    def level_count(self) -> int:
+        return len(self.level_dimensions)
+
+    @property
+    def level_downsamples(self) -> tuple[float, ...]:
+        return tuple(self.level_downsample_xy(level)[2] for level in range(self.level_count))
+
+    def level_downsample_xy(self, level: int) -> tuple[float, float, float]:
+        """``(dx, dy, mean)``: level-0 pixels per pixel of ``level`` along x, y, and their mean.
+
+        Pyramid levels are rarely an exact power of two (4443 -> 2221 px); the per-axis factors
+        keep coordinates exact where it matters.
+        """
+        w0, h0 = self.level_dimensions[0]
+        w, h = self.level_dimensions[level]
+        dx, dy = w0 / w, h0 / h
+        return dx, dy, (dx + dy) / 2.0
+
+    def level_mpp(self, level: int) -> float:
+        return self.mpp * self.level_downsamples[level]
+
+    def read_region(
+        self, location: tuple[int, int], level: int, size: tuple[int, int]
+    ) -> np.ndarray:
+        """RGB ``(h, w, 3)`` uint8 of ``size=(w, h)`` at ``level``, top-left at level-0 ``(x, y)``."""
+        self._check_level(level)
+        w, h = (int(v) for v in size)
+        if w < 0 or h < 0:
+            raise ValueError(f"region size must be non-negative, got {size}")
+        dx, dy, _ = self.level_downsample_xy(level)
+        x0 = math.floor(location[0] / dx)
+        y0 = math.floor(location[1] / dy)
+        return self.read_level_window(level, y0, y0 + h, x0, x0 + w)
+
+    def read_level_window(self, level: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """Pixels ``[y0:y1, x0:x1]`` of ``level`` (level pixel indices), white outside the slide."""
+        width, height = self.level_dimensions[level]
+        out = np.full((max(y1 - y0, 0), max(x1 - x0, 0), 3), BACKGROUND, dtype=np.uint8)
+        cy0, cy1 = max(y0, 0), min(y1, height)
+        cx0, cx1 = max(x0, 0), min(x1, width)
+        if cy1 > cy0 and cx1 > cx0:
+            out[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] = self.reader.read(
+                level, cy0, cy1, cx0, cx1
+            )
+        return out
+
+    def level_array(self, level: int = 0, chunk: int | None = None) -> da.Array:
+        """Lazy ``(h, w, 3)`` uint8 dask array of one level, chunks aligned to the storage tiles.
+
+        ``chunk`` defaults to the multiple of the tile size closest to 1024 px.
+        """
+        import dask.array as da
+
+        self._check_level(level)
+        width, height = self.level_dimensions[level]
+        if chunk is None:
+            chunk = aligned_chunk(self.reader.tile_size(level), DEFAULT_ARRAY_CHUNK)
+        view = _LevelView(self.reader, level, (height, width, 3))
+        return da.from_array(
+            view,
+            chunks=(chunk, chunk, 3),
+            name=f"slide-level-{self.reader.token()}-{level}-{chunk}",
+            asarray=False,
+            lock=False,
+            meta=np.empty((0, 0, 3), dtype=np.uint8),
+        )
+
+    def close(self) -> None:
+        self.reader.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _check_level(self, level: int) -> None:
+        if not 0 <= level < self.level_count:
+            raise ValueError(f"level {level} out of range: the slide has {self.level_count}")
+
+
+def aligned_chunk(tile: tuple[int, int], target: int) -> int:
+    """The multiple of the (larger) tile side closest to ``target``: whole tiles per chunk."""
+    side = max(max(tile), 1)
+    return side * max(1, round(target / side))
+
+
+class _LevelView:
+    """Array-like over one level, so ``dask.array.from_array`` can slice it block by block."""
+
+    dtype = np.dtype(np.uint8)
+    ndim = 3
+
+    def __init__(self, reader: PixelReader, level: int, shape: tuple[int, int, int]) -> None:
+        self.reader, self.level, self.shape = reader, level, shape
+
+    def __getitem__(self, key: tuple[slice, ...]) -> np.ndarray:
+        ys, xs = key[0], key[1]
+        y0, y1, _ = ys.indices(self.shape[0])
+        x0, x1, _ = xs.indices(self.shape[1])
+        if y1 <= y0 or x1 <= x0:
+            return np.empty((max(y1 - y0, 0), max(x1 - x0, 0), 3), dtype=np.uint8)
+        block = self.reader.read(self.level, y0, y1, x0, x1)
+        return block[:, :, key[2]] if len(key) > 2 else block
+
+
+class _ThreadLocalHandles:
+    """One open file handle per thread (tiffslide/zarr handles are not shared across threads)."""
+
+    def __init__(self, opener: Callable[[], Any]) -> None:
+        self._opener = opener
+        self._local = threading.local()
+        self._all: list[Any] = []
+        self._lock = threading.Lock()
+
+    def get(self) -> Any:
+        handle = getattr(self._local, "handle", None)
+        if handle is None:
+            handle = self._opener()
+            self._local.handle = handle
+            with self._lock:
+                self._all.append(handle)
+        return handle
+
+    def close(self) -> None:
+        with self._lock:
+            for handle in self._all:
+                closer = getattr(handle, "close", None)
+                if closer is not None:
+                    closer()
+            self._all.clear()
+        self._local = threading.local()
+
+
+class TiffReader:
+    """Pixels of a TIFF-based slide through tiffslide's zarr view of its pyramid."""
+
+    def __init__(self, path: Path, mtime_ns: int) -> None:
+        self.path = path
+        self.mtime_ns = mtime_ns
+        self._handles = _ThreadLocalHandles(self._open)
+
+    def _open(self) -> Any:
+        from tiffslide import TiffSlide
+
+        return TiffSlide(self.path)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "mtime_ns": self.mtime_ns}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["path"], state["mtime_ns"])  # type: ignore[misc]
+
+    def _level(self, level: int) -> Any:
+        return self._handles.get().zarr_group[str(level)]
+
+    def tile_size(self, level: int) -> tuple[int, int]:
+        chunks = self._level(level).chunks
+        axes = self._handles.get().properties.get("tiffslide.series-axes", "YXS")
+        return (chunks[1], chunks[2]) if axes == "CYX" else (chunks[0], chunks[1])
+
+    def token(self) -> str:
+        return _token(str(self.path), self.mtime_ns)
+
+    def read(self, level: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        try:
+            array = self._level(level)
+            axes = self._handles.get().properties.get("tiffslide.series-axes", "YXS")
+            if axes == "CYX":
+                block = np.moveaxis(np.asarray(array[:3, y0:y1, x0:x1]), 0, -1)
+            else:
+                block = np.asarray(array[y0:y1, x0:x1])
+        except Exception as err:  # decoder errors come in many types; all mean a broken file
+            raise SlideError(
+                f"{self.path}: cannot decode level {level} pixels "
+                f"x {x0}:{x1}, y {y0}:{y1} ({type(err).__name__}: {err}); the file is damaged"
+            ) from err
+        return np.ascontiguousarray(block[..., :3], dtype=np.uint8)
+
+    def close(self) -> None:
+        self._handles.close()
+
+
+def _token(*parts: object) -> str:
+    from dask.base import tokenize
+
+    return str(tokenize(*parts))
+
+
+def open_slide(path: str | Path, mpp: float | None = None) -> Slide:
+    """Open a slide (TIFF-based file or OME-Zarr from ``convert``); ``mpp`` overrides metadata.
+
+    Raises :class:`SlideError` for anything that is not a readable RGB slide, and when no pixel
+    size is known (the message says to pass ``--mpp``).
+    """
+    path = Path(path)
+    if mpp is not None:
+        check_mpp(mpp, "--mpp")
+    if not path.exists():
+        raise SlideError(f"{path}: no such file or folder")
+    if path.is_dir():
+        from hoverdask.omezarr import open_omezarr
+
+        return open_omezarr(path, mpp)
+    size = path.stat().st_size
+    if size == 0:
+        raise SlideError(f"{path}: the file is empty (0 bytes)")
+    return _open_tiff(path, mpp, size)
+
+
+def check_mpp(mpp: float, source: str) -> float:
+    low, high = PLAUSIBLE_MPP
+    if not (math.isfinite(mpp) and low <= mpp <= high):
+        raise SlideError(
+            f"pixel size {mpp!r} µm/px from {source} is not plausible for a slide "
+            f"(expected {low}..{high}); {MPP_HINT}"
+        )
+    return float(mpp)
+
+
+def _open_tiff(path: Path, mpp_override: float | None, size: int) -> Slide:
+    from tiffslide import TiffSlide
+
+    try:
+        handle = TiffSlide(path)
+        properties = dict(handle.properties)
+        level_dimensions = tuple(tuple(int(v) for v in dims) for dims in handle.level_dimensions)
+        tiff = handle.ts_tifffile
+        _check_complete(path, tiff, size, properties)
+        _check_rgb(path, handle)
+        ome_mpp, ome_power = _ome_pixel_size(tiff)
+    except SlideError:
+        raise
+    except Exception as err:
+        raise SlideError(
+            f"{path}: not a readable slide ({type(err).__name__}: {err}); "
+            f"hoverdask reads {SUPPORTED_FORMATS}"
+        ) from err
+    mpp, mpp_source = _pick_mpp(path, properties, ome_mpp, mpp_override)
+    properties["hoverdask.mpp-source"] = mpp_source
+    power = properties.get("tiffslide.objective-power") or ome_power
+    reader = TiffReader(path, path.stat().st_mtime_ns)
+    handle.close()
+    return Slide(
+        path=path,
+        slide_id=sanitize_slide_id(slide_stem(path)),
+        level_dimensions=level_dimensions,  # type: ignore[arg-type]
+        mpp=mpp,
+        objective_power=float(power) if power else None,
+        properties=properties,
+        reader=reader,
+    )
+
+
+def _check_complete(path: Path, tiff: Any, size: int, properties: dict[str, Any]) -> None:
+    """Refuse a truncated file up front: every tile of every level must lie inside the file."""
+    series = tiff.series[int(properties.get("tiffslide.series-index") or 0)]
+    for level_series in series.levels:
+        for page in level_series.pages:
+            if page is None:
+                continue
+            ends = [
+                offset + count
+                for offset, count in zip(page.dataoffsets, page.databytecounts, strict=False)
+                if count
+            ]
+            if len(ends) < len(page.dataoffsets) or (ends and max(ends) > size):
+                raise SlideError(
+                    f"{path}: the file is truncated or incomplete (image data missing "
+                    f"beyond byte {size}); copy it again from its source"
+                )
+
+
+def _check_rgb(path: Path, handle: Any) -> None:
+    array = handle.zarr_group["0"]
+    axes = handle.properties.get("tiffslide.series-axes")
+    samples = array.shape[0] if axes == "CYX" else (array.shape[2] if array.ndim == 3 else 1)
+    if array.dtype != np.uint8 or samples not in (3, 4):
+        raise SlideError(
+            f"{path}: expected an RGB brightfield slide (uint8, 3 samples), found "
+            f"{array.dtype} with {samples} sample(s) (axes {axes})"
+        )
+
+
+def _pick_mpp(
+    path: Path, properties: dict[str, Any], ome_mpp: float | None, override: float | None
+) -> tuple[float, str]:
+    if override is not None:
+        return float(override), "override"
+    vendor = properties.get("tiffslide.vendor")
+    candidates: list[tuple[Any, Any, str]] = []
+    if vendor and vendor != "generic-tiff":
+        candidates.append(
+            (properties.get("tiffslide.mpp-x"), properties.get("tiffslide.mpp-y"), vendor)
+        )
+    candidates.append((ome_mpp, ome_mpp, "ome"))
+    candidates.append((properties.get("tiffslide.mpp-x"), properties.get("tiffslide.mpp-y"), "tiff"))
+    for mpp_x, mpp_y, source in candidates:
+        if mpp_x:
+            values = [float(v) for v in (mpp_x, mpp_y) if v]
+            return check_mpp(sum(values) / len(values), f"{path.name} metadata ({source})"), source
+    raise SlideError(f"{path}: the slide's metadata has no pixel size (mpp); {MPP_HINT}")
+
+
+_OME_UNITS_TO_UM = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}
+
+
+def _ome_pixel_size(tiff: Any) -> tuple[float | None, float | None]:
+    """``(mpp, objective power)`` from OME-XML, if the file has it."""
+    xml = getattr(tiff, "ome_metadata", None) if getattr(tiff, "is_ome", False) else None
+    if not xml:
+        return None, None
+    root = ET.fromstring(xml)
+    mpp = None
+    for pixels in root.iter():
+        if pixels.tag.endswith("}Pixels") and pixels.get("PhysicalSizeX"):
+            unit = pixels.get("PhysicalSizeXUnit", "µm")
+            if unit in _OME_UNITS_TO_UM:
+                mpp = float(pixels.get("PhysicalSizeX", "0")) * _OME_UNITS_TO_UM[unit]
+            break
+    power = None
+    for objective in root.iter():
+        if objective.tag.endswith("}Objective") and objective.get("NominalMagnification"):
+            power = float(objective.get("NominalMagnification", "0"))
+            break
+    return mpp, power
