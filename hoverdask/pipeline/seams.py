@@ -1,0 +1,450 @@
+"""Exactly-once seams: whole-slide nuclei from network maps, identical for every chunking.
+
+Three passes over a grid of blocks (``docs/seams.md`` has the argument):
+
+1. :func:`hv_ranges` on each block core: min/max of h and v, merged into slide-wide ranges.
+2. :func:`sobel_ranges` on each core plus a 10 px context: min/max of the two Sobel responses.
+3. :func:`block_nuclei` on each core plus ``halo``: the reference post-processing with those
+   slide-wide ranges (:mod:`hoverdask.postproc.stable`), keeping the clusters this block owns.
+
+Ownership rule: a *cluster* (8-connected component of the hole-filled foreground; touching
+nuclei form one) is reported by the block whose core holds the floor of its centroid, if that
+block's window holds the cluster with :data:`CONTEXT_MARGIN` to spare; otherwise by the block
+whose core holds its first pixel, under the same condition; otherwise it is *oversized*: the
+blocks that see a cut piece of it in their core say so, and :func:`refit_nuclei` decides it on a
+window fitted to it (grown until it fits). So every nucleus is reported once, and equals what
+the whole slide processed at once gives. Oversized clusters are listed in the table's ``attrs``
+and announced with an :class:`OversizedClusterWarning`.
+
+The pass functions are plain numpy functions on a window and its box, so the pipeline can run
+them on any scheduler; :func:`nuclei_from_maps` composes them with dask.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from hoverdask.nuclei import to_level0
+from hoverdask.postproc.stable import (
+    CONTEXT_MARGIN,
+    SOBEL_REACH,
+    Box,
+    Cluster,
+    NormRanges,
+    NucleusRecord,
+    cluster_nuclei,
+    merge_ranges,
+    segment_window,
+    sobel_responses,
+    value_range,
+)
+
+if TYPE_CHECKING:
+    import dask.array as da
+    import geopandas as gpd
+
+# Default halo (processing px): CONTEXT_MARGIN (12) plus 116 px of cluster reach from its
+# centroid, i.e. clusters up to ~230 px across are decided inside a block. Nuclei at 0.25 µm/px
+# are at most ~80 px across; larger touching clusters take the (exact, slower) oversize path.
+DEFAULT_HALO = 128
+
+TABLE_COLUMNS = (
+    "geometry",
+    "centroid_x",
+    "centroid_y",
+    "type",
+    "type_prob",
+    "area_px",
+    "nucleus_id",
+)
+
+
+class OversizedClusterWarning(UserWarning):
+    """A nucleus cluster did not fit a block window; it was decided on a fitted window."""
+
+
+@dataclass(frozen=True)
+class BlockGrid:
+    """Blocks of ``chunk_size`` px over a (height, width) map, addressed by (row, col).
+
+    The *core* of a block is its share of the slide (cores tile the slide, sizes exactly
+    ``chunk_size`` except at the far edges); its *window* is the core grown by ``halo`` and
+    clipped, never padded, at the slide border.
+    """
+
+    height: int
+    width: int
+    chunk_size: int
+    halo: int = DEFAULT_HALO
+
+    def __post_init__(self) -> None:
+        if self.height < 2 or self.width < 2:
+            raise ValueError(f"map must be at least 2x2 px, got {self.height}x{self.width}")
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be positive, got {self.chunk_size}")
+        if self.halo < CONTEXT_MARGIN:
+            raise ValueError(f"halo must be at least {CONTEXT_MARGIN} px, got {self.halo}")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return math.ceil(self.height / self.chunk_size), math.ceil(self.width / self.chunk_size)
+
+    def blocks(self) -> Iterator[tuple[int, int]]:
+        rows, cols = self.shape
+        for row in range(rows):
+            for col in range(cols):
+                yield row, col
+
+    def core(self, row: int, col: int) -> Box:
+        y0, x0 = row * self.chunk_size, col * self.chunk_size
+        return y0, x0, min(y0 + self.chunk_size, self.height), min(x0 + self.chunk_size, self.width)
+
+    def grow(self, box: Box, margin: int) -> Box:
+        """``box`` grown by ``margin`` on every side, clipped to the slide."""
+        y0, x0, y1, x1 = box
+        return (
+            max(y0 - margin, 0),
+            max(x0 - margin, 0),
+            min(y1 + margin, self.height),
+            min(x1 + margin, self.width),
+        )
+
+    def window(self, row: int, col: int) -> Box:
+        return self.grow(self.core(row, col), self.halo)
+
+    def block_of(self, y: int, x: int) -> tuple[int, int]:
+        return y // self.chunk_size, x // self.chunk_size
+
+    def can_decide(self, window: Box, box: Box) -> bool:
+        """Whether a cluster with bounding box ``box`` is exact in ``window``: every side keeps
+        :data:`CONTEXT_MARGIN` px of context, unless that side of the window is the slide edge."""
+        wy0, wx0, wy1, wx1 = window
+        y0, x0, y1, x1 = box
+        m = CONTEXT_MARGIN
+        return (
+            wy0 <= y0
+            and wx0 <= x0
+            and y1 <= wy1
+            and x1 <= wx1
+            and (wy0 == 0 or y0 - m >= wy0)
+            and (wx0 == 0 or x0 - m >= wx0)
+            and (wy1 == self.height or y1 + m <= wy1)
+            and (wx1 == self.width or x1 + m <= wx1)
+        )
+
+    def reporter(self, cluster: Cluster) -> tuple[int, int] | None:
+        """The block that reports ``cluster`` (the ownership rule), or None if it is oversized."""
+        for y, x in (cluster.centroid, cluster.anchor):
+            block = self.block_of(y, x)
+            if self.can_decide(self.window(*block), cluster.box):
+                return block
+        return None
+
+
+def _slices(box: Box, origin: tuple[int, int] = (0, 0)) -> tuple[slice, slice]:
+    y0, x0, y1, x1 = box
+    return slice(y0 - origin[0], y1 - origin[0]), slice(x0 - origin[1], x1 - origin[1])
+
+
+def hv_ranges(core: np.ndarray) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Pass 1: (min, max) of h and of v over a block core (channels ``[..., h, v]``)."""
+    return value_range(core[..., -2]), value_range(core[..., -1])
+
+
+def sobel_ranges(
+    window: np.ndarray, window_box: Box, core: Box, ranges: NormRanges
+) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Pass 2: (min, max) of the two Sobel responses over ``core``.
+
+    ``window`` must reach :data:`SOBEL_REACH` px past the core, or the slide edge, on every side
+    (``BlockGrid.grow(core, SOBEL_REACH)``), so the core values are the whole-slide values.
+    """
+    sobel_h, sobel_v = sobel_responses(window[..., -2], window[..., -1], ranges)
+    inner = _slices(core, window_box[:2])
+    return value_range(sobel_h[inner]), value_range(sobel_v[inner])
+
+
+@dataclass
+class BlockNuclei:
+    """Pass 3 output of one block: its nuclei and the cut clusters seen in its core."""
+
+    records: list[NucleusRecord] = field(default_factory=list)
+    fragments: list[Box] = field(default_factory=list)
+
+
+def block_nuclei(
+    window: np.ndarray,
+    window_box: Box,
+    grid: BlockGrid,
+    block: tuple[int, int],
+    ranges: NormRanges,
+    nr_types: int | None = None,
+) -> BlockNuclei:
+    """Pass 3 on one block window (``grid.window(*block)``): the nuclei this block reports."""
+    seg = segment_window(window, window_box[:2], ranges, nr_types)
+    in_core = set(np.unique(seg.clusters_map[_slices(grid.core(*block), window_box[:2])]).tolist())
+    out = BlockNuclei()
+    for cluster in seg.clusters:
+        if grid.can_decide(window_box, cluster.box):
+            if grid.reporter(cluster) == block:
+                out.records.extend(cluster_nuclei(seg, cluster, grid.width))
+        elif cluster.label in in_core:
+            out.fragments.append(cluster.box)
+    return out
+
+
+@dataclass
+class RefitNuclei:
+    """Output of :func:`refit_nuclei`: the oversized clusters' nuclei, or a larger window."""
+
+    records: list[NucleusRecord] = field(default_factory=list)
+    oversized: list[Box] = field(default_factory=list)
+    grow_to: Box | None = None
+
+
+def refit_nuclei(
+    window: np.ndarray,
+    window_box: Box,
+    grid: BlockGrid,
+    target: Box,
+    ranges: NormRanges,
+    nr_types: int | None = None,
+) -> RefitNuclei:
+    """Decide the oversized clusters meeting ``target`` on a window fitted around them.
+
+    If a cluster meeting ``target`` is still cut by this window, returns ``grow_to``: the window
+    to try next. Only clusters no block may report are returned, so running this on overlapping
+    targets gives the same records twice, never different ones (callers drop duplicate ids).
+    """
+    seg = segment_window(window, window_box[:2], ranges, nr_types)
+    meeting = [c for c in seg.clusters if _intersects(c.box, target)]
+    cut = [c.box for c in meeting if not grid.can_decide(window_box, c.box)]
+    if cut:
+        grown = _union([window_box, *(grid.grow(box, CONTEXT_MARGIN) for box in cut)])
+        return RefitNuclei(grow_to=grown)
+    out = RefitNuclei()
+    for cluster in meeting:
+        if grid.reporter(cluster) is None:
+            out.oversized.append(cluster.box)
+            out.records.extend(cluster_nuclei(seg, cluster, grid.width))
+    return out
+
+
+def _intersects(a: Box, b: Box) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def _union(boxes: Sequence[Box]) -> Box:
+    return (
+        min(b[0] for b in boxes),
+        min(b[1] for b in boxes),
+        max(b[2] for b in boxes),
+        max(b[3] for b in boxes),
+    )
+
+
+def merge_boxes(boxes: Sequence[Box]) -> list[Box]:
+    """Union overlapping boxes until none overlap (the fragments of one cluster become one)."""
+    merged: list[Box] = []
+    for box in boxes:
+        current = box
+        changed = True
+        while changed:
+            changed = False
+            for other in merged:
+                if _intersects(current, other):
+                    merged.remove(other)
+                    current = _union([current, other])
+                    changed = True
+                    break
+        merged.append(current)
+    return sorted(merged)
+
+
+def records_frame(records: Sequence[NucleusRecord]) -> Any:
+    """Pixel-index table (pandas) of records, one row per nucleus id, sorted by id.
+
+    ``centroid_x/y`` and ``contour`` are slide pixel indices at processing resolution.
+    """
+    import pandas as pd
+
+    unique = {r.nucleus_id: r for r in records}
+    rows = [unique[key] for key in sorted(unique)]
+    return pd.DataFrame(
+        {
+            "nucleus_id": np.array([r.nucleus_id for r in rows], dtype=np.int64),
+            "centroid_x": np.array([r.centroid[0] for r in rows], dtype=np.float64),
+            "centroid_y": np.array([r.centroid[1] for r in rows], dtype=np.float64),
+            "type": np.array([r.type for r in rows], dtype=np.int16),
+            "type_prob": np.array([r.type_prob for r in rows], dtype=np.float32),
+            "area_px": np.array([r.area_px for r in rows], dtype=np.int32),
+            "contour": pd.Series([r.contour for r in rows], dtype=object),
+        }
+    )
+
+
+def contour_polygon(contour_xy: np.ndarray) -> tuple[Any, bool]:
+    """Polygon from table-coordinate contour points; ``(polygon, repaired)``.
+
+    A contour through pixel centres can touch itself where an instance is one pixel thin; such a
+    ring is repaired with ``make_valid`` and the largest polygon part is kept.
+    """
+    from shapely import make_valid
+    from shapely.geometry import Polygon
+
+    polygon = Polygon(contour_xy)
+    if polygon.is_valid:
+        return polygon, False
+    fixed = make_valid(polygon)
+    parts = [g for g in getattr(fixed, "geoms", [fixed]) if g.geom_type == "Polygon"]
+    if not parts:
+        return polygon, True
+    return max(parts, key=lambda g: g.area), True
+
+
+def nuclei_table(
+    frame: Any, scale: float = 1.0, offset: tuple[float, float] = (0.0, 0.0)
+) -> gpd.GeoDataFrame:
+    """The nuclei table (``hoverdask.nuclei`` schema, no ``slide_id``) from a pixel-index frame."""
+    import geopandas as gpd
+
+    polygons, repaired = [], 0
+    for contour in frame["contour"]:
+        polygon, fixed = contour_polygon(to_level0(contour, scale, offset))
+        polygons.append(polygon)
+        repaired += fixed
+    centroids = to_level0(frame[["centroid_x", "centroid_y"]].to_numpy(), scale, offset)
+    table = gpd.GeoDataFrame(
+        {
+            "centroid_x": centroids[:, 0] if len(frame) else np.zeros(0),
+            "centroid_y": centroids[:, 1] if len(frame) else np.zeros(0),
+            "type": frame["type"].to_numpy(np.int16),
+            "type_prob": frame["type_prob"].to_numpy(np.float32),
+            "area_px": frame["area_px"].to_numpy(np.int32),
+            "nucleus_id": frame["nucleus_id"].to_numpy(np.int64),
+        },
+        geometry=gpd.GeoSeries(polygons, dtype="geometry"),
+        crs=None,
+    )
+    table.attrs["polygons_repaired"] = int(repaired)
+    return table[list(TABLE_COLUMNS)]
+
+
+def _as_dask(maps: Any, chunk_size: int) -> da.Array:
+    import dask.array as da
+
+    if isinstance(maps, da.Array):
+        return maps
+    return da.from_array(np.asarray(maps), chunks=(chunk_size, chunk_size, -1))
+
+
+def _check_maps(maps: da.Array, nr_types: int | None) -> None:
+    if maps.ndim != 3 or maps.shape[-1] not in (3, 4):
+        raise ValueError(
+            f"maps must be (H, W, 4) [tp, np, h, v] or (H, W, 3) [np, h, v], got {maps.shape}"
+        )
+    if nr_types is not None and maps.shape[-1] != 4:
+        raise ValueError(f"nr_types={nr_types} needs a tp channel: (H, W, 4) [tp, np, h, v] maps")
+
+
+def slide_ranges(maps: da.Array, grid: BlockGrid) -> NormRanges:
+    """Passes 1 and 2 with dask: the slide-wide normalisation ranges."""
+    import dask
+
+    cores = [grid.core(*b) for b in grid.blocks()]
+    hv = dask.compute(*[dask.delayed(hv_ranges)(maps[_slices(c)]) for c in cores])
+    ranges = NormRanges(merge_ranges([r[0] for r in hv]), merge_ranges([r[1] for r in hv]))
+    tasks = []
+    for core in cores:
+        context = grid.grow(core, SOBEL_REACH)
+        tasks.append(dask.delayed(sobel_ranges)(maps[_slices(context)], context, core, ranges))
+    sobel = dask.compute(*tasks)
+    return NormRanges(
+        ranges.h, ranges.v, merge_ranges([s[0] for s in sobel]), merge_ranges([s[1] for s in sobel])
+    )
+
+
+def resolve_oversized(
+    maps: da.Array,
+    grid: BlockGrid,
+    fragments: Sequence[Box],
+    ranges: NormRanges,
+    nr_types: int | None,
+) -> RefitNuclei:
+    """Decide every oversized cluster from the cut pieces the blocks reported."""
+    import dask
+
+    result = RefitNuclei()
+    seen: set[tuple[int, int, int, int]] = set()
+    pending = [(grid.grow(t, CONTEXT_MARGIN), t) for t in merge_boxes(fragments)]
+    while pending:
+        tasks = [
+            dask.delayed(refit_nuclei)(maps[_slices(w)], w, grid, target, ranges, nr_types)
+            for w, target in pending
+        ]
+        done = dask.compute(*tasks)
+        retry = []
+        for (_, target), refit in zip(pending, done, strict=True):
+            if refit.grow_to is not None:
+                retry.append((refit.grow_to, target))
+                continue
+            result.records.extend(refit.records)
+            for box in refit.oversized:
+                if box not in seen:
+                    seen.add(box)
+                    result.oversized.append(box)
+        pending = retry
+    return result
+
+
+def nuclei_from_maps(
+    maps: Any,
+    chunk_size: int,
+    nr_types: int | None = None,
+    *,
+    halo: int = DEFAULT_HALO,
+    scale: float = 1.0,
+) -> gpd.GeoDataFrame:
+    """Nuclei of a whole map, identical for every ``chunk_size``; no two polygons overlap.
+
+    ``maps`` is an ``(H, W, 4)`` ``[tp, np, h, v]`` (or ``(H, W, 3)`` ``[np, h, v]``) numpy or
+    dask array (e.g. ``da.from_zarr``). With ``nr_types`` None the tp channel is ignored, ``type``
+    is 0 and ``type_prob`` NaN. ``scale`` is level-0 px per map px. Rows are sorted by
+    ``nucleus_id`` (``y * W + x`` of the nucleus's first pixel). ``attrs`` holds
+    ``oversized_clusters`` (boxes ``(y0, x0, y1, x1)`` of clusters decided on fitted windows).
+    """
+    import dask
+
+    arr = _as_dask(maps, chunk_size)
+    _check_maps(arr, nr_types)
+    height, width = int(arr.shape[0]), int(arr.shape[1])
+    grid = BlockGrid(height, width, chunk_size, halo)
+    ranges = slide_ranges(arr, grid)
+    tasks = []
+    for block in grid.blocks():
+        box = grid.window(*block)
+        tasks.append(
+            dask.delayed(block_nuclei)(arr[_slices(box)], box, grid, block, ranges, nr_types)
+        )
+    blocks = dask.compute(*tasks)
+    records = [r for b in blocks for r in b.records]
+    fragments = [f for b in blocks for f in b.fragments]
+    oversized = resolve_oversized(arr, grid, fragments, ranges, nr_types)
+    if oversized.oversized:
+        warnings.warn(
+            f"{len(oversized.oversized)} nucleus cluster(s) did not fit a {halo} px halo and were "
+            "decided on fitted windows (exact, but slower); see attrs['oversized_clusters']",
+            OversizedClusterWarning,
+            stacklevel=2,
+        )
+    table = nuclei_table(records_frame(records + oversized.records), scale)
+    table.attrs.update(
+        oversized_clusters=sorted(oversized.oversized), chunk_size=chunk_size, halo=halo
+    )
+    return table

@@ -1,0 +1,260 @@
+"""Seam-stable HoVer-Net post-processing: the reference steps with slide-wide constants.
+
+The reference ``process()`` depends on the extent of the map it is given in exactly two ways:
+the min-max normalisation of the hv maps and of their Sobel responses (over the whole tile), and
+the operations that act on whole connected components (small-object removal, hole filling,
+labelling, the watershed). This module removes the first dependency: the four value ranges are
+passed in as :class:`NormRanges`, computed once over the whole slide, and every normalisation
+reproduces ``cv2.normalize(..., NORM_MINMAX, CV_32F)`` bit for bit with those ranges. What is
+left is local: inside a window, every pixel of a *cluster* (an 8-connected component of the
+hole-filled foreground) whose pixels lie at least :data:`CONTEXT_MARGIN` pixels from every window
+edge that is not a slide edge gets exactly the value it gets on the whole slide, and its instances
+depend on that cluster alone. The block layout and the rule that says which block reports which
+cluster live in :mod:`hoverdask.pipeline.seams`; everything here works on plain numpy windows.
+
+One deliberate change from the reference: each cluster is flooded by its own watershed call. The
+reference floods the whole map at once, and skimage pops equally ranked seeds (all markers enter
+the queue at the same priority) in an order that depends on every other seed in the map, so the
+owner of a pixel touching two markers can in principle depend on the extent of the map. Flooding
+per cluster makes the result a function of the cluster only. On the parity slide it changes
+nothing (``docs/seams.md``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+from scipy import ndimage
+from skimage.segmentation import watershed
+
+from hoverdask.postproc.instances import crop_record, type_votes, vote_types
+from hoverdask.postproc.reference import (
+    SOBEL_KSIZE,
+    foreground_mask,
+    markers_from_energy,
+    split_channels,
+    watershed_surface,
+)
+
+SOBEL_REACH = SOBEL_KSIZE // 2  # a Sobel value depends on inputs this far away (10 px)
+OPEN_REACH = 4  # erosion then dilation with the 5x5 ellipse: 2 + 2 px
+# A cluster is decided exactly in a window when all its pixels are at least this far from every
+# window edge that is not a slide edge. The Sobel reach (10 px) dominates; the opening needs 4 and
+# the 3x3 blur needs none (outside the cluster its input is 0). It also exceeds the 9 px a
+# foreground piece below the 10 px size limit can reach from the edge, so a piece that the window
+# cuts below that limit (and drops) cannot hide part of a cluster that looks complete. +2 px spare.
+CONTEXT_MARGIN = SOBEL_REACH + 2
+EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+
+Box = tuple[int, int, int, int]  # (y0, x0, y1, x1), half-open, slide pixel indices
+
+
+@dataclass(frozen=True)
+class NormRanges:
+    """Slide-wide (min, max) of h, v and of their Sobel responses: the reference's four
+    per-tile normalisations, made global."""
+
+    h: tuple[float, float]
+    v: tuple[float, float]
+    sobel_h: tuple[float, float] = (0.0, 0.0)
+    sobel_v: tuple[float, float] = (0.0, 0.0)
+
+
+def normalise_with_range(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """``cv2.normalize(x, None, 0, 1, NORM_MINMAX, CV_32F)`` as if ``x``'s range were [lo, hi].
+
+    opencv rounds the scale and the shift to float32 and applies them with a fused multiply-add;
+    rather than re-deriving that, the two range values are appended to the data so opencv itself
+    finds exactly ``lo`` and ``hi`` and does its own arithmetic. Values outside [lo, hi] are
+    clipped first: with slide-wide ranges they only occur near a window edge, where a filter saw
+    opencv's reflection instead of the slide and the value is discarded anyway; left in, they
+    would move opencv's min/max and so every other value.
+    """
+    clipped = np.clip(x, x.dtype.type(lo), x.dtype.type(hi))
+    flat = np.concatenate([np.ravel(clipped), np.array([lo, hi], dtype=x.dtype)])
+    out = cv2.normalize(flat, None, 0, 1, cv2.NORM_MINMAX, cv2.CV_32F)
+    return out.ravel()[:-2].reshape(x.shape)
+
+
+def value_range(x: np.ndarray) -> tuple[float, float]:
+    return float(np.min(x)), float(np.max(x))
+
+
+def merge_ranges(ranges: list[tuple[float, float]]) -> tuple[float, float]:
+    """The exact min/max of a union from the min/max of its parts."""
+    return min(lo for lo, _ in ranges), max(hi for _, hi in ranges)
+
+
+def sobel_responses(
+    h: np.ndarray, v: np.ndarray, ranges: NormRanges
+) -> tuple[np.ndarray, np.ndarray]:
+    """Raw float64 Sobel responses of the globally normalised h (along x) and v (along y).
+
+    Values are exact wherever the input reaches :data:`SOBEL_REACH` px past the pixel or the
+    window edge is the slide edge (where opencv reflects, as on the whole slide).
+    """
+    h_n = normalise_with_range(h, *ranges.h)
+    v_n = normalise_with_range(v, *ranges.v)
+    sobel_h = cv2.Sobel(h_n, cv2.CV_64F, 1, 0, ksize=SOBEL_KSIZE)
+    sobel_v = cv2.Sobel(v_n, cv2.CV_64F, 0, 1, ksize=SOBEL_KSIZE)
+    return sobel_h, sobel_v
+
+
+def energy_with_ranges(
+    h: np.ndarray, v: np.ndarray, blb: np.ndarray, ranges: NormRanges
+) -> np.ndarray:
+    """The reference ``overall`` (float64 boundary energy) with slide-wide normalisations."""
+    sobel_h, sobel_v = sobel_responses(h, v, ranges)
+    sobel_h = 1 - normalise_with_range(sobel_h, *ranges.sobel_h)
+    sobel_v = 1 - normalise_with_range(sobel_v, *ranges.sobel_v)
+    overall = np.maximum(sobel_h, sobel_v)
+    overall = overall - (1 - blb)
+    overall[overall < 0] = 0
+    return overall
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """One 8-connected component of the hole-filled foreground, in slide pixel indices."""
+
+    label: int  # label in the window's cluster map
+    box: Box
+    anchor: tuple[int, int]  # (y, x) of its first pixel in raster order
+    centroid: tuple[int, int]  # (y, x): floor of the mean pixel position
+
+
+@dataclass(frozen=True)
+class WindowSegmentation:
+    """The reference intermediates of one window, plus its clusters.
+
+    ``origin`` is the slide index ``(y, x)`` of the window's top-left pixel.
+    """
+
+    origin: tuple[int, int]
+    blb: np.ndarray
+    dist: np.ndarray
+    marker: np.ndarray
+    clusters_map: np.ndarray
+    clusters: tuple[Cluster, ...]
+    type_map: np.ndarray | None
+
+
+def segment_window(
+    window: np.ndarray, origin: tuple[int, int], ranges: NormRanges, nr_types: int | None
+) -> WindowSegmentation:
+    """Run the reference steps up to the markers on one window of the maps.
+
+    ``window`` is ``(h, w, 4)`` ``[tp, np, h, v]`` or ``(h, w, 3)`` ``[np, h, v]``; with
+    ``nr_types`` None a tp channel, if present, is ignored.
+    """
+    if nr_types is None and window.shape[-1] == 4:
+        window = window[..., 1:]
+    type_map, np_prob, h, v = split_channels(window, nr_types)
+    blb = foreground_mask(np_prob)
+    overall = energy_with_ranges(h, v, blb, ranges)
+    dist = watershed_surface(overall, blb)
+    marker = markers_from_energy(overall, blb)
+    clusters_map, clusters = find_clusters(blb, origin)
+    return WindowSegmentation(origin, blb, dist, marker, clusters_map, clusters, type_map)
+
+
+def find_clusters(
+    blb: np.ndarray, origin: tuple[int, int]
+) -> tuple[np.ndarray, tuple[Cluster, ...]]:
+    """Label the 8-connected components of the hole-filled foreground.
+
+    Why these units: markers are a subset of the foreground, a marker hole is enclosed by an
+    8-connected marker ring, and the watershed floods 4-connected foreground only, so hole
+    filling, marker labelling and flooding never reach from one such component into another.
+    """
+    filled = ndimage.binary_fill_holes(blb)
+    labels, count = ndimage.label(filled, structure=EIGHT_CONNECTED)
+    if count == 0:
+        return labels, ()
+    flat = labels.ravel()
+    ids, first = np.unique(flat, return_index=True)
+    first_of = dict(zip(ids.tolist(), first.tolist(), strict=True))
+    rows, cols = np.indices(labels.shape)
+    n_px = np.bincount(flat, minlength=count + 1)
+    sum_y = np.bincount(flat, weights=rows.ravel(), minlength=count + 1).astype(np.int64)
+    sum_x = np.bincount(flat, weights=cols.ravel(), minlength=count + 1).astype(np.int64)
+    oy, ox = origin
+    width = labels.shape[1]
+    clusters = []
+    for index, box in enumerate(ndimage.find_objects(labels)):
+        label = index + 1
+        rows_s, cols_s = box
+        anchor_y, anchor_x = divmod(first_of[label], width)
+        clusters.append(
+            Cluster(
+                label=label,
+                box=(oy + rows_s.start, ox + cols_s.start, oy + rows_s.stop, ox + cols_s.stop),
+                anchor=(oy + anchor_y, ox + anchor_x),
+                centroid=(
+                    oy + int(sum_y[label] // n_px[label]),
+                    ox + int(sum_x[label] // n_px[label]),
+                ),
+            )
+        )
+    return labels, tuple(clusters)
+
+
+@dataclass(frozen=True)
+class NucleusRecord:
+    """One nucleus in slide pixel indices (contour points through pixel centres, ``(x, y)``)."""
+
+    nucleus_id: int
+    centroid: tuple[float, float]  # (x, y)
+    contour: np.ndarray  # int32 (n, 2) x, y
+    area_px: int
+    type: int
+    type_prob: float
+
+
+def cluster_nuclei(
+    seg: WindowSegmentation, cluster: Cluster, slide_width: int
+) -> list[NucleusRecord]:
+    """Flood one cluster's markers and describe its instances as the reference does.
+
+    ``nucleus_id = y * slide_width + x`` of the instance's first pixel in raster order: a
+    property of the pixels alone, so identical for every chunking and schedule.
+    """
+    oy, ox = seg.origin
+    y0, x0, y1, x1 = cluster.box
+    crop = np.s_[y0 - oy : y1 - oy, x0 - ox : x1 - ox]
+    inside = seg.clusters_map[crop] == cluster.label
+    markers = np.where(inside, seg.marker[crop], 0)
+    flooded = watershed(seg.dist[crop], markers=markers, mask=(seg.blb[crop] > 0) & inside)
+    ids, first, local = np.unique(flooded.ravel(), return_index=True, return_inverse=True)
+    local = local.reshape(flooded.shape).astype(np.int32)
+    if ids[0] != 0:  # no background in the crop: shift so that label 0 stays "none"
+        local += 1
+        first = np.concatenate([[0], first])
+    votes = None
+    if seg.type_map is not None:
+        winner, prob = vote_types(type_votes(local, seg.type_map[crop]))
+        votes = (winner, prob)
+    records = []
+    for index, box in enumerate(ndimage.find_objects(local)):
+        label = index + 1
+        if box is None:
+            continue
+        rows, cols = box
+        mask = (local[box] == label).view(np.uint8)
+        record = crop_record(mask, y0 + rows.start, x0 + cols.start, y0 + rows.stop, x0 + cols.stop)
+        if record is None:
+            continue
+        first_y, first_x = divmod(int(first[label]), flooded.shape[1])
+        records.append(
+            NucleusRecord(
+                nucleus_id=(y0 + first_y) * slide_width + (x0 + first_x),
+                centroid=(float(record["centroid"][0]), float(record["centroid"][1])),
+                contour=record["contour"],
+                area_px=int(mask.sum()),
+                type=int(votes[0][label]) if votes else 0,
+                type_prob=float(votes[1][label]) if votes else float("nan"),
+            )
+        )
+    return records
