@@ -188,6 +188,29 @@ def run(
 # --- commands: outputs (validate-qupath) ---
 
 
+@app.command("validate-qupath")
+@user_errors
+def validate_qupath_command(
+    file: Annotated[
+        Path, typer.Argument(help="GeoJSON file to check (.geojson, .json, optionally .gz).")
+    ],
+    max_problems: Annotated[
+        int, typer.Option("--max-problems", min=1, help="How many problems to list.")
+    ] = 20,
+) -> None:
+    """Check a GeoJSON file against QuPath's import rules: exit 0 valid, 1 invalid, 2 unreadable."""
+    from hoverdask.export.validate import validate_qupath
+
+    report = validate_qupath(file, max_problems=max_problems)
+    if report.ok:
+        typer.echo(f"{file}: valid, {report.count} features")
+        return
+    typer.echo(f"{file}: {report.problem_count} problems in {report.count} features", err=True)
+    for problem in report.problems:
+        typer.echo(f"  {problem}", err=True)
+    raise typer.Exit(code=1)
+
+
 # --- commands: training and evaluation (train, evaluate) ---
 
 

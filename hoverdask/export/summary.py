@@ -1,0 +1,237 @@
+"""Per-slide output files and the cohort summary (CSV, hive dataset, HTML report).
+
+Layout (``OUT`` is the cohort output folder, one sub-folder per slide)::
+
+    OUT/<slide>/nuclei.parquet        GeoParquet 1.1 (write_slide_outputs)
+    OUT/<slide>/nuclei.geojson.gz     QuPath detections (write_slide_outputs)
+    OUT/<slide>/stats.json            counts, densities, feature means (write_slide_outputs)
+    OUT/<slide>/qc.png                QC picture (write_qc_picture)
+    OUT/nuclei/slide=<id>/part-0.parquet   hive dataset (write_cohort_summary links the files)
+    OUT/summary.csv, OUT/report.html  (write_cohort_summary)
+
+The summary step, not each slide, publishes files into the hive dataset: it runs once, after
+every slide is final, so a reader never sees a slide that is still being rewritten, and a
+hard link costs no extra disk.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import geopandas as gpd
+import numpy as np
+
+from hoverdask.errors import HoverdaskError
+from hoverdask.export.geoparquet import add_to_dataset, write_geoparquet
+from hoverdask.export.qupath import write_qupath
+from hoverdask.features import FEATURE_COLUMNS, type_info, type_name_and_color
+
+FORMATS = ("parquet", "qupath")
+PIPELINE_COLUMNS = ("slide", "status", "nuclei", "seconds", "error")
+UNCLASSIFIED = "unclassified"
+
+
+class OutputFormatError(HoverdaskError):
+    """An unknown output format was asked for."""
+
+
+def parse_formats(text: str | Iterable[str]) -> tuple[str, ...]:
+    """``"parquet,qupath"`` -> ``("parquet", "qupath")``, rejecting unknown names."""
+    items = text.split(",") if isinstance(text, str) else list(text)
+    formats = tuple(dict.fromkeys(item.strip().lower() for item in items if item.strip()))
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise OutputFormatError(
+            f"unknown output format {unknown}; choose from {', '.join(FORMATS)}"
+        )
+    return formats
+
+
+def write_slide_outputs(
+    nuclei: gpd.GeoDataFrame,
+    out_dir: str | os.PathLike[str],
+    *,
+    slide_id: str,
+    formats: Sequence[str] = FORMATS,
+    type_table: Any = None,
+    tissue_mm2: float | None = None,
+    extent: tuple[float, float, float, float] | None = None,
+    metadata: dict[str, Any] | None = None,
+    offset: tuple[float, float] = (0.0, 0.0),
+    as_cells: bool = False,
+    cell_expansion_px: float = 0.0,
+) -> dict[str, Path]:
+    """Write one slide's files into ``out_dir``; returns ``{"parquet"|"qupath"|"stats": path}``.
+
+    ``extent`` (the slide's level-0 bounds) fixes the Parquet row order; ``metadata`` (mpp,
+    model, ...) is stored in the Parquet file; ``offset`` is subtracted in the GeoJSON only.
+    """
+    formats = parse_formats(formats)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+    if "parquet" in formats:
+        written["parquet"] = write_geoparquet(
+            nuclei, out_dir / "nuclei.parquet", slide_id=slide_id, extent=extent, metadata=metadata
+        )
+    if "qupath" in formats:
+        path = out_dir / "nuclei.geojson.gz"
+        write_qupath(
+            nuclei.assign(slide_id=slide_id),
+            path,
+            type_table=type_table,
+            offset=offset,
+            as_cells=as_cells,
+            cell_expansion_px=cell_expansion_px,
+        )
+        written["qupath"] = path
+    stats = slide_stats(nuclei, slide_id=slide_id, tissue_mm2=tissue_mm2, type_table=type_table)
+    written["stats"] = _write_text(out_dir / "stats.json", json.dumps(stats, indent=1))
+    return written
+
+
+def slide_stats(
+    nuclei: gpd.GeoDataFrame,
+    *,
+    slide_id: str,
+    tissue_mm2: float | None = None,
+    type_table: Any = None,
+) -> dict[str, Any]:
+    """Counts and densities per type (per mm² of tissue) and mean features of one slide."""
+    info = type_info(type_table)
+    types = nuclei["type"].to_numpy() if "type" in nuclei else np.zeros(len(nuclei), int)
+    counts: dict[str, int] = {}
+    for type_id in sorted(info):
+        if type_id != 0:
+            counts[info[type_id][0]] = 0
+    for type_id, n in zip(*np.unique(types, return_counts=True), strict=True):
+        name = UNCLASSIFIED if type_id == 0 else type_name_and_color(int(type_id), info)[0]
+        counts[name] = counts.get(name, 0) + int(n)
+    area = tissue_mm2 if tissue_mm2 and tissue_mm2 > 0 else None
+    means = {
+        column: _finite_or_none(float(np.nanmean(nuclei[column].to_numpy(dtype=float))))
+        for column in FEATURE_COLUMNS
+        if column in nuclei and nuclei[column].notna().any()
+    }
+    return {
+        "slide": slide_id,
+        "nuclei": len(nuclei),
+        "tissue_mm2": tissue_mm2,
+        "counts": counts,
+        "density_per_mm2": {k: (v / area if area else None) for k, v in counts.items()},
+        "means": means,
+    }
+
+
+def write_cohort_summary(
+    rows: Iterable[Mapping[str, Any]],
+    out_dir: str | os.PathLike[str],
+    *,
+    timings: Mapping[str, float] | None = None,
+) -> dict[str, Path]:
+    """Write ``summary.csv``, the hive dataset ``nuclei/`` and ``report.html`` for a cohort.
+
+    Each row has the pipeline's keys (slide, status, nuclei, seconds, error) and optionally
+    ``outputs``: the dict returned by :func:`write_slide_outputs` (plus ``"qc"``). Without it the
+    default layout ``out_dir/<slide>/`` is used. ``timings`` (stage -> seconds) go to the report.
+    """
+    out_dir = Path(out_dir)
+    table = []
+    for row in rows:
+        slide = str(row["slide"])
+        outputs = {k: Path(v) for k, v in (row.get("outputs") or {}).items()}
+        slide_dir = out_dir / _safe_name(slide)
+        for key, name in (("parquet", "nuclei.parquet"), ("stats", "stats.json"), ("qc", "qc.png")):
+            if key not in outputs and (slide_dir / name).exists():
+                outputs[key] = slide_dir / name
+        stats = json.loads(outputs["stats"].read_text()) if "stats" in outputs else {}
+        if "parquet" in outputs and outputs["parquet"].exists():
+            add_to_dataset(outputs["parquet"], out_dir / "nuclei", slide)
+        flat = {column: row.get(column) for column in PIPELINE_COLUMNS}
+        flat["tissue_mm2"] = stats.get("tissue_mm2")
+        for name, n in stats.get("counts", {}).items():
+            flat[f"count_{_slug(name)}"] = n
+        for name, density in stats.get("density_per_mm2", {}).items():
+            flat[f"density_{_slug(name)}_per_mm2"] = density
+        for name, mean in stats.get("means", {}).items():
+            flat[f"mean_{name}"] = mean
+        table.append((flat, outputs.get("qc")))
+    columns = list(dict.fromkeys(c for flat, _ in table for c in flat))
+    columns = [*PIPELINE_COLUMNS, *(c for c in columns if c not in PIPELINE_COLUMNS)]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = out_dir / "summary.csv"
+    tmp = summary.with_name(".summary.csv.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as stream:
+        writer = csv.DictWriter(stream, fieldnames=columns, restval="")
+        writer.writeheader()
+        for flat, _ in table:
+            writer.writerow({k: _csv_value(v) for k, v in flat.items()})
+    os.replace(tmp, summary)
+    report = _write_text(out_dir / "report.html", _report_html(table, columns, out_dir, timings))
+    return {"summary": summary, "dataset": out_dir / "nuclei", "report": report}
+
+
+def _report_html(table, columns, out_dir: Path, timings) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in ["qc", *columns])
+    body = []
+    for flat, qc in table:
+        if qc is not None and Path(qc).exists():
+            href = html.escape(os.path.relpath(qc, out_dir))
+            picture = f'<a href="{href}"><img src="{href}" height="120"></a>'
+        else:
+            picture = ""
+        cells = "".join(f"<td>{html.escape(_csv_value(flat.get(c)))}</td>" for c in columns)
+        body.append(f"<tr><td>{picture}</td>{cells}</tr>")
+    timing_rows = "".join(
+        f"<tr><td>{html.escape(str(k))}</td><td>{v:.1f}</td></tr>"
+        for k, v in (timings or {}).items()
+    )
+    seconds = [
+        flat.get("seconds") for flat, _ in table if isinstance(flat.get("seconds"), int | float)
+    ]
+    total = f"<p>{len(table)} slides, {sum(seconds):.1f} s of slide time.</p>"
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>hoverdask report</title>"
+        "<style>body{font-family:sans-serif}table{border-collapse:collapse;font-size:12px}"
+        "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}</style></head><body>"
+        f"<h1>hoverdask cohort report</h1>{total}"
+        f"<table><tr>{head}</tr>{''.join(body)}</table>"
+        + (f"<h2>Run timings (s)</h2><table>{timing_rows}</table>" if timing_rows else "")
+        + "<p>Per-type counts are nuclei; densities are nuclei per mm² of detected tissue.</p>"
+        "</body></html>\n"
+    )
+
+
+def _write_text(path: Path, text: str) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def _csv_value(value: Any) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^0-9a-z]+", "_", name.lower()).strip("_") or "type"
+
+
+def _safe_name(slide: str) -> str:
+    return slide.replace(os.sep, "_")
