@@ -11,7 +11,16 @@ from typing import Literal
 
 import numpy as np
 
-from hoverdask.postproc.fast import benchmark_mpix_per_s, proc_np_hv_fast
+from hoverdask.postproc.fast import (
+    benchmark_mpix_per_s,
+    energy_in_foreground,
+    fill_holes,
+    foreground_components,
+    markers_fast,
+    proc_np_hv_fast,
+    surface_from_energy,
+    watershed_by_component,
+)
 from hoverdask.postproc.instances import (
     InstInfo,
     bounding_box,
@@ -26,6 +35,7 @@ from hoverdask.postproc.instances import (
 from hoverdask.postproc.reference import (
     Intermediates,
     foreground_mask,
+    inverted_gradients,
     markers_from_energy,
     minmax_normalise,
     proc_np_hv_reference,
@@ -46,10 +56,15 @@ __all__ = [
     "benchmark_mpix_per_s",
     "bounding_box",
     "crop_record",
+    "energy_in_foreground",
+    "fill_holes",
+    "foreground_components",
     "foreground_mask",
     "inst_info_to_json",
     "instance_info_fast",
     "instance_info_reference",
+    "inverted_gradients",
+    "markers_fast",
     "markers_from_energy",
     "minmax_normalise",
     "proc_np_hv_fast",
@@ -58,9 +73,11 @@ __all__ = [
     "remove_small_labels",
     "sobel_energy",
     "split_channels",
+    "surface_from_energy",
     "type_votes",
     "vote_type_reference",
     "vote_types",
+    "watershed_by_component",
     "watershed_instances",
     "watershed_surface",
 ]

@@ -1,15 +1,217 @@
-"""Faster post-processing with output identical to the reference (placeholder during profiling)."""
+"""Post-processing with output identical to the reference, without its avoidable work.
+
+Profiling the reference on a 1000x1400 map (784 nuclei) gave, per call: instance records
+~150 ms (one full-image mask per nucleus, so it grows with nuclei x pixels), watershed ~45 ms,
+``binary_fill_holes`` ~20 ms, Sobel energy ~14 ms, foreground labelling ~8 ms. What changes here,
+each with the reason the result cannot change:
+
+* Instance records: one ``find_objects`` pass and per-instance crops; the crops equal the
+  reference's, so moments and contours are computed on identical arrays
+  (:func:`hoverdask.postproc.instances.instance_info_fast`).
+* Hole filling: a hole is a 4-connected background component that does not touch the image
+  border; that is exactly what ``binary_fill_holes`` (cross structure, dilation from the
+  border) fills, so one ``ndimage.label`` of the background replaces the iterated dilation.
+* Watershed: the flood is confined to 4-connected foreground components, which never touch.
+  A component holding no marker stays 0; one holding a single marker label takes that label
+  whole, whatever the flooding order. Components with several markers are flooded by skimage's
+  own watershed, a band of rows at a time (a small queue instead of one holding every seed of
+  the map). Why a band gives the same labels as the whole map: skimage pops its queue by
+  (value, age); pushed pixels get unique, increasing ages, seeds all get age 0. Within one
+  component the pop order is therefore the same with or without other components, unless two
+  seeds that still have unlabelled neighbours share a ``dist`` value (a seed whose neighbours
+  are all labelled pushes nothing, so its position in the order is irrelevant). That condition
+  is checked; if any component violates it, the whole map is flooded in one call, as the
+  reference does.
+* The Sobel energy and the watershed surface are the reference functions unchanged (float64
+  where the reference is float64: ``1 - overall`` is not exactly representable in float32).
+"""
 
 from __future__ import annotations
 
-import numpy as np
+import time
 
-from hoverdask.postproc.reference import proc_np_hv_reference
+import cv2
+import numpy as np
+from scipy import ndimage
+
+from hoverdask.postproc.reference import (
+    FG_THRESHOLD,
+    MARKER_ENERGY_THRESHOLD,
+    MIN_OBJECT_PX,
+    inverted_gradients,
+    open_kernel,
+    remove_small_labels,
+    watershed_instances,
+)
+
+
+def foreground_components(
+    np_prob: np.ndarray, threshold: float = FG_THRESHOLD, min_size: int = MIN_OBJECT_PX
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(blb, components)``: the reference mask and its 4-connected component labels.
+
+    Dropping whole components leaves the other labels valid, so the watershed reuses this
+    labelling (ids keep gaps) instead of labelling the mask again.
+    """
+    components = ndimage.label(np_prob >= threshold)[0]
+    components = remove_small_labels(components, min_size)
+    return (components > 0).astype(np.int32), components
+
+
+def energy_in_foreground(h: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """float32 energy equal to the reference ``overall`` wherever ``blb`` is 1.
+
+    There ``overall`` is ``float64(max) - 0`` clipped at 0, which is this value exactly. Outside
+    the foreground the reference value is never used: ``dist`` multiplies it by ``blb`` and the
+    markers subtract it from ``blb`` and clip, so it is not computed here.
+    """
+    energy = inverted_gradients(h, v)
+    energy[energy < 0] = 0
+    return energy
+
+
+def surface_from_energy(energy: np.ndarray, blb: np.ndarray) -> np.ndarray:
+    """Reference ``dist`` from :func:`energy_in_foreground` (same float64 blur input)."""
+    basin = np.where(blb > 0, 1.0 - energy.astype(np.float64), 0.0)
+    return -cv2.GaussianBlur(basin, (3, 3), 0)
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``ndimage.binary_fill_holes`` (default cross structure) by labelling the background."""
+    background, n = ndimage.label(~mask)
+    reaches_border = np.zeros(n + 1, dtype=bool)
+    for edge in (background[0], background[-1], background[:, 0], background[:, -1]):
+        reaches_border[edge] = True
+    reaches_border[0] = False
+    return ~reaches_border[background]
+
+
+def markers_fast(
+    overall: np.ndarray,
+    blb: np.ndarray,
+    threshold: float = MARKER_ENERGY_THRESHOLD,
+    min_size: int = MIN_OBJECT_PX,
+) -> np.ndarray:
+    """:func:`~hoverdask.postproc.reference.markers_from_energy` with labelled hole filling.
+
+    ``overall`` only needs to be right inside ``blb``; it is compared in float64 as there.
+    """
+    core = (blb > 0) & (overall < np.float64(threshold))
+    marker = fill_holes(core).view(np.uint8)
+    marker = cv2.morphologyEx(marker, cv2.MORPH_OPEN, open_kernel())
+    marker = ndimage.label(marker)[0]
+    return remove_small_labels(marker, min_size)
+
+
+def _seeds_queue_by_value() -> bool:
+    """Whether this skimage queues seed pixels at their image value (up to 0.26) or all at
+    -inf (newer releases, ``from_minima``); with -inf every seed ties and bands never apply."""
+    import inspect
+
+    from skimage.segmentation import _watershed
+
+    return "from_minima" not in inspect.getsource(_watershed)
+
+
+SEEDS_QUEUE_BY_VALUE = _seeds_queue_by_value()
+BAND_ROWS = 128  # components are flooded in bands of about this many rows
+
+
+def watershed_by_component(
+    dist: np.ndarray,
+    marker: np.ndarray,
+    blb: np.ndarray,
+    components: np.ndarray | None = None,
+    band_rows: int = BAND_ROWS,
+) -> np.ndarray:
+    """:func:`~hoverdask.postproc.reference.watershed_instances`, component by component.
+
+    ``components`` are 4-connected labels of ``blb`` (any ids); labelled here when not given.
+    """
+    if components is None:
+        components = ndimage.label(blb)[0]
+    n_comp = int(components.max())
+    marker = marker * (blb > 0)  # skimage ignores markers outside the mask
+    seeds = marker > 0
+    seed_comp = components[seeds]
+    n_markers, single_label = _markers_per_component(seed_comp, marker[seeds], n_comp)
+    out = single_label[components]
+    flooded = n_markers >= 2
+    if not flooded.any():
+        return out
+    if _boundary_seed_tie(dist, seeds, blb, components, flooded):
+        return watershed_instances(dist, marker, blb)
+    boxes = ndimage.find_objects(components)
+    ids = np.flatnonzero(flooded)
+    tops = np.array([boxes[i - 1][0].start for i in ids])
+    bottoms = np.array([boxes[i - 1][0].stop for i in ids])
+    band = tops // band_rows
+    for b in np.unique(band):
+        in_band = band == b
+        r0, r1 = int(tops[in_band].min()), int(bottoms[in_band].max())
+        selected = np.zeros(n_comp + 1, dtype=bool)
+        selected[ids[in_band]] = True
+        region = selected[components[r0:r1]]
+        flood = watershed_instances(dist[r0:r1], marker[r0:r1] * region, region)
+        out[r0:r1][region] = flood[region]
+    return out
+
+
+def _markers_per_component(
+    seed_comp: np.ndarray, seed_label: np.ndarray, n_comp: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Number of distinct marker labels per component, and the label where there is one."""
+    base = int(seed_label.max(initial=0)) + 1
+    pairs = np.unique(seed_comp.astype(np.int64) * base + seed_label)
+    pair_comp, pair_label = pairs // base, pairs % base
+    n_markers = np.bincount(pair_comp, minlength=n_comp + 1)
+    single_label = np.zeros(n_comp + 1, dtype=np.int32)
+    single = n_markers[pair_comp] == 1
+    single_label[pair_comp[single]] = pair_label[single]
+    return n_markers, single_label
+
+
+def _boundary_seed_tie(
+    dist: np.ndarray,
+    seeds: np.ndarray,
+    blb: np.ndarray,
+    components: np.ndarray,
+    flooded: np.ndarray,
+) -> bool:
+    """True if two seeds of one flooded component, both next to unseeded foreground, tie."""
+    if not SEEDS_QUEUE_BY_VALUE:
+        return True
+    free = np.pad((blb > 0) & ~seeds, 1)
+    next_to_free = free[:-2, 1:-1] | free[2:, 1:-1] | free[1:-1, :-2] | free[1:-1, 2:]
+    active = seeds & next_to_free & flooded[components]
+    values, comp = dist[active], components[active]
+    order = np.lexsort((values, comp))
+    values, comp = values[order], comp[order]
+    return bool(np.any((comp[1:] == comp[:-1]) & (values[1:] == values[:-1])))
 
 
 def proc_np_hv_fast(np_prob: np.ndarray, h: np.ndarray, v: np.ndarray) -> np.ndarray:
-    return proc_np_hv_reference(np_prob, h, v).inst_map
+    """Instance map equal to :func:`~hoverdask.postproc.reference.proc_np_hv_reference`'s."""
+    blb, components = foreground_components(np_prob)
+    energy = energy_in_foreground(h, v)
+    dist = surface_from_energy(energy, blb)
+    marker = markers_fast(energy, blb)
+    return watershed_by_component(dist, marker, blb, components)
 
 
-def benchmark_mpix_per_s(seconds: float = 3.0) -> float:
-    raise NotImplementedError
+def benchmark_mpix_per_s(seconds: float = 3.0, size: int = 2048) -> float:
+    """Megapixels per second of ``process(..., method="fast")`` on a synthetic ``size``² map.
+
+    Runs at least once and until ``seconds`` have passed; map building is not timed.
+    """
+    from hoverdask.postproc import process
+    from hoverdask.postproc.synthetic import synthetic_pred_map
+
+    pred_map = synthetic_pred_map(size, size, nr_types=6, seed=0)
+    runs, elapsed = 0, 0.0
+    while runs == 0 or elapsed < seconds:
+        start = time.perf_counter()
+        process(pred_map, nr_types=6, method="fast")
+        elapsed += time.perf_counter() - start
+        runs += 1
+    return runs * size * size / 1e6 / elapsed

@@ -49,23 +49,25 @@ def minmax_normalise(x: np.ndarray) -> np.ndarray:
     return cv2.normalize(x, None, alpha=0, beta=1, norm_type=cv2.NORM_MINMAX, dtype=cv2.CV_32F)
 
 
+def inverted_gradients(h: np.ndarray, v: np.ndarray, ksize: int = SOBEL_KSIZE) -> np.ndarray:
+    """float32 ``max(1 - |d h/dx|_norm, 1 - |d v/dy|_norm)``: low on nucleus slopes, high at edges.
+
+    ``h`` and ``v`` are the raw hv channels; both are min-max normalised over the whole array
+    first, so the result depends on the extent of the map being processed.
+    """
+    sobel_h = cv2.Sobel(minmax_normalise(h), cv2.CV_64F, 1, 0, ksize=ksize)
+    sobel_v = cv2.Sobel(minmax_normalise(v), cv2.CV_64F, 0, 1, ksize=ksize)
+    return np.maximum(1 - minmax_normalise(sobel_h), 1 - minmax_normalise(sobel_v))
+
+
 def sobel_energy(
     h: np.ndarray, v: np.ndarray, blb: np.ndarray, ksize: int = SOBEL_KSIZE
 ) -> np.ndarray:
-    """``overall``: float64 boundary energy, high where the hv maps change fast.
+    """``overall``: float64 boundary energy inside the foreground, 0 (clipped) outside.
 
-    ``h`` and ``v`` are the raw hv channels; both are min-max normalised over the whole array
-    first, so the result depends on the extent of the map being processed. The subtraction of
-    the int32 ``1 - blb`` from float32 promotes to float64, as in the reference.
+    Subtracting the int32 ``1 - blb`` from float32 promotes to float64, as in the reference.
     """
-    h_n = minmax_normalise(h)
-    v_n = minmax_normalise(v)
-    sobel_h = cv2.Sobel(h_n, cv2.CV_64F, 1, 0, ksize=ksize)
-    sobel_v = cv2.Sobel(v_n, cv2.CV_64F, 0, 1, ksize=ksize)
-    sobel_h = 1 - minmax_normalise(sobel_h)
-    sobel_v = 1 - minmax_normalise(sobel_v)
-    overall = np.maximum(sobel_h, sobel_v)
-    overall = overall - (1 - blb)
+    overall = inverted_gradients(h, v, ksize) - (1 - blb)
     overall[overall < 0] = 0
     return overall
 

@@ -1,0 +1,141 @@
+"""The fast post-processing gives exactly the reference output, on fixtures and larger maps."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import parity_npz
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import ndimage
+
+from hoverdask.postproc import fast as fast_module
+from hoverdask.postproc import (
+    fill_holes,
+    inst_info_to_json,
+    instance_info_fast,
+    instance_info_reference,
+    proc_np_hv_reference,
+    process,
+    split_channels,
+    watershed_by_component,
+)
+from hoverdask.postproc.synthetic import synthetic_pred_map
+
+
+def wsi_fixture_map() -> np.ndarray:
+    """The WSI fixture's network output, dequantised as its README defines (1000x1400)."""
+    data = parity_npz("wsi_synth_input.npz")
+    return np.stack(
+        [
+            data["tp"].astype(np.float32),
+            data["q_np"].astype(np.float32) / np.float32(255),
+            data["q_h"].astype(np.float32) / np.float32(32767),
+            data["q_v"].astype(np.float32) / np.float32(32767),
+        ],
+        axis=-1,
+    )
+
+
+@pytest.fixture(scope="module")
+def wsi_map() -> np.ndarray:
+    return wsi_fixture_map()
+
+
+def assert_same_output(pred_map: np.ndarray, nr_types: int | None) -> int:
+    ref_map, ref_info = process(pred_map, nr_types)
+    fast_map, fast_info = process(pred_map, nr_types, method="fast")
+    assert fast_map.dtype == ref_map.dtype == np.int32
+    np.testing.assert_array_equal(fast_map, ref_map)
+    assert inst_info_to_json(fast_info) == inst_info_to_json(ref_info)
+    assert list(fast_info) == list(ref_info)
+    return len(ref_info)
+
+
+@pytest.mark.parametrize("nr_types", [6, None])
+def test_parity_map(nr_types) -> None:
+    pred_map = parity_npz("synth_postproc_input.npz")["pred_map"]
+    assert assert_same_output(pred_map if nr_types else pred_map[..., 1:], nr_types) == 37
+
+
+@pytest.mark.parametrize(("config", "nr_types"), [("fast_t6", 6), ("original_t5", 5)])
+def test_model_maps(config: str, nr_types: int) -> None:
+    assert_same_output(parity_npz(f"forward_{config}.npz")["infer_step_out"][0], nr_types)
+
+
+@pytest.mark.parametrize("nr_types", [6, None])
+def test_wsi_fixture_map(wsi_map: np.ndarray, nr_types) -> None:
+    pred_map = wsi_map if nr_types else wsi_map[..., 1:]
+    assert assert_same_output(pred_map, nr_types) > 700
+
+
+@pytest.mark.slow
+def test_wsi_fixture_tiled(wsi_map: np.ndarray) -> None:
+    """2000x2800 with seams between copies: many nuclei, cut nuclei at the copy borders."""
+    assert assert_same_output(np.tile(wsi_map, (2, 2, 1)), 6) > 3000
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_synthetic_maps(seed: int) -> None:
+    assert assert_same_output(synthetic_pred_map(384, 512, nr_types=5, seed=seed), 5) > 250
+
+
+def test_background_only_map() -> None:
+    assert assert_same_output(np.zeros((40, 50, 4), np.float32), 6) == 0
+
+
+@pytest.mark.parametrize("band_rows", [1, 16, 10_000])
+def test_banded_watershed_equals_one_flood(wsi_map: np.ndarray, band_rows: int) -> None:
+    _, np_prob, h, v = split_channels(wsi_map[:500, :700], 6)
+    steps = proc_np_hv_reference(np_prob, h, v)
+    banded = watershed_by_component(steps.dist, steps.marker, steps.blb, band_rows=band_rows)
+    np.testing.assert_array_equal(banded, steps.inst_map)
+
+
+def test_tied_seeds_flood_the_whole_map(monkeypatch: pytest.MonkeyPatch) -> None:
+    """When seeds may tie in the queue the shortcut is refused and skimage floods everything."""
+    _, np_prob, h, v = split_channels(parity_npz("synth_postproc_input.npz")["pred_map"], 6)
+    steps = proc_np_hv_reference(np_prob, h, v)
+    calls = []
+    original = fast_module.watershed_instances
+
+    def counting(dist, marker, mask):
+        calls.append(mask.shape)
+        return original(dist, marker, mask)
+
+    monkeypatch.setattr(fast_module, "watershed_instances", counting)
+    monkeypatch.setattr(fast_module, "SEEDS_QUEUE_BY_VALUE", False)
+    result = watershed_by_component(steps.dist, steps.marker, steps.blb)
+    np.testing.assert_array_equal(result, steps.inst_map)
+    assert calls == [steps.dist.shape]
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), density=st.floats(0.2, 0.8))
+def test_fill_holes_equals_scipy(seed: int, density: float) -> None:
+    mask = np.random.default_rng(seed).random((23, 31)) < density
+    np.testing.assert_array_equal(fill_holes(mask), ndimage.binary_fill_holes(mask))
+
+
+def test_records_fast_equal_reference_on_awkward_shapes() -> None:
+    """Ids with gaps, thin lines (no polygon), holes, touching instances, border contact."""
+    inst_map = np.zeros((30, 30), dtype=np.int32)
+    inst_map[0:10, 0:10] = 4
+    inst_map[3:6, 3:6] = 0  # hole
+    inst_map[0:10, 10:20] = 9  # touches 4
+    inst_map[15, 2:20] = 11  # line: no polygon
+    inst_map[20:30, 25:30] = 12  # on the border
+    type_map = np.random.default_rng(3).integers(0, 4, inst_map.shape).astype(np.int32)
+    type_map[inst_map == 9] = 0
+    type_map[inst_map == 12] = 0
+    type_map[20, 25] = 3  # instance 12: background majority, runner-up wins
+    for types in (type_map, None):
+        fast = inst_info_to_json(instance_info_fast(inst_map, types))
+        assert fast == inst_info_to_json(instance_info_reference(inst_map, types))
+    assert list(fast) == ["4", "9", "12"]
+
+
+def test_negative_types_are_rejected() -> None:
+    inst_map = np.ones((5, 5), dtype=np.int32)
+    with pytest.raises(ValueError, match="negative"):
+        instance_info_fast(inst_map, -np.ones((5, 5), dtype=np.int32))
