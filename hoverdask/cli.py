@@ -123,6 +123,86 @@ def models() -> None:
 
 # --- commands: slides (convert, tissue, synth) ---
 
+MppOption = Annotated[
+    float | None,
+    typer.Option("--mpp", help="Pixel size in µm per level-0 pixel; overrides the slide metadata."),
+]
+
+
+@app.command()
+@user_errors
+def convert(
+    slide: Annotated[Path, typer.Argument(help="Slide file (svs, ndpi, tiff, ome-tiff, ...).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output OME-Zarr folder (X.zarr).")],
+    mpp: MppOption = None,
+    chunk: Annotated[int, typer.Option(help="Chunk side in pixels.")] = 1024,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing, different store.")] = False,
+    tissue: Annotated[bool, typer.Option(help="Save the tissue mask next to the store.")] = True,
+    workers: Annotated[
+        int | None, typer.Option(help="Threads for the conversion (default: all cores).")
+    ] = None,
+) -> None:
+    """Convert a slide to a chunked, compressed OME-Zarr (NGFF 0.4) pyramid; resumable."""
+    from hoverdask.omezarr import convert_to_omezarr
+
+    result = convert_to_omezarr(
+        slide, out, mpp=mpp, chunk=chunk, overwrite=overwrite, tissue=tissue, num_workers=workers
+    )
+    if result.up_to_date:
+        typer.echo(f"{result.path} is up to date")
+        return
+    sizes = ", ".join(f"{p.width}x{p.height}" for p in result.levels)
+    resumed = f" ({result.chunks_resumed} resumed)" if result.chunks_resumed else ""
+    typer.echo(f"wrote {result.path}: {len(result.levels)} levels [{sizes}]{resumed}")
+
+
+@app.command()
+@user_errors
+def tissue(
+    slide: Annotated[Path, typer.Argument(help="Slide file or OME-Zarr store.")],
+    png: Annotated[
+        Path | None, typer.Option(help="Write the thumbnail with glass dimmed to this PNG.")
+    ] = None,
+    save: Annotated[Path | None, typer.Option(help="Save the mask (.npz) here.")] = None,
+    mpp: MppOption = None,
+) -> None:
+    """Detect tissue on a low-resolution thumbnail; print its area, optionally save a picture."""
+    from hoverdask.slide import open_slide
+    from hoverdask.tissue import tissue_mask
+
+    with open_slide(slide, mpp) as opened:
+        mask = tissue_mask(opened)
+    if png is not None:
+        mask.to_png(png)
+    if save is not None:
+        mask.save(save)
+    typer.echo(
+        f"{opened.slide_id}: tissue {mask.area_mm2:.2f} mm² ({mask.fraction:.0%} of the slide), "
+        f"mask {mask.mask.shape[1]}x{mask.mask.shape[0]} at {mask.downsample:.1f}x"
+    )
+
+
+@app.command()
+@user_errors
+def synth(
+    out: Annotated[Path, typer.Argument(help="Output TIFF (.svs/.tiff/.ome.tiff).")],
+    width: Annotated[int, typer.Option(help="Width in pixels.")] = 4096,
+    height: Annotated[int, typer.Option(help="Height in pixels.")] = 4096,
+    mpp: Annotated[float, typer.Option(help="Pixel size in µm.")] = 0.25,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    ome: Annotated[bool, typer.Option(help="Write OME-TIFF instead of Aperio SVS-like.")] = False,
+    lossless: Annotated[bool, typer.Option(help="zlib tiles instead of JPEG.")] = False,
+) -> None:
+    """Write a synthetic H&E-like pyramidal slide with known nuclei (for demos and tests)."""
+    from hoverdask.synth import write_synthetic_slide
+
+    truth = write_synthetic_slide(
+        out, width, height, mpp=mpp, seed=seed, flavour="ome" if ome else "aperio",
+        compression="lossless" if lossless else "jpeg", keep_instances=False,
+    )  # fmt: skip
+    typer.echo(f"wrote {out}: {width}x{height} at {mpp} µm/px, {truth.n_instances} nuclei")
+
+
 
 # --- commands: pipeline (run) ---
 

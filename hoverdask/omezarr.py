@@ -212,7 +212,10 @@ def ngff_attributes(slide: Slide, plans: list[LevelPlan], chunk: int) -> dict[st
         {
             "path": str(p.index),
             "coordinateTransformations": [
-                {"type": "scale", "scale": [1.0, slide.mpp * h0 / p.height, slide.mpp * w0 / p.width]}
+                {
+                    "type": "scale",
+                    "scale": [1.0, slide.mpp * (h0 / p.height), slide.mpp * (w0 / p.width)],
+                }
             ],
         }
         for p in plans

@@ -16,6 +16,7 @@ re-open the slide by path in whatever thread or process computes them, so graphs
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import threading
@@ -326,6 +327,9 @@ def check_mpp(mpp: float, source: str) -> float:
 def _open_tiff(path: Path, mpp_override: float | None, size: int) -> Slide:
     from tiffslide import TiffSlide
 
+    tifffile_log = logging.getLogger("tifffile")  # its warnings would duplicate our message
+    previous_level = tifffile_log.level
+    tifffile_log.setLevel(logging.CRITICAL)
     try:
         handle = TiffSlide(path)
         properties = dict(handle.properties)
@@ -337,10 +341,17 @@ def _open_tiff(path: Path, mpp_override: float | None, size: int) -> Slide:
     except SlideError:
         raise
     except Exception as err:
+        if _has_tiff_header(path):
+            raise SlideError(
+                f"{path}: a TIFF file whose structure cannot be read, probably truncated or "
+                f"damaged ({type(err).__name__}: {err}); copy it again from its source"
+            ) from err
         raise SlideError(
             f"{path}: not a readable slide ({type(err).__name__}: {err}); "
             f"hoverdask reads {SUPPORTED_FORMATS}"
         ) from err
+    finally:
+        tifffile_log.setLevel(previous_level)
     mpp, mpp_source = _pick_mpp(path, properties, ome_mpp, mpp_override)
     properties["hoverdask.mpp-source"] = mpp_source
     power = properties.get("tiffslide.objective-power") or ome_power
@@ -355,6 +366,14 @@ def _open_tiff(path: Path, mpp_override: float | None, size: int) -> Slide:
         properties=properties,
         reader=reader,
     )
+
+
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+def _has_tiff_header(path: Path) -> bool:
+    with path.open("rb") as handle:
+        return handle.read(4) in _TIFF_MAGIC
 
 
 def _check_complete(path: Path, tiff: Any, size: int, properties: dict[str, Any]) -> None:

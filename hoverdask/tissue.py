@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +43,7 @@ class TissueMask:
     mask: np.ndarray
     downsample: float  # level-0 px per mask px
     mpp: float  # level-0 µm/px
+    thumbnail: np.ndarray | None = field(default=None, repr=False)  # RGB the mask was made from
 
     @property
     def area_mm2(self) -> float:
@@ -67,10 +68,12 @@ class TissueMask:
         """Whether any tissue touches the level-0 box (conservative: partial mask pixels count)."""
         return bool(self._window(x0, y0, x1, y1).any())
 
-    def to_png(self, path: str | Path, thumbnail: np.ndarray | None = None) -> None:
-        """The mask as a black/white PNG, or with ``thumbnail``: glass dimmed, tissue as is."""
+    def to_png(self, path: str | Path, *, overlay: bool = True) -> None:
+        """The thumbnail with glass dimmed and tissue as is, or (``overlay=False`` or no
+        thumbnail, as after :meth:`load`) the mask in black and white."""
         import cv2
 
+        thumbnail = self.thumbnail if overlay else None
         if thumbnail is None:
             image = self.mask.astype(np.uint8) * 255
         else:
@@ -191,4 +194,5 @@ def _drop_small(mask: np.ndarray, min_pixels: float, *, keep_border: bool) -> np
 def tissue_mask(slide: Slide, mask_mpp: float = MASK_MPP) -> TissueMask:
     """The tissue mask of ``slide`` at about ``mask_mpp`` µm per mask pixel."""
     image, downsample = thumbnail(slide, mask_mpp)
-    return TissueMask(detect_tissue(image, downsample * slide.mpp), downsample, slide.mpp)
+    mask = detect_tissue(image, downsample * slide.mpp)
+    return TissueMask(mask, downsample, slide.mpp, thumbnail=image)
