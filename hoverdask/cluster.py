@@ -64,6 +64,7 @@ def make_client(
     *,
     dashboard: bool = True,
     quiet: bool = False,
+    connect_timeout: str = "30s",
 ) -> Client:
     """Connect to ``scheduler`` (an address or a scheduler file), or start a LocalCluster.
 
@@ -74,7 +75,7 @@ def make_client(
     from distributed import Client, LocalCluster
 
     if scheduler is not None:
-        client = _connect(scheduler, security)
+        client = _connect(scheduler, security, connect_timeout)
     else:
         if workers < 1 or threads_per_worker < 1:
             raise ClusterError("--workers and --threads-per-worker must be at least 1")
@@ -85,7 +86,7 @@ def make_client(
             threads_per_worker=threads_per_worker,
             processes=True,
             host="127.0.0.1",
-            dashboard_address="127.0.0.1:0" if dashboard else None,
+            dashboard_address="127.0.0.1:8787" if dashboard else "127.0.0.1:0",
             resources={GPU_RESOURCE: 1} if n_gpus else None,
             security=security,
             protocol="tls://" if security is not None else None,
@@ -96,15 +97,15 @@ def make_client(
     return client
 
 
-def _connect(scheduler: str, security: object | None) -> Client:
+def _connect(scheduler: str, security: object | None, timeout: str) -> Client:
     from distributed import Client
 
     path = Path(scheduler)
     try:
         if path.is_file():
             address = json.loads(path.read_text())["address"]
-            return Client(address, security=security, timeout="30s")
-        return Client(scheduler, security=security, timeout="30s")
+            return Client(address, security=security, timeout=timeout)
+        return Client(scheduler, security=security, timeout=timeout)
     except (OSError, TimeoutError, ValueError, KeyError) as err:
         raise ClusterError(f"cannot connect to the Dask scheduler {scheduler!r}: {err}") from None
 

@@ -7,3 +7,8 @@ does not depend on the chunking (see :mod:`hoverdask.pipeline.seams` and ``docs/
 from hoverdask.pipeline.seams import nuclei_from_maps
 
 __all__ = ["nuclei_from_maps"]
+
+# --- the distributed run (hoverdask run) ---
+from hoverdask.pipeline.run import CohortResult, RunOptions, SlideResult, run_cohort
+
+__all__ += ["CohortResult", "RunOptions", "SlideResult", "run_cohort"]

@@ -58,14 +58,23 @@ def create_store(path: Path, shape: tuple[int, int], tile: int, nr_types: int | 
                            fill_value=0)
 
 
-def write_tile(path: Path, y0: int, x0: int, maps: np.ndarray, nr_types: int | None) -> None:
-    """Write one tile's float maps (h, w, C) at ``(y0, x0)``; one whole chunk per array."""
+def write_tile(
+    path: Path, y0: int, x0: int, maps: np.ndarray, nr_types: int | None
+) -> np.ndarray:
+    """Write one tile's float maps (h, w, C) at ``(y0, x0)``; one whole chunk per array.
+
+    Returns the dequantised maps: exactly what post-processing will read back.
+    """
     import zarr
 
     group = zarr.open_group(str(path), mode="r+")
     h, w = maps.shape[:2]
+    stored = []
     for index, name in enumerate(channel_names(nr_types)):
-        group[name][y0 : y0 + h, x0 : x0 + w] = quantise(name, maps[..., index])
+        quantised = quantise(name, maps[..., index])
+        group[name][y0 : y0 + h, x0 : x0 + w] = quantised
+        stored.append(dequantise(name, quantised))
+    return np.stack(stored, axis=-1)
 
 
 def read_window(

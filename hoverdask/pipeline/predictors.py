@@ -206,7 +206,7 @@ class PredictorPlugin(_plugin_base()):  # type: ignore[misc]
 def configure_torch(device: str, threads: int | None, *, worker_name: Any = 0) -> None:
     import torch
 
-    if device.startswith("cuda") and torch.cuda.is_available():
+    if device != "cpu" and torch.cuda.is_available():
         try:
             index = int(worker_name) % torch.cuda.device_count()
         except (TypeError, ValueError):

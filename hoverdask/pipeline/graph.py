@@ -1,0 +1,79 @@
+"""The task graph of one slide, submitted as futures (never a collection that fusion could merge).
+
+::
+
+    infer r_c (GPU, one per tissue tile) ──► post-processing passes (CPU, per block)
+                                              ──► assemble (CPU, one per slide)
+
+Keys name the stage, the slide, the unit and a token of the run's parameters, so two runs in one
+client never share results by accident and the dashboard shows which slide a task belongs to.
+Only inference tasks ask for the ``GPU`` resource; with futures that request stays on exactly
+those tasks (annotations on array graphs can be merged away by blockwise fusion).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from dask.base import tokenize
+
+from hoverdask.pipeline import maps_store, tasks
+from hoverdask.pipeline.outputs import save_tissue
+from hoverdask.pipeline.postprocess import assemble_slide, submit_postprocess
+
+if TYPE_CHECKING:
+    from distributed import Client, Future
+
+    from hoverdask.pipeline.plan import SlidePlan
+    from hoverdask.pipeline.run import ModelSpec, RunOptions
+
+Submit = Callable[..., "Future"]
+
+
+def submit_slide(
+    client: Client,
+    plan: SlidePlan,
+    tissue: Any,
+    spec: ModelSpec,
+    options: RunOptions,
+    *,
+    priority: int,
+    gpu_resources: dict[str, float] | None,
+) -> tuple[list[Future], Future]:
+    """Submit every task of ``plan``; return all futures and the one that finishes the slide.
+
+    Earlier committed parts are reused when the parameters match (see the ledger).
+    """
+    ledger = plan.ledger
+    ledger.prepare(_ledger_params(plan, spec, options), overwrite=options.overwrite)
+    save_tissue(ledger, tissue)
+    maps_store.create_store(ledger.maps_store, (plan.grid.height, plan.grid.width),
+                            plan.grid.tile, spec.nr_types)
+    token = tokenize(plan.slide_dir, plan.params, spec.description, options)[:10]
+
+    def submit(stage: str, unit: str, func: Callable[..., Any], *args: Any,
+               resources: dict[str, float] | None = None) -> Future:
+        return client.submit(
+            func, *args, key=f"{stage}-{plan.slide_id}-{unit}-{token}", priority=priority,
+            resources=resources, retries=options.retries, pure=False,
+        )
+
+    tiles = [
+        submit("infer", f"{row}_{col}", tasks.infer_tile, plan.source, plan.grid,
+               plan.slide_dir, row, col, spec.factory, spec.nr_types, resources=gpu_resources)
+        for row, col in plan.tissue_tiles
+    ]
+    post = submit_postprocess(submit, plan, spec, tiles)
+    final = submit("assemble", "slide", assemble_slide, plan, options.formats, post[-1])
+    return [*tiles, *post, final], final
+
+
+def _ledger_params(plan: SlidePlan, spec: ModelSpec, options: RunOptions) -> dict[str, Any]:
+    """What the cached parts depend on; anything else may change between a crash and a rerun."""
+    return {
+        "slide": plan.slide_path,
+        "model": spec.description,
+        "plan": plan.params,
+        "tissue_tiles": [list(t) for t in plan.tissue_tiles],
+    }

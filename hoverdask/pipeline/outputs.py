@@ -1,0 +1,130 @@
+"""The files a run leaves: per slide ``nuclei.parquet`` (+ QuPath, stats, QC), ``run.json``;
+``summary.csv`` for the cohort. The file formats are :mod:`hoverdask.export`'s.
+
+Nucleus ids are the seam rule's (``y * W + x`` of the nucleus's first pixel at processing
+resolution) and rows are sorted by them, so the table does not depend on the number of workers
+or the order tasks finished in.
+"""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from hoverdask.nuclei import PIPELINE_COLUMNS
+from hoverdask.pipeline.ledger import (
+    SlideLedger,
+    atomic_write,
+    atomic_write_json,
+)
+
+if TYPE_CHECKING:
+    import geopandas as gpd
+
+    from hoverdask.pipeline.plan import SlidePlan
+    from hoverdask.pipeline.run import RunOptions
+
+TISSUE_FILE = "tissue.npz"
+
+
+def finish_slide(
+    plan: SlidePlan, table: gpd.GeoDataFrame, formats: tuple[str, ...], *, oversized: list[Any]
+) -> dict[str, Any]:
+    """Order the slide's nuclei, write its files (Parquet, QuPath, stats, QC picture)."""
+    from hoverdask.export import write_qc_picture, write_slide_outputs
+
+    table = table.sort_values("nucleus_id", kind="stable").reset_index(drop=True)
+    table["slide_id"] = pd_string(plan.slide_id, len(table))
+    front = [c for c in PIPELINE_COLUMNS if c in table.columns]
+    table = table[front + [c for c in table.columns if c not in front]]
+    width, height = plan.level0_size
+    written = write_slide_outputs(
+        table, plan.slide_dir, slide_id=plan.slide_id, formats=formats,
+        type_table=plan.type_table, tissue_mm2=plan.tissue_mm2,
+        extent=(0.0, 0.0, float(width), float(height)),
+        metadata={"mpp": plan.slide_mpp, "scale": plan.scale, "slide": plan.slide_path},
+    )
+    files = {key: str(path) for key, path in written.items()}
+    tissue = plan.ledger.work / TISSUE_FILE
+    if tissue.exists():
+        with np.load(tissue) as data:
+            qc = write_qc_picture(data["thumbnail"], data["mask"], table,
+                                  Path(plan.slide_dir) / "qc.png",
+                                  downsample=float(data["thumbnail_downsample"]),
+                                  type_table=plan.type_table)
+        files["qc"] = str(qc)
+    return {"nuclei": len(table), "files": files,
+            "counts": {"oversized_clusters": len(oversized)}}
+
+
+def pd_string(value: str, n: int) -> Any:
+    import pandas as pd
+
+    return pd.array([value] * n, dtype="string")
+
+
+def save_tissue(ledger: SlideLedger, mask: Any) -> None:
+    """Keep the tissue mask and its thumbnail for the QC picture drawn at the end."""
+    if mask is None or mask.thumbnail is None:
+        return
+    thumbnail = mask.thumbnail
+    downsample = mask.downsample * mask.mask.shape[1] / max(1, thumbnail.shape[1])
+
+    def write(tmp: Path) -> None:
+        with tmp.open("wb") as handle:
+            np.savez_compressed(handle, mask=mask.mask, thumbnail=thumbnail,
+                                thumbnail_downsample=downsample)
+
+    atomic_write(ledger.work / TISSUE_FILE, write)
+
+
+def write_run_record(
+    plan: SlidePlan,
+    model: dict[str, Any],
+    options: RunOptions,
+    outcome: dict[str, Any],
+    seconds: float,
+) -> None:
+    """run.json, written last: its ``"status": "ok"`` is what marks the slide finished."""
+    from dataclasses import asdict
+
+    record = {
+        "status": "ok",
+        "slide": plan.slide_path,
+        "slide_id": plan.slide_id,
+        "model": model,
+        "parameters": {**asdict(options), **plan.params},
+        "versions": versions(),
+        "timings_s": {"wall": round(seconds, 3), **outcome.get("timings_s", {})},
+        "counts": {
+            "nuclei": int(outcome["nuclei"]),
+            "map_tiles": plan.grid.shape[0] * plan.grid.shape[1],
+            "tissue_tiles": len(plan.tissue_tiles),
+            **outcome.get("counts", {}),
+        },
+        "files": outcome.get("files", []),
+    }
+    atomic_write_json(plan.ledger.run_path, record)
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    found = {"python": platform.python_version()}
+    for name in ("hoverdask", "torch", "dask", "distributed", "zarr", "tiffslide", "numpy",
+                 "scikit-image", "opencv-python-headless", "geopandas", "shapely"):
+        try:
+            found[name] = md.version(name)
+        except md.PackageNotFoundError:
+            continue
+    return found
+
+
+def write_summary(rows: list[dict[str, Any]], out_dir: Path) -> None:
+    """``summary.csv`` (+ report and hive dataset), rewritten atomically as slides finish."""
+    from hoverdask.export import write_cohort_summary
+
+    write_cohort_summary(rows, out_dir)

@@ -1,0 +1,216 @@
+"""Post-processing as committed Dask tasks: the three seam-stable passes over the map cache.
+
+The passes and the ownership rule are :mod:`hoverdask.pipeline.seams`; this module schedules
+them as futures and commits each block's result through the ledger, so a rerun redoes only the
+blocks whose part is missing. Post-processing blocks use the map-tile grid (a block's core is
+one map tile), so a block's maps are ready as soon as the tiles of its window are.
+
+* pass 1 (slide-wide h/v ranges) comes from the inference tasks' tile markers: no extra reads;
+* pass 2 (Sobel ranges) runs per block on the core plus 10 px;
+* pass 3 runs per block on the core plus the halo, measures its nuclei on the RGB it saw and
+  writes ``.work/blocks/r_c.parquet``; clusters too large for any block go to one refit task.
+
+Blocks whose window holds no tissue tile read as all background: they contribute the range
+(0, 0) and no nuclei, which is exactly what computing them would give, so they are skipped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from hoverdask.pipeline import maps_store, seams
+from hoverdask.pipeline.ledger import atomic_write, atomic_write_json
+from hoverdask.postproc.stable import CONTEXT_MARGIN, SOBEL_REACH, Box, NormRanges, merge_ranges
+
+if TYPE_CHECKING:
+    import geopandas as gpd
+    from distributed import Future
+
+    from hoverdask.pipeline.plan import SlidePlan
+    from hoverdask.pipeline.run import ModelSpec
+
+BACKGROUND_RANGE = (0.0, 0.0)
+
+
+def block_grid(plan: SlidePlan) -> seams.BlockGrid:
+    return seams.BlockGrid(plan.grid.height, plan.grid.width, plan.grid.tile)
+
+
+def tiles_meeting(plan: SlidePlan, box: Box) -> bool:
+    """Whether any tissue tile (map tile with data) overlaps ``box``."""
+    y0, x0, y1, x1 = box
+    tile = plan.grid.tile
+    rows = range(y0 // tile, (y1 - 1) // tile + 1)
+    cols = range(x0 // tile, (x1 - 1) // tile + 1)
+    return any((r, c) in plan.tissue_tile_set for r in rows for c in cols)
+
+
+def submit_postprocess(
+    submit: Callable[..., Future], plan: SlidePlan, spec: ModelSpec, tiles: list[Future]
+) -> list[Future]:
+    """Submit passes 1-3 and the oversize refit; the last future's result feeds ``assemble``."""
+    grid = block_grid(plan)
+    blocks = list(grid.blocks())
+    hv = submit("hv-ranges", "slide", slide_hv_ranges, tiles, plan.skips_tiles)
+    sobel = [
+        submit("sobel", f"{r}_{c}", sobel_block, plan, (r, c), hv, spec.nr_types)
+        for r, c in blocks
+        if tiles_meeting(plan, grid.grow(grid.core(r, c), SOBEL_REACH))
+    ]
+    skipped = len(sobel) < len(blocks)
+    ranges = submit("norm-ranges", "slide", slide_norm_ranges, hv, sobel, skipped)
+    nuclei = [
+        submit("nuclei", f"{r}_{c}", nuclei_block, plan, (r, c), ranges, spec.nr_types)
+        for r, c in blocks
+        if tiles_meeting(plan, grid.window(r, c))
+    ]
+    refit = submit("oversized", "slide", oversized_nuclei, plan, nuclei, ranges, spec.nr_types)
+    return [hv, *sobel, ranges, *nuclei, refit]
+
+
+def slide_hv_ranges(
+    tile_stats: list[dict[str, Any]], skips_tiles: bool
+) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Pass 1 from the tile markers (the ranges of the stored, dequantised maps)."""
+    h = [(s["h_min"], s["h_max"]) for s in tile_stats]
+    v = [(s["v_min"], s["v_max"]) for s in tile_stats]
+    if skips_tiles or not tile_stats:
+        h.append(BACKGROUND_RANGE)
+        v.append(BACKGROUND_RANGE)
+    return merge_ranges(h), merge_ranges(v)
+
+
+def sobel_block(
+    plan: SlidePlan,
+    block: tuple[int, int],
+    hv: tuple[tuple[float, float], tuple[float, float]],
+    nr_types: int | None,
+) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Pass 2 on one block, committed as ``.work/sobel/r_c.json``."""
+    ledger = plan.ledger
+    marker = ledger.stage_part("sobel", *block)
+    committed = ledger.read_marker(marker)
+    if committed is not None:
+        return tuple(tuple(r) for r in committed)  # type: ignore[return-value]
+    grid = block_grid(plan)
+    core = grid.core(*block)
+    context = grid.grow(core, SOBEL_REACH)
+    window = maps_store.read_window(ledger.maps_store, *context, nr_types)
+    result = seams.sobel_ranges(window, context, core, NormRanges(*hv))
+    atomic_write_json(marker, [list(r) for r in result])
+    return result
+
+
+def slide_norm_ranges(
+    hv: tuple[tuple[float, float], tuple[float, float]],
+    sobel: list[tuple[tuple[float, float], tuple[float, float]]],
+    skipped_blocks: bool,
+) -> NormRanges:
+    sobel_h = [s[0] for s in sobel] + ([BACKGROUND_RANGE] if skipped_blocks or not sobel else [])
+    sobel_v = [s[1] for s in sobel] + ([BACKGROUND_RANGE] if skipped_blocks or not sobel else [])
+    return NormRanges(hv[0], hv[1], merge_ranges(sobel_h), merge_ranges(sobel_v))
+
+
+def nuclei_block(
+    plan: SlidePlan, block: tuple[int, int], ranges: NormRanges, nr_types: int | None
+) -> dict[str, Any]:
+    """Pass 3 on one block: its nuclei as ``.work/blocks/r_c.parquet`` plus its cut clusters."""
+    ledger = plan.ledger
+    part = ledger.block_part(*block)
+    marker = ledger.stage_part("blocks", *block)
+    committed = ledger.read_marker(marker)
+    if committed is not None and part.exists():
+        return committed
+    grid = block_grid(plan)
+    box = grid.window(*block)
+    window = maps_store.read_window(ledger.maps_store, *box, nr_types)
+    found = seams.block_nuclei(window, box, grid, block, ranges, nr_types)
+    table = measured_table(plan, found.records, box)
+    atomic_write(part, lambda tmp: table.to_parquet(tmp, index=False))
+    summary = {"part": str(part), "nuclei": len(table),
+               "fragments": [list(f) for f in found.fragments]}
+    atomic_write_json(marker, summary)
+    return summary
+
+
+def oversized_nuclei(
+    plan: SlidePlan, blocks: list[dict[str, Any]], ranges: NormRanges, nr_types: int | None
+) -> dict[str, Any]:
+    """Decide the clusters no block could hold, on windows grown until they fit."""
+    fragments = [tuple(f) for b in blocks for f in b["fragments"]]
+    parts = [b["part"] for b in blocks]
+    if not fragments:
+        return {"parts": parts, "oversized": []}
+    ledger = plan.ledger
+    part = ledger.work / "oversized.parquet"
+    marker = ledger.work / "oversized.json"
+    committed = ledger.read_marker(marker)
+    if committed is not None and part.exists():
+        return committed
+    grid = block_grid(plan)
+    records, oversized = [], []
+    pending = [(grid.grow(t, CONTEXT_MARGIN), t) for t in seams.merge_boxes(fragments)]
+    while pending:
+        retry = []
+        for window_box, target in pending:
+            window = maps_store.read_window(ledger.maps_store, *window_box, nr_types)
+            refit = seams.refit_nuclei(window, window_box, grid, target, ranges, nr_types)
+            if refit.grow_to is not None:
+                retry.append((refit.grow_to, target))
+                continue
+            records.append((refit.records, window_box))
+            oversized.extend(list(b) for b in refit.oversized)
+        pending = retry
+    tables = [measured_table(plan, recs, box) for recs, box in records]
+    table = _concat(tables)
+    table = table.drop_duplicates("nucleus_id") if len(table) else table
+    atomic_write(part, lambda tmp: table.to_parquet(tmp, index=False))
+    summary = {"parts": [*parts, str(part)], "oversized": sorted(oversized)}
+    atomic_write_json(marker, summary)
+    return summary
+
+
+def measured_table(plan: SlidePlan, records: list[Any], box: Box) -> gpd.GeoDataFrame:
+    """Records -> nuclei table in level-0 coordinates, with features from the window's RGB."""
+    table = seams.nuclei_table(seams.records_frame(records), plan.scale)
+    if not len(table):
+        return table
+    from hoverdask.features import measure
+    from hoverdask.pipeline.tasks import read_rgb
+
+    y0, x0, y1, x1 = box
+    image = read_rgb(plan.source, np.arange(y0, y1), np.arange(x0, x1))
+    return measure(table, image, plan.slide_mpp, origin=(x0 * plan.scale, y0 * plan.scale),
+                   scale=plan.scale, type_table=plan.type_table)
+
+
+def _concat(tables: list[gpd.GeoDataFrame]) -> gpd.GeoDataFrame:
+    import geopandas as gpd
+    import pandas as pd
+
+    tables = [t for t in tables if len(t)]
+    if not tables:
+        return seams.nuclei_table(seams.records_frame([]))
+    return gpd.GeoDataFrame(pd.concat(tables, ignore_index=True), geometry="geometry")
+
+
+def assemble_slide(
+    plan: SlidePlan, formats: tuple[str, ...], refit: dict[str, Any]
+) -> dict[str, Any]:
+    """Concatenate the block parts, give the table its slide id and write the slide's files."""
+    from hoverdask.pipeline.outputs import finish_slide
+
+    tables = [_read_part(Path(p)) for p in refit["parts"]]
+    table = _concat(tables)
+    return finish_slide(plan, table, formats, oversized=refit["oversized"])
+
+
+def _read_part(path: Path) -> gpd.GeoDataFrame:
+    import geopandas as gpd
+
+    return gpd.read_parquet(path)
+

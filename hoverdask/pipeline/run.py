@@ -1,0 +1,354 @@
+"""``run_cohort``: every slide of a cohort through one Dask workload, with resume and isolation.
+
+Each slide is planned on the client (opened, tiled, tissue tiles picked) and its whole task graph
+is submitted at once: map-tile inference (GPU workers when there are any), then the
+post-processing passes (CPU), then one task that writes the slide's files. Slides are submitted
+one after another without waiting, so the GPU moves on to the next slide while the CPUs finish
+the previous one; earlier slides get higher priority so they also finish first. A failing task
+fails its slide only: the slide is recorded in ``summary.csv`` and the others go on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from hoverdask.errors import HoverdaskError
+from hoverdask.pipeline import outputs
+from hoverdask.pipeline.plan import SlidePlan, plan_slide
+from hoverdask.pipeline.predictors import (
+    PLUGIN_NAME,
+    PredictorFactory,
+    PredictorPlugin,
+    TorchPredictorFactory,
+)
+
+if TYPE_CHECKING:
+    from distributed import Client, Future
+
+NO_MODEL_MESSAGE = (
+    "no model given: pass --model with a HoVer-Net checkpoint (an official HoVer-Net .tar, a "
+    "TIAToolbox .pth, or one written by `hoverdask train`)"
+)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Parameters that shape the results (all recorded in run.json)."""
+
+    target_mpp: float = 0.25
+    mpp: float | None = None
+    chunk_size: int = 2048
+    batch_size: int = 8
+    device: str = "cpu"
+    autocast: bool = False
+    formats: tuple[str, ...] = ("parquet", "qupath")
+    tissue_mask: bool = True
+    overwrite: bool = False
+    keep_work: bool = False
+    retries: int = 1
+
+
+@dataclass
+class SlideResult:
+    slide: str
+    slide_id: str
+    status: str
+    nuclei: int = 0
+    seconds: float = 0.0
+    error: str = ""
+    out_dir: str = ""
+    outputs: dict[str, str] = field(default_factory=dict)
+
+    def row(self) -> dict[str, Any]:
+        """The cohort summary's row (``slide`` is the slide id, the output folder's name)."""
+        return {"slide": self.slide_id, "status": self.status, "nuclei": self.nuclei,
+                "seconds": self.seconds, "error": self.error, "outputs": self.outputs}
+
+
+@dataclass
+class CohortResult:
+    out_dir: Path
+    slides: list[SlideResult] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[SlideResult]:
+        return [s for s in self.slides if s.status == "failed"]
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failed else 0
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The predictor's geometry and provenance, fixed for the whole run."""
+
+    factory: PredictorFactory
+    output: int
+    margin: int
+    nr_types: int | None
+    description: dict[str, Any]
+    type_table: Any = None
+
+
+def resolve_model(
+    model: str | Path | None,
+    predictor_factory: PredictorFactory | None,
+    options: RunOptions,
+) -> ModelSpec:
+    """Validate the checkpoint (or factory) on the client before any worker loads it."""
+    if predictor_factory is None:
+        if model is None:
+            raise HoverdaskError(NO_MODEL_MESSAGE)
+        path = Path(model)
+        if not path.is_file():
+            raise HoverdaskError(f"model file {path} does not exist")
+        from hoverdask.model.checkpoints import load_model, sha256_of
+
+        network = load_model(path, "cpu")
+        predictor_factory = TorchPredictorFactory(
+            model_path=str(path.resolve()),
+            device=options.device,
+            batch_size=options.batch_size,
+            autocast=options.autocast,
+        )
+        from hoverdask.model import patch_geometry
+        from hoverdask.model.types import select_type_table
+
+        geometry = patch_geometry(network.mode)
+        type_table, why = select_type_table(network.nr_types, network.mode, network.metadata)
+        description = {"path": str(path.resolve()), "sha256": sha256_of(path),
+                       "mode": network.mode, "nr_types": network.nr_types,
+                       "type_table": why}
+        return ModelSpec(predictor_factory, geometry.output, geometry.margin, network.nr_types,
+                         description, type_table)
+    probe = predictor_factory()
+    description = {"factory": repr(predictor_factory), "nr_types": probe.nr_types}
+    return ModelSpec(predictor_factory, probe.output, probe.margin, probe.nr_types, description)
+
+
+def run_security(
+    ca: str | Path | None, cert: str | Path | None, key: str | Path | None
+) -> object | None:
+    """A TLS ``distributed.Security`` from the three PEM files, or None when none is given."""
+    given = [p for p in (ca, cert, key) if p is not None]
+    if not given:
+        return None
+    if len(given) != 3:
+        raise HoverdaskError("TLS needs all three of --tls-ca, --tls-cert and --tls-key")
+    from hoverdask.security import tls_security
+
+    return tls_security(ca, cert, key)  # type: ignore[arg-type]
+
+
+def run_cohort(
+    slides: Sequence[str | Path],
+    out_dir: str | Path,
+    *,
+    model: str | Path | None = None,
+    predictor_factory: PredictorFactory | None = None,
+    client: Client | None = None,
+    options: RunOptions | None = None,
+    workers: int = 1,
+    threads_per_worker: int = 1,
+    scheduler: str | None = None,
+    security: object | None = None,
+    progress: bool = True,
+) -> CohortResult:
+    """Segment every slide into ``out_dir``; one failed slide never stops the others.
+
+    Give either ``model`` (a checkpoint path; each worker loads it once) or
+    ``predictor_factory`` (any picklable callable returning a predictor). Without ``client`` a
+    LocalCluster (or ``scheduler``) is started and closed here.
+    """
+    options = options or RunOptions()
+    if not slides:
+        raise HoverdaskError("no slides given")
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise HoverdaskError(f"cannot create output folder {out}: {err}") from None
+    spec = resolve_model(model, predictor_factory, options)
+    with _client_for(client, workers, threads_per_worker, scheduler, options, security) as live:
+        runner = _CohortRunner(live, out, spec, options, progress=progress)
+        return runner.run([str(s) for s in slides])
+
+
+@contextlib.contextmanager
+def _client_for(
+    client: Client | None,
+    workers: int,
+    threads_per_worker: int,
+    scheduler: str | None,
+    options: RunOptions,
+    security: object | None,
+) -> Iterator[Client]:
+    if client is not None:
+        yield client
+        return
+    from hoverdask.cluster import make_client
+
+    device = "auto" if options.device == "auto" else options.device
+    owned = make_client(workers, threads_per_worker, scheduler, device=device,  # type: ignore[arg-type]
+                        security=security)
+    try:
+        yield owned
+    finally:
+        cluster = owned.cluster
+        owned.close()
+        if cluster is not None:
+            cluster.close()
+
+
+@dataclass
+class _SlideState:
+    plan: SlidePlan
+    futures: list[Future]
+    final: Future
+    started: float
+    done_tasks: int = 0
+
+
+class _CohortRunner:
+    def __init__(self, client: Client, out: Path, spec: ModelSpec, options: RunOptions,
+                 *, progress: bool) -> None:
+        from hoverdask.cluster import describe
+
+        self.client = client
+        self.out = out
+        self.spec = spec
+        self.options = options
+        self.progress = progress
+        info = describe(client)
+        self.gpu_resources = {"GPU": 1} if info.has_gpus else None
+        threads = max(info.threads.values())
+        client.register_plugin(PredictorPlugin(spec.factory, torch_threads=threads),
+                               name=PLUGIN_NAME)
+        self.results: dict[str, SlideResult] = {}
+        self.order: list[str] = []
+
+    def run(self, slides: list[str]) -> CohortResult:
+        from hoverdask.pipeline.progress import CohortProgress
+
+        states: dict[str, _SlideState] = {}
+        seen_ids: dict[str, str] = {}
+        with CohortProgress(enabled=self.progress) as bar:
+            for index, slide in enumerate(slides):
+                self.order.append(slide)
+                started = time.perf_counter()
+                try:
+                    plan, tissue = self._plan(slide)
+                    if plan.slide_id in seen_ids:
+                        raise HoverdaskError(
+                            f"slide id {plan.slide_id!r} is also the id of {seen_ids[plan.slide_id]}"
+                        )
+                    seen_ids[plan.slide_id] = slide
+                except Exception as err:  # noqa: BLE001 - one bad slide must not stop the cohort
+                    self._record(SlideResult(slide, Path(slide).stem, "failed",
+                                             error=_one_line(err)))
+                    continue
+                if plan.ledger.is_finished() and not self.options.overwrite:
+                    self._record(_finished_result(slide, plan))
+                    bar.skip(plan.slide_id)
+                    continue
+                try:
+                    state = self._submit(plan, tissue, priority=len(slides) - index,
+                                         started=started)
+                except Exception as err:  # noqa: BLE001 - e.g. an unwritable slide folder
+                    self._record(SlideResult(slide, plan.slide_id, "failed",
+                                             error=_one_line(err), out_dir=plan.slide_dir))
+                    continue
+                states[slide] = state
+                bar.add_slide(plan.slide_id, len(state.futures))
+            self._collect(states, bar)
+        return CohortResult(self.out, [self.results[s] for s in self.order])
+
+    def _plan(self, slide: str) -> tuple[SlidePlan, Any]:
+        return plan_slide(
+            slide, self.out, mpp=self.options.mpp, target_mpp=self.options.target_mpp,
+            chunk_size=self.options.chunk_size, output=self.spec.output, margin=self.spec.margin,
+            use_tissue_mask=self.options.tissue_mask, type_table=self.spec.type_table,
+        )
+
+    def _submit(self, plan: SlidePlan, tissue: Any, *, priority: int,
+                started: float) -> _SlideState:
+        from hoverdask.pipeline.graph import submit_slide
+
+        futures, final = submit_slide(
+            self.client, plan, tissue, self.spec, self.options, priority=priority,
+            gpu_resources=self.gpu_resources,
+        )
+        return _SlideState(plan, futures, final, started)
+
+    def _collect(self, states: dict[str, _SlideState], bar: Any) -> None:
+        from distributed import as_completed
+
+        owner = {f.key: slide for slide, s in states.items() for f in s.futures}
+        pending = set(states)
+        stream = as_completed([f for s in states.values() for f in s.futures])
+        try:
+            for future in stream:
+                slide = owner.get(future.key)
+                if slide not in pending:
+                    continue
+                state = states[slide]
+                if future.status == "error":
+                    pending.discard(slide)
+                    self._fail(state, future.exception())
+                    bar.finish(state.plan.slide_id, ok=False)
+                    continue
+                state.done_tasks += 1
+                bar.advance(state.plan.slide_id)
+                if future.key == state.final.key:
+                    pending.discard(slide)
+                    self._succeed(state, future.result())
+                    bar.finish(state.plan.slide_id, ok=True)
+        except KeyboardInterrupt:
+            for state in states.values():
+                self.client.cancel(state.futures)
+            raise
+
+    def _succeed(self, state: _SlideState, outcome: dict[str, Any]) -> None:
+        seconds = time.perf_counter() - state.started
+        plan = state.plan
+        outputs.write_run_record(plan, self.spec.description, self.options, outcome, seconds)
+        if not self.options.keep_work:
+            plan.ledger.clean_work()
+        self._record(SlideResult(plan.slide_path, plan.slide_id, "ok",
+                                 nuclei=int(outcome["nuclei"]), seconds=round(seconds, 3),
+                                 out_dir=plan.slide_dir, outputs=outcome.get("files", {})))
+
+    def _fail(self, state: _SlideState, error: BaseException | None) -> None:
+        self.client.cancel(state.futures)
+        seconds = time.perf_counter() - state.started
+        plan = state.plan
+        self._record(SlideResult(plan.slide_path, plan.slide_id, "failed",
+                                 seconds=round(seconds, 3), error=_one_line(error),
+                                 out_dir=plan.slide_dir))
+
+    def _record(self, result: SlideResult) -> None:
+        self.results[result.slide] = result
+        rows = [self.results[s].row() for s in self.order if s in self.results]
+        outputs.write_summary(rows, self.out)
+
+
+def _finished_result(slide: str, plan: SlidePlan) -> SlideResult:
+    record = plan.ledger.read_marker(plan.ledger.run_path) or {}
+    counts = record.get("counts", {})
+    return SlideResult(slide, plan.slide_id, "skipped", nuclei=int(counts.get("nuclei", 0)),
+                       seconds=0.0, out_dir=plan.slide_dir,
+                       error="finished earlier; --overwrite redoes it")
+
+
+def _one_line(error: BaseException | None) -> str:
+    if error is None:
+        return "unknown error"
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+

@@ -1,0 +1,44 @@
+"""Cluster helpers: a real LocalCluster, an external scheduler file, and the resource count."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hoverdask.cluster import ClusterError, describe, make_client
+from hoverdask.pipeline.run import run_security
+
+
+def _square(x: int) -> int:
+    return x * x
+
+
+def test_local_cluster_is_bound_to_localhost_with_processes(capsys) -> None:
+    client = make_client(workers=2, threads_per_worker=1, device="cpu")
+    try:
+        info = describe(client)
+        assert info.n_workers == 2
+        assert info.gpu_workers == 0
+        assert all(address.startswith("tcp://127.0.0.1:") for address in info.threads)
+        assert client.submit(_square, 7).result() == 49
+        pids = set(client.run(lambda: __import__("os").getpid()).values())
+        assert len(pids) == 2  # two processes, not threads of this one
+        assert "127.0.0.1" in capsys.readouterr().out  # the dashboard link is printed
+    finally:
+        cluster = client.cluster
+        client.close()
+        cluster.close()
+
+
+def test_scheduler_file_and_bad_address(tmp_path) -> None:
+    bad = tmp_path / "scheduler.json"
+    bad.write_text(json.dumps({"address": "tcp://127.0.0.1:9"}))
+    with pytest.raises(ClusterError, match="cannot connect"):
+        make_client(scheduler=str(bad), quiet=True, connect_timeout="2s")
+
+
+def test_partial_tls_options_are_a_usage_error(tmp_path) -> None:
+    assert run_security(None, None, None) is None
+    with pytest.raises(Exception, match="all three"):
+        run_security(tmp_path / "ca.pem", None, None)
