@@ -82,36 +82,26 @@ TypeInfo = dict[int, tuple[str, tuple[int, int, int]]]
 
 
 def type_info(type_table: Any = None) -> TypeInfo:
-    """``{id: (name, (r, g, b))}`` from a ``TypeTable``, a plain mapping, or ``None``.
+    """``{id: (name, (r, g, b))}`` from a ``hoverdask.model.types.TypeTable``, a plain mapping
+    ``{id: (name, (r, g, b))}`` (or ``{id: NucleusType}``), or ``None`` (no table).
 
-    ``None`` means no table: ids are named ``"Type <id>"`` with colours from a fixed palette, so
-    outputs stay readable for models without a type table. Id 0 is "no class" everywhere.
+    Ids missing from the table are named ``"Type <id>"`` with a palette colour (the same palette
+    as ``TypeTable.color_of``). Id 0 means "no class" for every output, whatever its name.
     """
     if type_table is None:
         return {}
-    if isinstance(type_table, Mapping) or hasattr(type_table, "items"):
-        items = type_table.items()
-    else:
-        items = ((t.id, (t.name, t.color)) for t in type_table)
+    entries = getattr(type_table, "types", type_table)
+    if not isinstance(entries, Mapping):
+        raise TypeError(f"type_table must be a TypeTable or a mapping, got {type(type_table)}")
     out: TypeInfo = {}
-    for key, value in items:
-        name, color = value[0], value[1]
+    for key, value in entries.items():
+        name, color = (value.name, value.color) if hasattr(value, "color") else value
         out[int(key)] = (str(name), (int(color[0]), int(color[1]), int(color[2])))
     return out
 
 
-_PALETTE = (
-    (230, 25, 75),
-    (60, 180, 75),
-    (0, 130, 200),
-    (245, 130, 48),
-    (145, 30, 180),
-    (70, 240, 240),
-    (240, 50, 230),
-    (210, 245, 60),
-    (250, 190, 212),
-    (0, 128, 128),
-)
+_PALETTE = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+            (70, 240, 240), (240, 50, 230), (210, 245, 60), (0, 128, 128), (170, 110, 40))  # fmt: skip
 
 
 def type_name_and_color(type_id: int, info: TypeInfo) -> tuple[str, tuple[int, int, int]]:

@@ -146,3 +146,18 @@ def test_nucleus_outside_block_gets_nan_and_bad_input_raises():
         measure(nuclei, image[..., 0], 0.25)
     with pytest.raises(ValueError, match="positive"):
         measure(nuclei, image, 0.0)
+
+
+def test_type_table_from_the_model_package():
+    from hoverdask.features import type_info
+    from hoverdask.model.types import PANNUKE
+
+    nuclei, image, _ = synthetic_block(seed=6)
+    out = measure(nuclei, image, 0.25, type_table=PANNUKE)
+    for type_id in (1, 2):
+        names = out.loc[out["type"] == type_id, "type_name"]
+        assert (names == PANNUKE.name_of(type_id)).all()
+    info = type_info(PANNUKE)
+    assert info[5] == (PANNUKE.name_of(5), PANNUKE.color_of(5))
+    with pytest.raises(TypeError, match="TypeTable or a mapping"):
+        type_info([("a", (1, 2, 3))])

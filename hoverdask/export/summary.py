@@ -147,7 +147,9 @@ def write_cohort_summary(
     table = []
     for row in rows:
         slide = str(row["slide"])
-        outputs = {k: Path(v) for k, v in (row.get("outputs") or {}).items()}
+        outputs = {
+            k: Path(v) for k, v in (row.get("outputs") or {}).items() if isinstance(v, str | Path)
+        }
         slide_dir = out_dir / _safe_name(slide)
         for key, name in (("parquet", "nuclei.parquet"), ("stats", "stats.json"), ("qc", "qc.png")):
             if key not in outputs and (slide_dir / name).exists():
