@@ -71,8 +71,8 @@ def test_wsi_fixture_map(wsi_map: np.ndarray, nr_types) -> None:
 
 @pytest.mark.slow
 def test_wsi_fixture_tiled(wsi_map: np.ndarray) -> None:
-    """2000x2800 with seams between copies: many nuclei, cut nuclei at the copy borders."""
-    assert assert_same_output(np.tile(wsi_map, (2, 2, 1)), 6) > 3000
+    """2000x1400 with seams between copies: many nuclei, cut nuclei at the copy borders."""
+    assert assert_same_output(np.tile(wsi_map[:, :700], (2, 2, 1)), 6) > 1500
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
