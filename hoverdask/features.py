@@ -346,9 +346,9 @@ def _convex_area(
     convex_area = np.zeros(size - 1)
     if len(present) == 0:
         return convex_area
-    hulls = shapely.convex_hull(
-        shapely.multipoints(points, indices=np.searchsorted(present, point_label))
-    )
+    # a linestring through the points has their hull, and skips making one Point per pixel
+    lines = shapely.linestrings(points, indices=np.searchsorted(present, point_label))
+    hulls = shapely.convex_hull(lines)
     shapely.prepare(hulls)
     row_min, row_max, col_min, col_max = (b[present - 1].astype(np.int64) for b in boxes)
     heights = row_max - row_min + 1
