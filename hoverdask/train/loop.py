@@ -30,6 +30,7 @@ from hoverdask.errors import CheckpointError, HoverdaskError
 from hoverdask.model import HoVerNet, patch_geometry
 from hoverdask.model.checkpoints import load_model, save_checkpoint
 from hoverdask.model.infer import resolve_device
+from hoverdask.model.network import MODES
 from hoverdask.pipeline.ledger import atomic_write
 from hoverdask.train.augment import Window
 from hoverdask.train.batches import WindowSource, check_types, collate, validation_windows
@@ -180,12 +181,12 @@ def train(
             loss, terms = _train_step(model, batch, optimiser, config, device, amp_dtype, scaler)
             last = StepLog(step + 1, str(stage), lr, loss, terms, time.perf_counter() - tic)
             writer.write(last)
-            if progress:
-                progress(last)
             done = step + 1
             stage_end = done in (config.stage_one_steps, config.steps)
             if stage_end or (config.save_every and done % config.save_every == 0):
                 _save(model, optimiser, config, done, stage, datasets)
+            if progress:
+                progress(last)
             if val_batches and (stage_end or (config.val_every and done % config.val_every == 0)):
                 val = validate(model, val_batches, config, device, amp_dtype)
                 row = StepLog(done, f"val{stage}", None, val[0], val[1], time.perf_counter() - tic)
@@ -200,6 +201,8 @@ def train(
 
 
 def _check_config(config: TrainConfig) -> None:
+    if config.mode not in MODES:
+        raise HoverdaskError(f"--mode must be one of {MODES}, got {config.mode!r}")
     if config.steps < 1:
         raise HoverdaskError("--steps must be at least 1")
     if config.batch_size < 1:
