@@ -294,6 +294,115 @@ def validate_qupath_command(
 # --- commands: training and evaluation (train, evaluate) ---
 
 
+@app.command()
+@user_errors
+def train(
+    data: Annotated[
+        list[Path],
+        typer.Option(
+            "--data", help="Annotated dataset folder (repeat for several; layouts are detected)."
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint to write (.tar).")],
+    mode: Annotated[str, typer.Option(help="Network mode: fast (256->164) or original.")] = "fast",
+    nr_types: Annotated[
+        int | None,
+        typer.Option(help="Classes including background; leave out for segmentation only."),
+    ] = None,
+    steps: Annotated[int, typer.Option(min=1, help="Optimiser steps over both stages.")] = 1000,
+    batch_size: Annotated[int, typer.Option(min=1, help="Windows per step.")] = 4,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    init: Annotated[
+        Path | None, typer.Option(help="Start from this checkpoint (tensors that fit are copied).")
+    ] = None,
+    val: Annotated[
+        list[Path] | None, typer.Option(help="Validation dataset folder (repeatable).")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option(help="Continue the run saved in --out (and --out.state).")
+    ] = False,
+    stage_one: Annotated[
+        float, typer.Option(help="Fraction of steps with the encoder frozen (stage one).")
+    ] = 0.5,
+    precision: Annotated[str, typer.Option(help="auto (bf16 on CUDA), fp32, bf16, fp16.")] = "auto",
+    seed: Annotated[int, typer.Option(help="Seed for weights and batch sampling.")] = 10,
+    save_every: Annotated[int, typer.Option(min=0, help="Also save every N steps (0: no).")] = 0,
+    val_every: Annotated[int, typer.Option(min=0, help="Also validate every N steps.")] = 0,
+    workers: Annotated[int, typer.Option(min=0, help="Batch-building processes.")] = 0,
+    input_size: Annotated[
+        int | None, typer.Option(help="Training window side (default: the mode's patch input).")
+    ] = None,
+    log_every: Annotated[int, typer.Option(min=1, help="Print every N steps.")] = 10,
+) -> None:
+    """Train HoVer-Net in two stages (frozen encoder, then all) with the paper's loss."""
+    from hoverdask.train.loop import StepLog, TrainConfig
+    from hoverdask.train.loop import train as run_training
+
+    config = TrainConfig(
+        data=tuple(data), out=out, mode=mode, nr_types=nr_types, steps=steps,
+        batch_size=batch_size, device=device, init=init, val=tuple(val or ()), resume=resume,
+        stage_one_fraction=stage_one, precision=precision, seed=seed, save_every=save_every,
+        val_every=val_every, workers=workers, input_size=input_size,
+    )
+
+    def show(log: StepLog) -> None:
+        if log.stage.startswith("val") or log.step % log_every == 0 or log.step == steps:
+            terms = " ".join(f"{k} {v:.4f}" for k, v in log.terms.items())
+            console.print(
+                f"step {log.step}/{steps} stage {log.stage} loss {log.loss:.4f} ({terms}) "
+                f"{log.seconds:.0f}s",
+                highlight=False,
+            )
+
+    result = run_training(config, progress=show)
+    for note in result.notes:
+        console.print(note, highlight=False)
+    typer.echo(str(result.checkpoint))
+    typer.echo(str(result.log))
+
+
+@app.command()
+@user_errors
+def evaluate(
+    data: Annotated[Path, typer.Option("--data", help="Annotated dataset folder.")],
+    json_path: Annotated[Path, typer.Option("--json", help="Write the scores here (JSON).")],
+    model: Annotated[
+        Path | None,
+        typer.Option("--model", "-m", help="Checkpoint; default: the bundled model."),
+    ] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Score only the first N images.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    batch_size: Annotated[int, typer.Option(min=1, help="Patches per network call.")] = 8,
+    method: Annotated[str, typer.Option(help="Post-processing: reference or fast.")] = "reference",
+) -> None:
+    """Score a model on annotated images: DICE, AJI, AJI+, DQ, SQ, PQ, and F_d/F_c with types."""
+    import json
+
+    from rich.table import Table
+
+    from hoverdask.evaluate import evaluate_model, format_table
+    from hoverdask.pipeline.ledger import atomic_write_text
+
+    report = evaluate_model(
+        data, model, limit=limit, device=device, batch_size=batch_size, method=method
+    )
+    rows = format_table(report)
+    table = Table(title="Instance segmentation")
+    for name in rows[0]:
+        table.add_column(name)
+    for row in rows[1:]:
+        table.add_row(*row)
+    Console().print(table)
+    mean = report.mean()
+    if "f_d" in mean:
+        per_class = ", ".join(f"{name} {value:.4f}" for name, value in mean["f_c"].items())
+        typer.echo(f"F_d {mean['f_d']:.4f}  acc {mean['acc']:.4f}  F_c: {per_class}")
+    for note in report.notes:
+        console.print(note, highlight=False)
+    atomic_write_text(json_path, json.dumps(report.to_json(), indent=2) + "\n")
+    typer.echo(str(json_path))
+
+
 # --- commands: speed (bench) ---
 
 
