@@ -68,7 +68,9 @@ def fill(index: int, key: str, shape: list[int]) -> np.ndarray:
 
 @functools.cache
 def _parity_arrays(config: str) -> tuple[tuple[str, np.ndarray], ...]:
-    return tuple((e["key"], fill(e["index"], e["key"], e["shape"])) for e in manifest(config)["keys"])
+    return tuple(
+        (e["key"], fill(e["index"], e["key"], e["shape"])) for e in manifest(config)["keys"]
+    )
 
 
 def parity_state_dict(config: str) -> OrderedDict[str, torch.Tensor]:

@@ -78,7 +78,9 @@ def test_stride_two_padding_is_tensorflow_same() -> None:
     assert TFSamePad(7, 1)(x).shape == (1, 1, 10, 10)  # 3 on every side
 
 
-@pytest.mark.parametrize(("mode", "size", "out", "margin"), [("fast", 256, 164, 46), ("original", 270, 80, 95)])
+@pytest.mark.parametrize(
+    ("mode", "size", "out", "margin"), [("fast", 256, 164, 46), ("original", 270, 80, 95)]
+)
 def test_patch_geometry(mode: str, size: int, out: int, margin: int) -> None:
     geometry = patch_geometry(mode)
     assert (geometry.input, geometry.output, geometry.margin) == (size, out, margin)

@@ -52,6 +52,10 @@ def _read_file(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        if "global" not in str(err).lower():  # garbage bytes, not a refused class
+            raise CheckpointError(
+                f"cannot read {path}: not a torch checkpoint (corrupt or another file type)"
+            ) from None
         found = re.search(r"GLOBAL ([\w.]+)", str(err))
         what = f" ({found.group(1)})" if found else ""
         raise CheckpointError(

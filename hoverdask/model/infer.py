@@ -117,7 +117,9 @@ def tile_layout(height: int, width: int, geometry: PatchGeometry) -> TileLayout:
     return TileLayout(((margin, pad_b), (margin, pad_r)), corners, (last_h, last_w))
 
 
-def _batches(items: tuple[tuple[int, int], ...], size: int) -> Iterator[tuple[tuple[int, int], ...]]:
+def _batches(
+    items: tuple[tuple[int, int], ...], size: int
+) -> Iterator[tuple[tuple[int, int], ...]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
 

@@ -258,7 +258,12 @@ class HoVerNet(nn.Module):
             d2 = self.d2(d1)
             d3 = self.d3(d2)
         d3 = self.conv_bot(d3)
-        return [_crop_by(d0, _SKIP_CROP[self.mode][0]), _crop_by(d1, _SKIP_CROP[self.mode][1]), d2, d3]
+        return [
+            _crop_by(d0, _SKIP_CROP[self.mode][0]),
+            _crop_by(d1, _SKIP_CROP[self.mode][1]),
+            d2,
+            d3,
+        ]
 
     def forward(self, imgs: torch.Tensor) -> dict[str, torch.Tensor]:
         d0, d1, d2, d3 = self._encode(imgs)

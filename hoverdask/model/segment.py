@@ -109,7 +109,9 @@ def segment_image(
     image_path, out_dir = Path(image_path), Path(out_dir)
     image = read_rgb_image(image_path)
     if (out_dir / f"{image_path.stem}.png").resolve() == image_path.resolve():
-        raise HoverdaskError(f"--out {out_dir} would overwrite the input image; pick another folder")
+        raise HoverdaskError(
+            f"--out {out_dir} would overwrite the input image; pick another folder"
+        )
     target = resolve_device(device)
     model = load_model(model_path, device=target)
     if types_path is not None and model.nr_types is None:

@@ -147,7 +147,11 @@ def _table_from_metadata(metadata: Mapping[str, Any], nr_types: int) -> TypeTabl
     if not isinstance(info, Mapping):
         return None
     names = info.get("type_names")
-    if isinstance(names, list) and len(names) == nr_types and all(isinstance(n, str) for n in names):
+    if (
+        isinstance(names, list)
+        and len(names) == nr_types
+        and all(isinstance(n, str) for n in names)
+    ):
         colors = info.get("type_colors")
         if not (isinstance(colors, list) and len(colors) == nr_types):
             colors = [_fallback_color(k) for k in range(nr_types)]
