@@ -17,23 +17,14 @@ from pathlib import Path
 import numpy as np
 
 from hoverdask.postproc import inst_info_to_json, process
-from hoverdask.postproc.synthetic import synthetic_pred_map
+from hoverdask.postproc.synthetic import dequantised_pred_map, synthetic_pred_map
 
 FIXTURE = Path(__file__).resolve().parents[1] / "tests/data/parity/wsi_synth_input.npz"
 
 
 def wsi_fixture_map() -> np.ndarray:
-    """The fixture's ``[tp, np, h, v]`` network output, dequantised as its README defines."""
-    with np.load(FIXTURE) as data:
-        return np.stack(
-            [
-                data["tp"].astype(np.float32),
-                data["q_np"].astype(np.float32) / np.float32(255),
-                data["q_h"].astype(np.float32) / np.float32(32767),
-                data["q_v"].astype(np.float32) / np.float32(32767),
-            ],
-            axis=-1,
-        )
+    with np.load(FIXTURE) as stored:
+        return dequantised_pred_map(stored)
 
 
 def best_seconds(run: Callable[[], object], repeats: int) -> tuple[float, object]:

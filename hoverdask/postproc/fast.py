@@ -39,7 +39,7 @@ from hoverdask.postproc.reference import (
     MARKER_ENERGY_THRESHOLD,
     MIN_OBJECT_PX,
     inverted_gradients,
-    open_kernel,
+    label_filled_cores,
     remove_small_labels,
     watershed_instances,
 )
@@ -97,10 +97,7 @@ def markers_fast(
     ``overall`` only needs to be right inside ``blb``; it is compared in float64 as there.
     """
     core = (blb > 0) & (overall < np.float64(threshold))
-    marker = fill_holes(core).view(np.uint8)
-    marker = cv2.morphologyEx(marker, cv2.MORPH_OPEN, open_kernel())
-    marker = ndimage.label(marker)[0]
-    return remove_small_labels(marker, min_size)
+    return label_filled_cores(fill_holes(core).view(np.uint8), min_size)
 
 
 def _seeds_queue_by_value() -> bool:

@@ -90,10 +90,13 @@ def markers_from_energy(
     """``marker``: int32 labels of nucleus cores (raster-order ids, gaps where small ones went)."""
     marker = blb - np.asarray(overall >= threshold, dtype=np.int32)
     marker[marker < 0] = 0
-    marker = ndimage.binary_fill_holes(marker).astype(np.uint8)
-    marker = cv2.morphologyEx(marker, cv2.MORPH_OPEN, open_kernel())
-    marker = ndimage.label(marker)[0]
-    return remove_small_labels(marker, min_size)
+    return label_filled_cores(ndimage.binary_fill_holes(marker).astype(np.uint8), min_size)
+
+
+def label_filled_cores(filled: np.ndarray, min_size: int = MIN_OBJECT_PX) -> np.ndarray:
+    """Open the hole-filled uint8 core mask (splits touching cores), label, drop small ones."""
+    opened = cv2.morphologyEx(filled, cv2.MORPH_OPEN, open_kernel())
+    return remove_small_labels(ndimage.label(opened)[0], min_size)
 
 
 def watershed_instances(dist: np.ndarray, marker: np.ndarray, blb: np.ndarray) -> np.ndarray:

@@ -7,6 +7,8 @@ foreground probability and a per-nucleus class with pixel noise.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import cv2
 import numpy as np
 from scipy import ndimage
@@ -69,3 +71,17 @@ def synthetic_pred_map(
         tp[noisy] = rng.integers(0, nr_types, int(noisy.sum()))
         channels.insert(0, tp.astype(np.float32))
     return np.stack(channels, axis=-1).astype(np.float32)
+
+
+def dequantised_pred_map(stored: Mapping[str, np.ndarray]) -> np.ndarray:
+    """``[tp, np, h, v]`` float32 from the quantised storage of the parity WSI fixture
+    (``tp``, ``q_np`` /255, ``q_h`` and ``q_v`` /32767, as its README defines)."""
+    return np.stack(
+        [
+            stored["tp"].astype(np.float32),
+            stored["q_np"].astype(np.float32) / np.float32(255),
+            stored["q_h"].astype(np.float32) / np.float32(32767),
+            stored["q_v"].astype(np.float32) / np.float32(32767),
+        ],
+        axis=-1,
+    )
