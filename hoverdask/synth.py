@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from dataclasses import field as dc_field
 from pathlib import Path
 from typing import Literal
 
@@ -72,6 +73,11 @@ class SyntheticTruth:
     nuclei: list[Nucleus]
     types: np.ndarray
     instances: np.ndarray | None
+    fields: _FieldSampler = dc_field(repr=False)
+
+    def glass(self, y: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """Whether the level-0 points on the grid ``y x x`` (continuous coordinates) are glass."""
+        return self.fields.glass(np.asarray(y, np.float32), np.asarray(x, np.float32))
 
     @property
     def n_instances(self) -> int:
@@ -95,12 +101,14 @@ def write_synthetic_slide(
     flavour: Literal["aperio", "ome"] = "aperio",
     compression: Literal["jpeg", "lossless"] = "jpeg",
     keep_instances: bool = True,
+    nucleus_fraction: float = NUCLEUS_AREA_FRACTION,
 ) -> SyntheticTruth:
     """Write a synthetic pyramidal tiled TIFF at ``path``; return its ground truth.
 
     ``flavour`` "aperio" writes an SVS-like file (``MPP``/``AppMag`` in the description),
     "ome" an OME-TIFF (``PhysicalSizeX``, SubIFD pyramid, TIFF resolution tags). ``compression``
     "lossless" uses zlib tiles so the pixels read back exactly as rendered.
+    ``nucleus_fraction`` is the share of the tissue area covered by nuclei (fewer is faster).
     """
     if width < 1 or height < 1:
         raise ValueError(f"width and height must be positive, got {width}x{height}")
@@ -109,14 +117,14 @@ def write_synthetic_slide(
     path = Path(path)
     rng = np.random.default_rng(seed)
     field = _FieldSampler(rng, width, height, mpp, background_fraction)
-    nuclei = _place_nuclei(rng, field, width, height, mpp, max(1, n_types))
+    nuclei = _place_nuclei(rng, field, width, height, mpp, max(1, n_types), nucleus_fraction)
     renderer = _Renderer(field, nuclei, width, height, rng.integers(1 << 31))
     labels = np.zeros((height, width), np.int32) if keep_instances else None
     tmp = path.with_name(path.name + ".partial")
     _write_tiff(tmp, renderer, labels, mpp, flavour, compression)
     tmp.replace(path)
     types = np.array([0, *[n.type for n in nuclei]], dtype=np.int16)
-    return SyntheticTruth(path, width, height, mpp, nuclei, types, labels)
+    return SyntheticTruth(path, width, height, mpp, nuclei, types, labels, field)
 
 
 class _FieldSampler:
@@ -129,7 +137,12 @@ class _FieldSampler:
         gh, gw = height // self.cell + 3, width // self.cell + 3
         self.glass_grid = rng.random((gh, gw)).astype(np.float32)
         self.texture_grid = rng.random((gh * 4, gw * 4)).astype(np.float32)
-        self.threshold = float(np.quantile(self.glass_grid, background)) if background > 0 else -1.0
+        self.threshold = -1.0
+        if background > 0:  # quantile of the interpolated field: an area fraction
+            ys = np.linspace(0, height, 256, dtype=np.float32)
+            xs = np.linspace(0, width, 256, dtype=np.float32)
+            sample = self._sample(self.glass_grid, self.cell, ys, xs)
+            self.threshold = float(np.quantile(sample, background))
 
     def _sample(self, grid: np.ndarray, cell: float, y: np.ndarray, x: np.ndarray) -> np.ndarray:
         """Bilinear sample of a coarse grid at pixel coordinates (smooth, chunk-independent)."""
@@ -145,18 +158,36 @@ class _FieldSampler:
     def glass(self, y: np.ndarray, x: np.ndarray) -> np.ndarray:
         return self._sample(self.glass_grid, self.cell, y, x) < self.threshold
 
+    def glass_at(self, y: float, x: float) -> bool:
+        """:meth:`glass` for one point, without array overhead (used once per candidate)."""
+        gy, gx = y / self.cell, x / self.cell
+        y0 = min(max(int(gy), 0), self.glass_grid.shape[0] - 2)
+        x0 = min(max(int(gx), 0), self.glass_grid.shape[1] - 2)
+        fy, fx = gy - math.floor(gy), gx - math.floor(gx)
+        g = self.glass_grid
+        top = g[y0, x0] * (1 - fx) + g[y0, x0 + 1] * fx
+        bottom = g[y0 + 1, x0] * (1 - fx) + g[y0 + 1, x0 + 1] * fx
+        return bool(top * (1 - fy) + bottom * fy < self.threshold)
+
     def texture(self, y: np.ndarray, x: np.ndarray) -> np.ndarray:
         return self._sample(self.texture_grid, self.cell / 4, y, x)
 
 
 def _place_nuclei(
-    rng: np.random.Generator, field: _FieldSampler, width: int, height: int, mpp: float, n_types: int
+    rng: np.random.Generator,
+    field: _FieldSampler,
+    width: int,
+    height: int,
+    mpp: float,
+    n_types: int,
+    nucleus_fraction: float,
 ) -> list[Nucleus]:
     """Random nuclei on tissue, spaced so neighbours at most touch (a quarter placed touching)."""
     kinds = [NUCLEUS_KINDS[i % len(NUCLEUS_KINDS)] for i in range(n_types)]
     mean_area = np.mean([math.pi * a * b for (a, b), _ in kinds]) / mpp**2
-    target = int(NUCLEUS_AREA_FRACTION * width * height / mean_area)
-    grid_size = max(8.0, 16.0 / mpp)
+    target = int(nucleus_fraction * width * height / mean_area)
+    largest = max(a for (a, _), _ in kinds) * 1.15 * 1.08 / mpp  # semi-axis incl. size, wobble
+    grid_size = 2.0 * largest  # neighbours that can touch are at most one grid cell away
     grid: dict[tuple[int, int], list[int]] = {}
     nuclei: list[Nucleus] = []
     for _ in range(target * 3):
@@ -177,7 +208,7 @@ def _place_nuclei(
             x, y = rng.uniform(0, width), rng.uniform(0, height)
         if not (0 <= x < width and 0 <= y < height):
             continue
-        if field.glass(np.array([y]), np.array([x]))[0, 0]:
+        if field.glass_at(y, x):
             continue
         candidate = Nucleus(
             x, y, major, minor, angle, rng.uniform(0.0, 0.08), rng.uniform(0, 2 * math.pi),
@@ -200,16 +231,20 @@ def _radius(n: Nucleus, direction: float) -> float:
     return _radius_raw(n.major, n.minor, n.angle, direction) * (1 + n.wobble)
 
 
-def _too_close(c: Nucleus, nuclei: list[Nucleus], grid: dict, grid_size: float) -> bool:
-    reach = math.ceil(2 * c.major * 1.1 / grid_size) + 1
+def _too_close(
+    c: Nucleus, nuclei: list[Nucleus], grid: dict[tuple[int, int], list[int]], grid_size: float
+) -> bool:
     gx, gy = int(c.x // grid_size), int(c.y // grid_size)
-    for ix in range(gx - reach, gx + reach + 1):
-        for iy in range(gy - reach, gy + reach + 1):
+    for ix in (gx - 1, gx, gx + 1):
+        for iy in (gy - 1, gy, gy + 1):
             for index in grid.get((ix, iy), ()):
                 other = nuclei[index]
+                distance = math.hypot(c.x - other.x, c.y - other.y)
+                if distance >= 0.9 * (c.major * (1 + c.wobble) + other.major * (1 + other.wobble)):
+                    continue  # too far apart to touch in any direction
                 direction = math.atan2(c.y - other.y, c.x - other.x)
                 needed = _radius(other, direction) + _radius(c, direction + math.pi)
-                if math.hypot(c.x - other.x, c.y - other.y) < 0.9 * needed:
+                if distance < 0.9 * needed:
                     return True
     return False
 
@@ -232,7 +267,12 @@ class _Renderer:
         xs = np.arange(self.width, dtype=np.float32) + 0.5
         glass = self.field.glass(ys, xs)
         texture = self.field.texture(ys, xs)
-        noise = np.random.default_rng((self.seed, y0)).normal(0, 1, (y1 - y0, self.width, 2))
+        noise = np.concatenate(  # drawn per tile row, so the band height does not matter
+            [
+                np.random.default_rng((self.seed, row)).normal(0, 1, (TILE, self.width, 2))
+                for row in range(y0 // TILE, -(-y1 // TILE))
+            ]
+        )[y0 % TILE : y0 % TILE + (y1 - y0)]
         eosin = (0.25 + 0.45 * texture + 0.04 * noise[..., 0]).astype(np.float32)
         hema = (0.04 + 0.02 * noise[..., 1]).astype(np.float32)
         labels = np.zeros((y1 - y0, self.width), np.int32)
