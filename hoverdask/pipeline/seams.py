@@ -341,7 +341,7 @@ def _as_dask(maps: Any, chunk_size: int) -> da.Array:
 
     if isinstance(maps, da.Array):
         return maps
-    return da.from_array(np.asarray(maps), chunks=(chunk_size, chunk_size, -1))
+    return da.from_array(np.asarray(maps), chunks=(chunk_size, chunk_size, -1), name=False)
 
 
 def _check_maps(maps: da.Array, nr_types: int | None) -> None:

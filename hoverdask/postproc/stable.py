@@ -72,8 +72,9 @@ def normalise_with_range(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
     opencv's reflection instead of the slide and the value is discarded anyway; left in, they
     would move opencv's min/max and so every other value.
     """
-    clipped = np.clip(x, x.dtype.type(lo), x.dtype.type(hi))
-    flat = np.concatenate([np.ravel(clipped), np.array([lo, hi], dtype=x.dtype)])
+    flat = np.empty(x.size + 2, dtype=x.dtype)
+    np.clip(x.ravel(), x.dtype.type(lo), x.dtype.type(hi), out=flat[:-2])
+    flat[-2:] = lo, hi
     out = cv2.normalize(flat, None, 0, 1, cv2.NORM_MINMAX, cv2.CV_32F)
     return out.ravel()[:-2].reshape(x.shape)
 
@@ -173,25 +174,26 @@ def find_clusters(
     labels, count = ndimage.label(filled, structure=EIGHT_CONNECTED)
     if count == 0:
         return labels, ()
-    flat = labels.ravel()
-    ids, first = np.unique(flat, return_index=True)
-    first_of = dict(zip(ids.tolist(), first.tolist(), strict=True))
-    rows, cols = np.indices(labels.shape)
-    n_px = np.bincount(flat, minlength=count + 1)
-    sum_y = np.bincount(flat, weights=rows.ravel(), minlength=count + 1).astype(np.int64)
-    sum_x = np.bincount(flat, weights=cols.ravel(), minlength=count + 1).astype(np.int64)
+    # one pass over the foreground pixels only: raster index, label, exact integer sums
+    index = np.flatnonzero(labels)
+    label_of = labels.ravel()[index]
+    rows, cols = np.divmod(index, labels.shape[1])
+    n_px = np.bincount(label_of, minlength=count + 1)
+    sum_y = np.bincount(label_of, weights=rows, minlength=count + 1).astype(np.int64)
+    sum_x = np.bincount(label_of, weights=cols, minlength=count + 1).astype(np.int64)
+    first = np.full(count + 1, index.size, dtype=np.int64)
+    np.minimum.at(first, label_of, np.arange(index.size))
     oy, ox = origin
-    width = labels.shape[1]
     clusters = []
-    for index, box in enumerate(ndimage.find_objects(labels)):
-        label = index + 1
+    for i, box in enumerate(ndimage.find_objects(labels)):
+        label = i + 1
         rows_s, cols_s = box
-        anchor_y, anchor_x = divmod(first_of[label], width)
+        anchor = first[label]
         clusters.append(
             Cluster(
                 label=label,
                 box=(oy + rows_s.start, ox + cols_s.start, oy + rows_s.stop, ox + cols_s.stop),
-                anchor=(oy + anchor_y, ox + anchor_x),
+                anchor=(oy + int(rows[anchor]), ox + int(cols[anchor])),
                 centroid=(
                     oy + int(sum_y[label] // n_px[label]),
                     ox + int(sum_x[label] // n_px[label]),
