@@ -175,6 +175,32 @@ def test_validator_reports_each_rule(tmp_path, feature, message):
     assert all(p.index == 1 for p in report.problems)
 
 
+@pytest.mark.parametrize("read_size", [1, 7, 1000])
+def test_streamed_reading_across_chunk_boundaries(measured, tmp_path, monkeypatch, read_size):
+    from hoverdask.export import validate
+
+    path = tmp_path / "n.geojson"
+    write_qupath(measured.iloc[:20], path)
+    bad = tmp_path / "bad.geojson"
+    features = json.loads(path.read_text())["features"]
+    features[3]["properties"]["objectType"] = "Detection"
+    features[5]["id"] = features[1]["id"]
+    # keys in an unusual order, whitespace and numbers that straddle reads
+    bad.write_text('{ "features" :\n [' + ",\n".join(json.dumps(f) for f in features)
+                   + '] , "type": "FeatureCollection", "x": 1.5e3 }')  # fmt: skip
+    monkeypatch.setattr(validate, "READ_SIZE", read_size)
+    assert validate_qupath(path).ok
+    report = validate_qupath(bad)
+    assert report.count == 20
+    assert [(p.index, p.message[:20]) for p in report.problems] == [
+        (3, "objectType 'Detectio"),
+        (5, "duplicate id (same a"),
+    ]
+    bad.write_text(bad.read_text()[:-3])
+    with pytest.raises(UnreadableGeoJSON):
+        validate_qupath(bad)
+
+
 def test_validator_accepts_qupath_top_level_shapes_and_flags_others(tmp_path):
     other = dict(GOOD, id="5f0c8c2e-1b7e-5d43-9a0e-3f1f6a2b9c12")
     for document in (GOOD, [GOOD, other]):

@@ -20,6 +20,7 @@ from urllib.parse import quote
 
 import geopandas as gpd
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import shapely
@@ -63,13 +64,9 @@ def write_geoparquet(
         raise ValueError("a column named 'bbox' would clash with the GeoParquet covering column")
     if "nucleus_id" not in nuclei.columns:
         raise ValueError("nuclei table needs a 'nucleus_id' column for deterministic ids")
-    frame = nuclei.drop(columns=nuclei.geometry.name)
-    if slide_id is not None:
-        frame["slide_id"] = slide_id
-    elif "slide_id" not in frame.columns:
+    if slide_id is None and "slide_id" not in nuclei.columns:
         raise ValueError("pass slide_id= or give the table a 'slide_id' column")
-    frame["slide_id"] = frame["slide_id"].astype("string")
-    frame[ID_COLUMN] = nucleus_uuids(frame["slide_id"], frame["nucleus_id"])
+    columns = [c for c in nuclei.columns if c != nuclei.geometry.name]
     geometry = np.asarray(nuclei.geometry.values, dtype=object)
 
     order = _hilbert_order(geometry, extent)
@@ -86,7 +83,7 @@ def write_geoparquet(
     try:
         for start in range(0, max(len(order), 1), row_group_size):
             rows = order[start : start + row_group_size]
-            table = _arrow_chunk(frame.iloc[rows], geometry[rows])
+            table = _arrow_chunk(nuclei.iloc[rows][columns], geometry[rows], slide_id)
             if writer is None:
                 schema = table.schema.with_metadata(
                     {b"geo": json.dumps(geo).encode(), b"hoverdask": json.dumps(file_meta).encode()}
@@ -136,7 +133,15 @@ _GEOMETRY_NAMES = {0: "Point", 1: "LineString", 2: "LineString", 3: "Polygon", 4
                    5: "MultiLineString", 6: "MultiPolygon", 7: "GeometryCollection"}  # fmt: skip
 
 
-def _arrow_chunk(frame: Any, geometry: np.ndarray) -> pa.Table:
+def _arrow_chunk(frame: Any, geometry: np.ndarray, slide_id: str | None) -> pa.Table:
+    """One row group: the table's columns, ``nucleus_uuid``, WKB geometry and bbox covering.
+
+    Converting chunk by chunk keeps the writer's extra memory at one row group."""
+    frame = pd.DataFrame(frame)
+    if slide_id is not None:
+        frame["slide_id"] = slide_id
+    frame["slide_id"] = frame["slide_id"].astype("string")
+    frame[ID_COLUMN] = pd.array(nucleus_uuids(frame["slide_id"], frame["nucleus_id"]), "string")
     table = pa.Table.from_pandas(frame, preserve_index=False)
     bounds = shapely.bounds(geometry)
     bbox = pa.StructArray.from_arrays(

@@ -12,10 +12,13 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import re
 import uuid
+from array import array
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import shapely
@@ -29,6 +32,7 @@ GEOMETRY_TYPES = frozenset(
 )  # fmt: skip
 GRID = 0.01  # QuPath's PrecisionModel(-0.01)
 _BATCH = 10_000
+READ_SIZE = 1 << 20  # characters per read; a value longer than that doubles it
 
 
 class UnreadableGeoJSON(HoverdaskError):
@@ -64,8 +68,12 @@ class _Constant:
 
 
 def validate_qupath(path: str | Path, *, max_problems: int = 20) -> ValidationReport:
-    """Validate a ``.geojson``/``.json`` (optionally gzip) file; keep the first ``max_problems``."""
-    document = _load(Path(path))
+    """Validate a ``.geojson``/``.json`` (optionally gzip) file; keep the first ``max_problems``.
+
+    The file is read as a stream, one feature at a time, so that files of millions of nuclei
+    can be checked in bounded memory (ids are kept as 16-byte integers for the duplicate check).
+    """
+    path = Path(path)
     report = ValidationReport()
 
     def add(index: int | None, message: str) -> None:
@@ -73,28 +81,147 @@ def validate_qupath(path: str | Path, *, max_problems: int = 20) -> ValidationRe
         if len(report.problems) < max_problems:
             report.problems.append(Problem(index, message))
 
-    features = _top_level_features(document, add)
-    report.count = len(features)
-    seen: dict[str, int] = {}
+    ids = _IdLog()
     geometries: list[tuple[int, str, Any]] = []
-    for index, feature in enumerate(features):
-        _check_feature(index, feature, add, seen, geometries)
-        if len(geometries) >= _BATCH:
-            _check_geometry_validity(geometries, add)
-            geometries.clear()
+    try:
+        with _open_text(path) as stream:
+            for index, feature in enumerate(_iter_features(_Reader(stream), add)):
+                report.count += 1
+                _check_feature(index, feature, add, ids, geometries)
+                if len(geometries) >= _BATCH:
+                    _check_geometry_validity(geometries, add)
+                    geometries.clear()
+    except (OSError, UnicodeDecodeError, EOFError, json.JSONDecodeError) as err:
+        raise UnreadableGeoJSON(f"cannot read {path} as (gzip) JSON: {err}") from err
     _check_geometry_validity(geometries, add)
+    for index, first in ids.duplicates():
+        add(index, f"duplicate id (same as feature {first})")
     return report
 
 
-def _load(path: Path) -> Any:
-    try:
-        with open(path, "rb") as raw:
-            gzipped = raw.read(2) == b"\x1f\x8b"
-        opener = gzip.open if gzipped else open
-        with opener(path, "rt", encoding="utf-8") as stream:
-            return json.load(stream, parse_constant=_Constant)
-    except (OSError, UnicodeDecodeError, EOFError, json.JSONDecodeError) as err:
-        raise UnreadableGeoJSON(f"cannot read {path} as (gzip) JSON: {err}") from err
+def _open_text(path: Path) -> IO[str]:
+    with open(path, "rb") as raw:
+        gzipped = raw.read(2) == b"\x1f\x8b"
+    if gzipped:
+        return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+class _IdLog:
+    """Feature ids as (high, low) 64-bit halves: 16 bytes per nucleus for the duplicate check."""
+
+    def __init__(self) -> None:
+        self.high, self.low, self.index = array("Q"), array("Q"), array("q")
+
+    def add(self, index: int, value: uuid.UUID) -> None:
+        self.high.append(value.int >> 64)
+        self.low.append(value.int & 0xFFFFFFFFFFFFFFFF)
+        self.index.append(index)
+
+    def duplicates(self) -> list[tuple[int, int]]:
+        high, low = np.frombuffer(self.high, np.uint64), np.frombuffer(self.low, np.uint64)
+        index = np.frombuffer(self.index, np.int64)
+        order = np.lexsort((index, low, high))
+        same = (high[order][1:] == high[order][:-1]) & (low[order][1:] == low[order][:-1])
+        out = []
+        for k in np.flatnonzero(same):
+            first = k
+            while first > 0 and same[first - 1]:
+                first -= 1
+            out.append((int(index[order][k + 1]), int(index[order][first])))
+        return sorted(out)
+
+
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+_DECODER = json.JSONDecoder(parse_constant=_Constant)
+
+
+class _Reader:
+    """Incremental JSON reading: values are decoded one at a time from a growing buffer."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.stream, self.buf, self.pos, self.eof = stream, "", 0, False
+
+    def _fill(self) -> bool:
+        chunk = self.stream.read(max(READ_SIZE, len(self.buf) - self.pos))
+        if not chunk:
+            self.eof = True
+            return False
+        self.buf, self.pos = self.buf[self.pos :] + chunk, 0
+        return True
+
+    def peek(self) -> str:
+        """The next non-whitespace character ('' at the end of the file)."""
+        while True:
+            self.pos = _WHITESPACE.match(self.buf, self.pos).end()  # type: ignore[union-attr]
+            if self.pos < len(self.buf):
+                return self.buf[self.pos]
+            if not self._fill():
+                return ""
+
+    def expect(self, char: str) -> None:
+        if self.peek() != char:
+            raise json.JSONDecodeError(f"expected {char!r}", self.buf, self.pos)
+        self.pos += 1
+
+    def value(self) -> Any:
+        self.peek()
+        while True:
+            try:
+                obj, end = _DECODER.raw_decode(self.buf, self.pos)
+            except json.JSONDecodeError:
+                if not self._fill():
+                    raise
+                continue
+            if end == len(self.buf) and not self.eof and self._fill():
+                continue  # a number may go on in the next chunk
+            self.pos = end
+            return obj
+
+    def items(self) -> Iterator[Any]:
+        """The elements of the array that starts here."""
+        self.expect("[")
+        if self.peek() == "]":
+            self.pos += 1
+            return
+        while True:
+            yield self.value()
+            if self.peek() == ",":
+                self.pos += 1
+                continue
+            self.expect("]")
+            return
+
+
+def _iter_features(reader: _Reader, add: Any) -> Iterator[Any]:
+    """Features of a FeatureCollection, an array of Features, or a single Feature."""
+    first = reader.peek()
+    if first == "[":
+        for item in reader.items():
+            yield from _top_level_features(item, add)
+    elif first == "{":
+        reader.pos += 1
+        header: dict[str, Any] = {}
+        streamed = False
+        while reader.peek() != "}":
+            if header or streamed:
+                reader.expect(",")
+            key = reader.value()
+            reader.expect(":")
+            if key == "features" and reader.peek() == "[":
+                streamed = True
+                yield from reader.items()
+            else:
+                header[key] = reader.value()
+        reader.pos += 1
+        if streamed and header.get("type") != "FeatureCollection":
+            add(None, f"object with 'features' has type {header.get('type')!r}, not FeatureCollection")
+        elif not streamed:
+            yield from _top_level_features(header, add)
+    else:
+        yield from _top_level_features(reader.value(), add)
+    if reader.peek() != "":
+        raise json.JSONDecodeError("extra data after the document", reader.buf, reader.pos)
 
 
 def _top_level_features(document: Any, add: Any) -> list[Any]:
@@ -119,13 +246,11 @@ def _top_level_features(document: Any, add: Any) -> list[Any]:
     return []
 
 
-def _check_feature(
-    index: int, feature: Any, add: Any, seen: dict[str, int], geometries: list
-) -> None:
+def _check_feature(index: int, feature: Any, add: Any, ids: _IdLog, geometries: list) -> None:
     if not isinstance(feature, dict) or feature.get("type") != "Feature":
         add(index, "not a GeoJSON Feature object ('type' must be 'Feature')")
         return
-    _check_id(index, feature.get("id"), add, seen)
+    _check_id(index, feature.get("id"), add, ids)
     if "objectType" in feature:
         add(index, "'objectType' at feature top level is ignored; put it in properties")
     props = feature.get("properties")
@@ -157,21 +282,18 @@ def _check_feature(
             geometries.append((index, "nucleusGeometry", feature["nucleusGeometry"]))
 
 
-def _check_id(index: int, value: Any, add: Any, seen: dict[str, int]) -> None:
+def _check_id(index: int, value: Any, add: Any, ids: _IdLog) -> None:
     if value is None:
         add(index, "no 'id': QuPath assigns a random UUID (ids then differ per import)")
         return
     try:
-        parsed = str(uuid.UUID(str(value)))
+        parsed = uuid.UUID(str(value))
     except ValueError:
         add(index, f"id {value!r} is not a UUID: QuPath drops it and assigns a random one")
         return
     if not isinstance(value, str):
         add(index, "id must be a string")
-    if parsed in seen:
-        add(index, f"duplicate id {value} (also feature {seen[parsed]})")
-    else:
-        seen[parsed] = index
+    ids.add(index, parsed)
 
 
 def _check_object_type(index: int, props: dict, add: Any) -> str | None:
@@ -300,11 +422,24 @@ def _check_positions(coords: Any, depth: int) -> str | None:
         return None
     if not isinstance(coords, list):
         return "coordinates must be nested arrays"
+    if depth == 1 and _plain_positions(coords):
+        return None
     for item in coords:
         problem = _check_positions(item, depth - 1)
         if problem:
             return problem
     return None
+
+
+def _plain_positions(positions: list) -> bool:
+    """Fast path: a list of positions of 2+ finite int/float values (no bools, no strings)."""
+    try:
+        if {type(v) for position in positions for v in position} - {int, float}:
+            return False
+        array = np.array(positions, dtype=np.float64)
+    except (TypeError, ValueError):
+        return False
+    return array.ndim == 2 and array.shape[1] >= 2 and bool(np.isfinite(array).all())
 
 
 def _check_geometry_validity(geometries: list[tuple[int, str, Any]], add: Any) -> None:
