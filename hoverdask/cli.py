@@ -237,6 +237,9 @@ def run(
     keep_work: Annotated[
         bool, typer.Option(help="Keep the map cache and block parts (DIR/<slide>/.work).")
     ] = False,
+    tissue_mask: Annotated[
+        bool, typer.Option(help="Skip map tiles without tissue (off: process every tile).")
+    ] = True,
     tls_ca: Annotated[Path | None, typer.Option(help="TLS CA certificate (PEM).")] = None,
     tls_cert: Annotated[Path | None, typer.Option(help="TLS certificate (PEM).")] = None,
     tls_key: Annotated[Path | None, typer.Option(help="TLS private key (PEM).")] = None,
@@ -251,7 +254,8 @@ def run(
     if unknown or not wanted:
         raise HoverdaskError(f"--format takes parquet and/or qupath, not {formats!r}")
     options = RunOptions(mpp=mpp, chunk_size=chunk_size, batch_size=batch_size, device=device,
-                         formats=wanted, overwrite=overwrite, keep_work=keep_work)
+                         formats=wanted, overwrite=overwrite, keep_work=keep_work,
+                         tissue_mask=tissue_mask)
     result = run_cohort(
         slides, out, model=model, options=options, workers=workers,
         threads_per_worker=threads_per_worker, scheduler=scheduler,

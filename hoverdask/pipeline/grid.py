@@ -10,11 +10,12 @@ written by exactly one task). Context outside the slide is the reflection of the
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
+
+from hoverdask.pipeline.seams import BlockGrid
 
 
 @dataclass(frozen=True)
@@ -40,19 +41,20 @@ class TileGrid:
         return cls(height, width, tile, output, margin)
 
     @property
+    def blocks(self) -> BlockGrid:
+        """The same cells as post-processing blocks: map tile (r, c) is block (r, c)'s core."""
+        return BlockGrid(self.height, self.width, self.tile)
+
+    @property
     def shape(self) -> tuple[int, int]:
-        return math.ceil(self.height / self.tile), math.ceil(self.width / self.tile)
+        return self.blocks.shape
 
     def tiles(self) -> Iterator[tuple[int, int]]:
-        rows, cols = self.shape
-        for row in range(rows):
-            for col in range(cols):
-                yield row, col
+        return self.blocks.blocks()
 
     def extent(self, row: int, col: int) -> tuple[int, int, int, int]:
         """``(y0, x0, y1, x1)`` of the tile inside the image (half-open)."""
-        y0, x0 = row * self.tile, col * self.tile
-        return y0, x0, min(y0 + self.tile, self.height), min(x0 + self.tile, self.width)
+        return self.blocks.core(row, col)
 
     def padded_size(self, row: int, col: int) -> tuple[int, int]:
         """The tile's size rounded up to whole patches (what the predictor computes)."""

@@ -37,7 +37,7 @@ BACKGROUND_RANGE = (0.0, 0.0)
 
 
 def block_grid(plan: SlidePlan) -> seams.BlockGrid:
-    return seams.BlockGrid(plan.grid.height, plan.grid.width, plan.grid.tile)
+    return plan.grid.blocks
 
 
 def tiles_meeting(plan: SlidePlan, box: Box) -> bool:
