@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from hoverdask.slide import Slide
+from hoverdask.slide import Slide, lazy_rgb
 
 if TYPE_CHECKING:
     import dask.array as da
@@ -65,8 +65,6 @@ def processing_array(
     slide: Slide, target_mpp: float = MODEL_MPP, chunk: int | None = None
 ) -> ProcessingView:
     """Lazy view of ``slide`` at ``target_mpp`` (see the module docstring for the rules)."""
-    import dask.array as da
-
     if not target_mpp > 0:
         raise ValueError(f"target_mpp must be positive, got {target_mpp}")
     level, resample = choose_level(slide, target_mpp)
@@ -79,14 +77,7 @@ def processing_array(
     shape = (max(1, round(h0 / scale)), max(1, round(w0 / scale)), 3)
     view = _ResampledView(slide, level, scale, shape)
     chunk = chunk or DEFAULT_CHUNK
-    array = da.from_array(
-        view,
-        chunks=(chunk, chunk, 3),
-        name=f"resampled-{slide.reader.token()}-{level}-{scale!r}-{chunk}",
-        asarray=False,
-        lock=False,
-        meta=np.empty((0, 0, 3), dtype=np.uint8),
-    )
+    array = lazy_rgb(view, chunk, f"resampled-{slide.reader.token()}-{level}-{scale!r}-{chunk}")
     return ProcessingView(array, scale, target_mpp, level, target_mpp, True)
 
 

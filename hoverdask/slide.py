@@ -150,21 +150,12 @@ class Slide:
 
         ``chunk`` defaults to the multiple of the tile size closest to 1024 px.
         """
-        import dask.array as da
-
         self._check_level(level)
         width, height = self.level_dimensions[level]
         if chunk is None:
             chunk = aligned_chunk(self.reader.tile_size(level), DEFAULT_ARRAY_CHUNK)
         view = _LevelView(self.reader, level, (height, width, 3))
-        return da.from_array(
-            view,
-            chunks=(chunk, chunk, 3),
-            name=f"slide-level-{self.reader.token()}-{level}-{chunk}",
-            asarray=False,
-            lock=False,
-            meta=np.empty((0, 0, 3), dtype=np.uint8),
-        )
+        return lazy_rgb(view, chunk, f"slide-level-{self.reader.token()}-{level}-{chunk}")
 
     def close(self) -> None:
         self.reader.close()
@@ -183,6 +174,20 @@ class Slide:
     def _check_level(self, level: int) -> None:
         if not 0 <= level < self.level_count:
             raise ValueError(f"level {level} out of range: the slide has {self.level_count}")
+
+
+def lazy_rgb(view: Any, chunk: int, name: str) -> da.Array:
+    """A dask array over an array-like ``view`` that reads its own pixels when sliced."""
+    import dask.array as da
+
+    return da.from_array(
+        view,
+        chunks=(chunk, chunk, 3),
+        name=name,
+        asarray=False,
+        lock=False,
+        meta=np.empty((0, 0, 3), dtype=np.uint8),
+    )
 
 
 def aligned_chunk(tile: tuple[int, int], target: int) -> int:

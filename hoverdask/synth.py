@@ -269,7 +269,9 @@ class _Renderer:
         texture = self.field.texture(ys, xs)
         noise = np.concatenate(  # drawn per tile row, so the band height does not matter
             [
-                np.random.default_rng((self.seed, row)).normal(0, 1, (TILE, self.width, 2))
+                np.random.default_rng((self.seed, row)).standard_normal(
+                    (TILE, self.width, 2), dtype=np.float32
+                )
                 for row in range(y0 // TILE, -(-y1 // TILE))
             ]
         )[y0 % TILE : y0 % TILE + (y1 - y0)]
