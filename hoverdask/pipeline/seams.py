@@ -38,15 +38,14 @@ from hoverdask.postproc.stable import (
     Cluster,
     NormRanges,
     NucleusRecord,
-    cluster_nuclei,
     merge_ranges,
     segment_window,
     sobel_responses,
     value_range,
+    window_nuclei,
 )
 
 if TYPE_CHECKING:
-    import dask.array as da
     import geopandas as gpd
 
 # Default halo (processing px): CONTEXT_MARGIN (12) plus 116 px of cluster reach from its
@@ -176,6 +175,7 @@ class BlockNuclei:
 
     records: list[NucleusRecord] = field(default_factory=list)
     fragments: list[Box] = field(default_factory=list)
+    seed_ties: list[Box] = field(default_factory=list)  # clusters flooded alone (seed tie)
 
 
 def block_nuclei(
@@ -190,12 +190,14 @@ def block_nuclei(
     seg = segment_window(window, window_box[:2], ranges, nr_types)
     in_core = set(np.unique(seg.clusters_map[_slices(grid.core(*block), window_box[:2])]).tolist())
     out = BlockNuclei()
+    owned = []
     for cluster in seg.clusters:
         if grid.can_decide(window_box, cluster.box):
             if grid.reporter(cluster) == block:
-                out.records.extend(cluster_nuclei(seg, cluster, grid.width))
+                owned.append(cluster)
         elif cluster.label in in_core:
             out.fragments.append(cluster.box)
+    out.records, out.seed_ties = window_nuclei(seg, owned, grid.width)
     return out
 
 
@@ -206,6 +208,7 @@ class RefitNuclei:
     records: list[NucleusRecord] = field(default_factory=list)
     oversized: list[Box] = field(default_factory=list)
     grow_to: Box | None = None
+    seed_ties: list[Box] = field(default_factory=list)
 
 
 def refit_nuclei(
@@ -228,12 +231,9 @@ def refit_nuclei(
     if cut:
         grown = _union([window_box, *(grid.grow(box, CONTEXT_MARGIN) for box in cut)])
         return RefitNuclei(grow_to=grown)
-    out = RefitNuclei()
-    for cluster in meeting:
-        if grid.reporter(cluster) is None:
-            out.oversized.append(cluster.box)
-            out.records.extend(cluster_nuclei(seg, cluster, grid.width))
-    return out
+    oversized = [c for c in meeting if grid.reporter(c) is None]
+    records, ties = window_nuclei(seg, oversized, grid.width)
+    return RefitNuclei(records, [c.box for c in oversized], seed_ties=ties)
 
 
 def _intersects(a: Box, b: Box) -> bool:
@@ -336,15 +336,15 @@ def nuclei_table(
     return table[list(TABLE_COLUMNS)]
 
 
-def _as_dask(maps: Any, chunk_size: int) -> da.Array:
+def _as_array(maps: Any) -> Any:
+    """``maps`` as a dask array, or as numpy if it is in memory: windows of an in-memory map are
+    views handed to the tasks directly, which spares the scheduler a graph of slices."""
     import dask.array as da
 
-    if isinstance(maps, da.Array):
-        return maps
-    return da.from_array(np.asarray(maps), chunks=(chunk_size, chunk_size, -1), name=False)
+    return maps if isinstance(maps, da.Array) else np.asarray(maps)
 
 
-def _check_maps(maps: da.Array, nr_types: int | None) -> None:
+def _check_maps(maps: Any, nr_types: int | None) -> None:
     if maps.ndim != 3 or maps.shape[-1] not in (3, 4):
         raise ValueError(
             f"maps must be (H, W, 4) [tp, np, h, v] or (H, W, 3) [np, h, v], got {maps.shape}"
@@ -353,7 +353,7 @@ def _check_maps(maps: da.Array, nr_types: int | None) -> None:
         raise ValueError(f"nr_types={nr_types} needs a tp channel: (H, W, 4) [tp, np, h, v] maps")
 
 
-def slide_ranges(maps: da.Array, grid: BlockGrid) -> NormRanges:
+def slide_ranges(maps: Any, grid: BlockGrid) -> NormRanges:
     """Passes 1 and 2 with dask: the slide-wide normalisation ranges."""
     import dask
 
@@ -371,7 +371,7 @@ def slide_ranges(maps: da.Array, grid: BlockGrid) -> NormRanges:
 
 
 def resolve_oversized(
-    maps: da.Array,
+    maps: Any,
     grid: BlockGrid,
     fragments: Sequence[Box],
     ranges: NormRanges,
@@ -395,6 +395,7 @@ def resolve_oversized(
                 retry.append((refit.grow_to, target))
                 continue
             result.records.extend(refit.records)
+            result.seed_ties.extend(box for box in refit.seed_ties if box not in seen)
             for box in refit.oversized:
                 if box not in seen:
                     seen.add(box)
@@ -417,11 +418,13 @@ def nuclei_from_maps(
     dask array (e.g. ``da.from_zarr``). With ``nr_types`` None the tp channel is ignored, ``type``
     is 0 and ``type_prob`` NaN. ``scale`` is level-0 px per map px. Rows are sorted by
     ``nucleus_id`` (``y * W + x`` of the nucleus's first pixel). ``attrs`` holds
-    ``oversized_clusters`` (boxes ``(y0, x0, y1, x1)`` of clusters decided on fitted windows).
+    ``oversized_clusters`` (boxes ``(y0, x0, y1, x1)`` of clusters decided on fitted windows)
+    and ``seed_tie_clusters`` (clusters where two watershed seeds tie, flooded on their own: there
+    the reference's whole-map result depends on the rest of the map, ours does not).
     """
     import dask
 
-    arr = _as_dask(maps, chunk_size)
+    arr = _as_array(maps)
     _check_maps(arr, nr_types)
     height, width = int(arr.shape[0]), int(arr.shape[1])
     grid = BlockGrid(height, width, chunk_size, halo)
@@ -445,6 +448,11 @@ def nuclei_from_maps(
         )
     table = nuclei_table(records_frame(records + oversized.records), scale)
     table.attrs.update(
-        oversized_clusters=sorted(oversized.oversized), chunk_size=chunk_size, halo=halo
+        oversized_clusters=sorted(oversized.oversized),
+        seed_tie_clusters=sorted(
+            {box for b in blocks for box in b.seed_ties} | set(oversized.seed_ties)
+        ),
+        chunk_size=chunk_size,
+        halo=halo,
     )
     return table

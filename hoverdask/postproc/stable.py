@@ -22,6 +22,7 @@ nothing (``docs/seams.md``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import cv2
@@ -29,6 +30,7 @@ import numpy as np
 from scipy import ndimage
 from skimage.segmentation import watershed
 
+from hoverdask.postproc.fast import SEEDS_QUEUE_BY_VALUE
 from hoverdask.postproc.instances import crop_record, type_votes, vote_types
 from hoverdask.postproc.reference import (
     SOBEL_KSIZE,
@@ -215,29 +217,93 @@ class NucleusRecord:
     type_prob: float
 
 
+def seed_ties(seg: WindowSegmentation) -> np.ndarray:
+    """Per cluster label: True if two of its seeds that can still grow share a ``dist`` value.
+
+    skimage queues seeds by (value, age 0) and grown pixels with increasing ages, so inside a
+    cluster the flooding order is the cluster's own, with or without other clusters in the same
+    call, except between two seeds with equal values: their order then follows the queue's
+    layout, i.e. everything else in the call. (A seed whose neighbours are all seeds grows
+    nothing, so its turn does not matter.) Releases that queue every seed at -inf tie them all.
+    """
+    n = len(seg.clusters)
+    if not SEEDS_QUEUE_BY_VALUE:
+        return np.ones(n + 1, dtype=bool)
+    blb = seg.blb > 0
+    seeds = (seg.marker > 0) & blb
+    free = np.pad(blb & ~seeds, 1)
+    can_grow = seeds & (free[:-2, 1:-1] | free[2:, 1:-1] | free[1:-1, :-2] | free[1:-1, 2:])
+    values, labels = seg.dist[can_grow], seg.clusters_map[can_grow]
+    order = np.lexsort((values, labels))
+    values, labels = values[order], labels[order]
+    tied = (labels[1:] == labels[:-1]) & (values[1:] == values[:-1])
+    out = np.zeros(n + 1, dtype=bool)
+    out[labels[1:][tied]] = True
+    return out
+
+
+def flood_clusters(
+    seg: WindowSegmentation, clusters: Sequence[Cluster], ties: np.ndarray
+) -> np.ndarray:
+    """Watershed labels (window-sized, marker ids) of ``clusters``, each as if flooded alone.
+
+    Clusters without a seed tie share one watershed call (identical to flooding each alone, see
+    :func:`seed_ties`); a tied cluster gets its own call, so its result depends on it alone.
+    """
+    selected = np.zeros(len(seg.clusters) + 1, dtype=bool)
+    selected[[c.label for c in clusters if not ties[c.label]]] = True
+    region = np.take(selected, seg.clusters_map) & (seg.blb > 0)
+    flooded = watershed(seg.dist, markers=np.where(region, seg.marker, 0), mask=region)
+    for cluster in clusters:
+        if not ties[cluster.label]:
+            continue
+        crop = _crop(cluster, seg.origin)
+        inside = (seg.clusters_map[crop] == cluster.label) & (seg.blb[crop] > 0)
+        alone = watershed(
+            seg.dist[crop], markers=np.where(inside, seg.marker[crop], 0), mask=inside
+        )
+        flooded[crop][inside] = alone[inside]
+    return flooded
+
+
+def _crop(cluster: Cluster, origin: tuple[int, int]) -> tuple[slice, slice]:
+    y0, x0, y1, x1 = cluster.box
+    return slice(y0 - origin[0], y1 - origin[0]), slice(x0 - origin[1], x1 - origin[1])
+
+
+def window_nuclei(
+    seg: WindowSegmentation, clusters: Sequence[Cluster], slide_width: int
+) -> tuple[list[NucleusRecord], list[Box]]:
+    """Nuclei of ``clusters``, and the boxes of those with a seed tie (flooded alone)."""
+    if not clusters:
+        return [], []
+    ties = seed_ties(seg)
+    flooded = flood_clusters(seg, clusters, ties)
+    records = []
+    for cluster in clusters:
+        records.extend(cluster_nuclei(seg, cluster, flooded, slide_width))
+    return records, [c.box for c in clusters if ties[c.label]]
+
+
 def cluster_nuclei(
-    seg: WindowSegmentation, cluster: Cluster, slide_width: int
+    seg: WindowSegmentation, cluster: Cluster, flooded: np.ndarray, slide_width: int
 ) -> list[NucleusRecord]:
-    """Flood one cluster's markers and describe its instances as the reference does.
+    """Describe one flooded cluster's instances as the reference does.
 
     ``nucleus_id = y * slide_width + x`` of the instance's first pixel in raster order: a
     property of the pixels alone, so identical for every chunking and schedule.
     """
-    oy, ox = seg.origin
-    y0, x0, y1, x1 = cluster.box
-    crop = np.s_[y0 - oy : y1 - oy, x0 - ox : x1 - ox]
-    inside = seg.clusters_map[crop] == cluster.label
-    markers = np.where(inside, seg.marker[crop], 0)
-    flooded = watershed(seg.dist[crop], markers=markers, mask=(seg.blb[crop] > 0) & inside)
-    ids, first, local = np.unique(flooded.ravel(), return_index=True, return_inverse=True)
-    local = local.reshape(flooded.shape).astype(np.int32)
+    y0, x0 = cluster.box[:2]
+    crop = _crop(cluster, seg.origin)
+    labels = np.where(seg.clusters_map[crop] == cluster.label, flooded[crop], 0)
+    ids, first, local = np.unique(labels.ravel(), return_index=True, return_inverse=True)
+    local = local.reshape(labels.shape).astype(np.int32)
     if ids[0] != 0:  # no background in the crop: shift so that label 0 stays "none"
         local += 1
         first = np.concatenate([[0], first])
     votes = None
     if seg.type_map is not None:
-        winner, prob = vote_types(type_votes(local, seg.type_map[crop]))
-        votes = (winner, prob)
+        votes = vote_types(type_votes(local, seg.type_map[crop]))
     records = []
     for index, box in enumerate(ndimage.find_objects(local)):
         label = index + 1
@@ -248,7 +314,7 @@ def cluster_nuclei(
         record = crop_record(mask, y0 + rows.start, x0 + cols.start, y0 + rows.stop, x0 + cols.stop)
         if record is None:
             continue
-        first_y, first_x = divmod(int(first[label]), flooded.shape[1])
+        first_y, first_x = divmod(int(first[label]), labels.shape[1])
         records.append(
             NucleusRecord(
                 nucleus_id=(y0 + first_y) * slide_width + (x0 + first_x),
