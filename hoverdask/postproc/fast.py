@@ -15,13 +15,14 @@ each with the reason the result cannot change:
   A component holding no marker stays 0; one holding a single marker label takes that label
   whole, whatever the flooding order. Components with several markers are flooded by skimage's
   own watershed, a band of rows at a time (a small queue instead of one holding every seed of
-  the map). Why a band gives the same labels as the whole map: skimage pops its queue by
-  (value, age); pushed pixels get unique, increasing ages, seeds all get age 0. Within one
-  component the pop order is therefore the same with or without other components, unless two
-  seeds that still have unlabelled neighbours share a ``dist`` value (a seed whose neighbours
-  are all labelled pushes nothing, so its position in the order is irrelevant). That condition
-  is checked; if any component violates it, the whole map is flooded in one call, as the
-  reference does.
+  the map). Why this gives the reference labels: skimage pops its queue by (value, age); pushed
+  pixels get unique, increasing ages, seeds all get age 0. A seed with no unseeded foreground
+  neighbour ("inner") pushes nothing when popped, so it is left out of the queue altogether
+  (masked out, labelled directly); every other element of a component is then strictly ordered
+  as long as no two "frontier" seeds of that component share a ``dist`` value, and the pop
+  order within the component is the same with or without the other components and the inner
+  seeds. That condition is checked; if any component violates it (or skimage queues seeds at
+  -inf, as releases after 0.26 do), the whole map is flooded in one call, as the reference does.
 * The Sobel energy and the watershed surface are the reference functions unchanged (float64
   where the reference is float64: ``1 - overall`` is not exactly representable in float32).
 """
@@ -83,7 +84,7 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
     for edge in (background[0], background[-1], background[:, 0], background[:, -1]):
         reaches_border[edge] = True
     reaches_border[0] = False
-    return ~reaches_border[background]
+    return ~np.take(reaches_border, background)
 
 
 def markers_fast(
@@ -132,12 +133,18 @@ def watershed_by_component(
     seeds = marker > 0
     seed_comp = components[seeds]
     n_markers, single_label = _markers_per_component(seed_comp, marker[seeds], n_comp)
-    out = single_label[components]
+    out = np.take(single_label, components)
     flooded = n_markers >= 2
     if not flooded.any():
         return out
-    if _boundary_seed_tie(dist, seeds, blb, components, flooded):
+    in_flooded = np.take(flooded, components)
+    frontier = seeds & in_flooded & _next_to((blb > 0) & ~seeds)
+    if not SEEDS_QUEUE_BY_VALUE or _values_tie(dist[frontier], components[frontier]):
         return watershed_instances(dist, marker, blb)
+    # seeds without unseeded neighbours push nothing when popped: keep them out of the queue
+    inner = seeds & in_flooded & ~frontier
+    out[inner] = marker[inner]
+    floodable = in_flooded & ~inner
     boxes = ndimage.find_objects(components)
     ids = np.flatnonzero(flooded)
     tops = np.array([boxes[i - 1][0].start for i in ids])
@@ -148,7 +155,7 @@ def watershed_by_component(
         r0, r1 = int(tops[in_band].min()), int(bottoms[in_band].max())
         selected = np.zeros(n_comp + 1, dtype=bool)
         selected[ids[in_band]] = True
-        region = selected[components[r0:r1]]
+        region = floodable[r0:r1] & np.take(selected, components[r0:r1])
         flood = watershed_instances(dist[r0:r1], marker[r0:r1] * region, region)
         out[r0:r1][region] = flood[region]
     return out
@@ -168,23 +175,17 @@ def _markers_per_component(
     return n_markers, single_label
 
 
-def _boundary_seed_tie(
-    dist: np.ndarray,
-    seeds: np.ndarray,
-    blb: np.ndarray,
-    components: np.ndarray,
-    flooded: np.ndarray,
-) -> bool:
-    """True if two seeds of one flooded component, both next to unseeded foreground, tie."""
-    if not SEEDS_QUEUE_BY_VALUE:
-        return True
-    free = np.pad((blb > 0) & ~seeds, 1)
-    next_to_free = free[:-2, 1:-1] | free[2:, 1:-1] | free[1:-1, :-2] | free[1:-1, 2:]
-    active = seeds & next_to_free & flooded[components]
-    values, comp = dist[active], components[active]
-    order = np.lexsort((values, comp))
-    values, comp = values[order], comp[order]
-    return bool(np.any((comp[1:] == comp[:-1]) & (values[1:] == values[:-1])))
+def _next_to(mask: np.ndarray) -> np.ndarray:
+    """Pixels with a 4-neighbour in ``mask``."""
+    padded = np.pad(mask, 1)
+    return padded[:-2, 1:-1] | padded[2:, 1:-1] | padded[1:-1, :-2] | padded[1:-1, 2:]
+
+
+def _values_tie(values: np.ndarray, group: np.ndarray) -> bool:
+    """True if two entries of one group share a value."""
+    order = np.lexsort((values, group))
+    values, group = values[order], group[order]
+    return bool(np.any((group[1:] == group[:-1]) & (values[1:] == values[:-1])))
 
 
 def proc_np_hv_fast(np_prob: np.ndarray, h: np.ndarray, v: np.ndarray) -> np.ndarray:
