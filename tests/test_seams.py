@@ -24,7 +24,17 @@ from hoverdask.pipeline.seams import (
     merge_boxes,
 )
 from hoverdask.postproc import process
-from hoverdask.postproc.stable import normalise_with_range
+from hoverdask.postproc.stable import (
+    NormRanges,
+    WindowSegmentation,
+    find_clusters,
+    flood_clusters,
+    normalise_with_range,
+    seed_ties,
+    segment_window,
+    sobel_responses,
+    value_range,
+)
 
 NR_TYPES = 6
 
@@ -154,6 +164,38 @@ def test_merge_boxes_unions_overlaps_only() -> None:
     boxes = [(0, 0, 10, 10), (5, 5, 20, 20), (30, 30, 40, 40), (19, 19, 31, 31)]
     assert merge_boxes(boxes) == [(0, 0, 40, 40)]
     assert merge_boxes([(0, 0, 5, 5), (5, 5, 9, 9)]) == [(0, 0, 5, 5), (5, 5, 9, 9)]
+
+
+def test_seed_ties_flags_equal_seeds_that_can_grow() -> None:
+    blb = np.ones((3, 7), dtype=np.int32)
+    marker = np.zeros((3, 7), dtype=np.int32)
+    marker[:, :2], marker[:, 5:] = 1, 2
+    clusters_map, clusters = find_clusters(blb, (0, 0))
+
+    def segmentation(dist: np.ndarray) -> WindowSegmentation:
+        return WindowSegmentation((0, 0), blb, dist, marker, clusters_map, clusters, None)
+
+    assert seed_ties(segmentation(np.zeros((3, 7))))[1]
+    ramp = -(np.tile(np.arange(7.0), (3, 1)) ** 2)  # distinct values at the growing seeds
+    ramp[:, 5] -= np.arange(3)  # seed column 5 varies down the rows as well
+    ramp[:, 1] += np.arange(3) * 0.5
+    assert not seed_ties(segmentation(ramp))[1]
+
+
+def test_flooding_alone_equals_flooding_together_without_ties(maps) -> None:
+    crop = maps[200:600, 300:800]
+    h, v = crop[..., 2], crop[..., 3]
+    ranges = NormRanges(value_range(h), value_range(v))
+    sobel_h, sobel_v = sobel_responses(h, v, ranges)
+    ranges = NormRanges(ranges.h, ranges.v, value_range(sobel_h), value_range(sobel_v))
+    seg = segment_window(crop, (0, 0), ranges, NR_TYPES)
+    ties = seed_ties(seg)
+    assert not ties.any()
+    together = flood_clusters(seg, seg.clusters, ties)
+    alone = flood_clusters(seg, seg.clusters, np.ones_like(ties))
+    np.testing.assert_array_equal(together, alone)
+    inst_map, _ = process(crop, NR_TYPES)  # the reference floods the whole map at once
+    np.testing.assert_array_equal(together, inst_map)
 
 
 # --- the WSI fixture -------------------------------------------------------------------------
