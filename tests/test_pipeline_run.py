@@ -128,20 +128,65 @@ def test_resume_redoes_only_missing_parts_and_gives_identical_output(client, coh
     assert again.exit_code == 0
 
 
+def _damaged_slide(path: Path) -> Path:
+    """A slide that opens (metadata intact) but whose first tile cannot be decoded."""
+    import tifffile
+
+    write_synthetic_slide(path, 400, 300, mpp=0.25, seed=9, compression="lossless",
+                          keep_instances=False)
+    with tifffile.TiffFile(path) as tiff:
+        offset, size = tiff.pages[0].dataoffsets[0], tiff.pages[0].databytecounts[0]
+    data = bytearray(path.read_bytes())
+    data[offset : offset + size] = bytes(size)
+    path.write_bytes(bytes(data))
+    return path
+
+
 @pytest.mark.slow
 def test_a_bad_slide_fails_alone(client, cohort, tmp_path):
     broken = tmp_path / "broken.svs"
     broken.write_bytes(b"not a tiff at all")
+    damaged = _damaged_slide(tmp_path / "damaged.svs")  # fails inside a worker task
     out = tmp_path / "out"
     result = run_cohort(
-        [broken, cohort["alpha"], tmp_path / "missing.svs"], out,
+        [broken, damaged, cohort["alpha"], tmp_path / "missing.svs"], out,
         predictor_factory=_factory(cohort), client=client,
         options=RunOptions(chunk_size=656, tissue_mask=False), progress=False,
     )
-    assert [s.status for s in result.slides] == ["failed", "ok", "failed"]
+    assert [s.status for s in result.slides] == ["failed", "failed", "ok", "failed"]
     assert result.exit_code == 1
     assert "SlideError" in result.slides[0].error
+    assert "damaged" in result.slides[1].error
     rows = list(csv.DictReader((out / "summary.csv").open()))
-    assert [r["status"] for r in rows] == ["failed", "ok", "failed"]
-    assert rows[2]["error"]
+    assert [r["status"] for r in rows] == ["failed", "failed", "ok", "failed"]
+    assert rows[3]["error"]
     assert (out / "alpha" / "nuclei.parquet").exists()
+    assert not (out / "damaged" / "run.json").exists()
+
+
+@pytest.mark.slow
+def test_bench_times_the_whole_pipeline(client, cohort):
+    from hoverdask.pipeline import time_pipeline
+
+    timing = time_pipeline(width=400, height=300, predictor_factory=_factory(cohort),
+                           client=client, options=RunOptions(chunk_size=656, tissue_mask=False))
+    assert timing.megapixels == pytest.approx(400 * 300 / 1e6)
+    maps = _stored(np.load(cohort["maps"]))[:300, :400]
+    assert timing.nuclei == len(nuclei_from_maps(maps, 1024, NR_TYPES)) > 50
+    assert timing.mpix_per_s > 0
+
+
+@pytest.mark.slow
+def test_tiles_without_tissue_are_skipped_exactly(client, cohort, tmp_path):
+    out = tmp_path / "out"
+    run_cohort([cohort["beta"]], out, predictor_factory=_factory(cohort), client=client,
+               options=RunOptions(chunk_size=164, keep_work=True), progress=False)
+    done = [tuple(int(n) for n in p.stem.split("_"))
+            for p in (out / "beta" / ".work" / "tiles").glob("*.json")]
+    assert 0 < len(done) < 4 * 5  # the synthetic slide has glass: some tiles hold no tissue
+    maps = np.zeros_like(_stored(np.load(cohort["maps"])))
+    for row, col in done:
+        maps[row * 164 : (row + 1) * 164, col * 164 : (col + 1) * 164] = _stored(
+            np.load(cohort["maps"]))[row * 164 : (row + 1) * 164, col * 164 : (col + 1) * 164]
+    _assert_same_nuclei(gpd.read_parquet(out / "beta" / "nuclei.parquet"),
+                        nuclei_from_maps(maps, 1024, NR_TYPES))
