@@ -82,7 +82,7 @@ def write_qupath(
     nuclei
         Nuclei table (level-0 px) with ``nucleus_id``; feature columns become measurements.
     slide_id
-        Used for ids when the table has no ``slide_id`` column.
+        Slide id for the ids and metadata (default: the table's ``slide_id`` column).
     type_table
         Type names/colours; type 0 (or a table without types) gives unclassified objects.
     as_cells

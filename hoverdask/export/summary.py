@@ -85,8 +85,9 @@ def write_slide_outputs(
     if "qupath" in formats:
         path = out_dir / "nuclei.geojson.gz"
         write_qupath(
-            nuclei.assign(slide_id=slide_id),
+            nuclei,
             path,
+            slide_id=slide_id,
             type_table=type_table,
             offset=offset,
             as_cells=as_cells,
