@@ -12,12 +12,11 @@ edge that is not a slide edge gets exactly the value it gets on the whole slide,
 depend on that cluster alone. The block layout and the rule that says which block reports which
 cluster live in :mod:`hoverdask.pipeline.seams`; everything here works on plain numpy windows.
 
-One deliberate change from the reference: each cluster is flooded by its own watershed call. The
-reference floods the whole map at once, and skimage pops equally ranked seeds (all markers enter
-the queue at the same priority) in an order that depends on every other seed in the map, so the
-owner of a pixel touching two markers can in principle depend on the extent of the map. Flooding
-per cluster makes the result a function of the cluster only. On the parity slide it changes
-nothing (``docs/seams.md``).
+One choice the reference leaves open: skimage orders two watershed seeds with the same ``dist``
+value by the layout of its queue, i.e. by everything else in the call, so the reference's result
+for such a cluster depends on the extent of the map. Clusters with such a tie are flooded alone
+(a function of the cluster only); all others share one call, which gives the reference labels
+exactly (:func:`seed_ties`, ``docs/seams.md``).
 """
 
 from __future__ import annotations
@@ -47,7 +46,7 @@ OPEN_REACH = 4  # erosion then dilation with the 5x5 ellipse: 2 + 2 px
 # the 3x3 blur needs none (outside the cluster its input is 0). It also exceeds the 9 px a
 # foreground piece below the 10 px size limit can reach from the edge, so a piece that the window
 # cuts below that limit (and drops) cannot hide part of a cluster that looks complete. +2 px spare.
-CONTEXT_MARGIN = SOBEL_REACH + 2
+CONTEXT_MARGIN = max(SOBEL_REACH, OPEN_REACH) + 2
 EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
 Box = tuple[int, int, int, int]  # (y0, x0, y1, x1), half-open, slide pixel indices
