@@ -382,6 +382,7 @@ def resolve_oversized(
 
     result = RefitNuclei()
     seen: set[tuple[int, int, int, int]] = set()
+    reported: set[int] = set()  # overlapping refits decide some clusters twice, identically
     pending = [(grid.grow(t, CONTEXT_MARGIN), t) for t in merge_boxes(fragments)]
     while pending:
         tasks = [
@@ -394,7 +395,8 @@ def resolve_oversized(
             if refit.grow_to is not None:
                 retry.append((refit.grow_to, target))
                 continue
-            result.records.extend(refit.records)
+            result.records.extend(r for r in refit.records if r.nucleus_id not in reported)
+            reported.update(r.nucleus_id for r in refit.records)
             result.seed_ties.extend(box for box in refit.seed_ties if box not in seen)
             for box in refit.oversized:
                 if box not in seen:
@@ -439,6 +441,11 @@ def nuclei_from_maps(
     records = [r for b in blocks for r in b.records]
     fragments = [f for b in blocks for f in b.fragments]
     oversized = resolve_oversized(arr, grid, fragments, ranges, nr_types)
+    ids = [r.nucleus_id for r in records]
+    if len(set(ids)) != len(ids) or not set(ids).isdisjoint(
+        r.nucleus_id for r in oversized.records
+    ):
+        raise RuntimeError("ownership rule broken: a nucleus was reported by two blocks")
     if oversized.oversized:
         warnings.warn(
             f"{len(oversized.oversized)} nucleus cluster(s) did not fit a {halo} px halo and were "
