@@ -22,8 +22,8 @@ Reference quirks kept (for parity with published numbers):
 
 Deviations (the reference would fail): ids need not be contiguous here (results are reported
 with the ids given; for contiguous ids they equal the reference's), maps without background are
-fine, PQ of two empty maps is NaN and ``dice2`` without overlaps 0, instead of a
-ZeroDivisionError.
+fine; for two empty maps Dice, AJI, AJI+, DQ and PQ are NaN (the reference divides by zero or
+warns) and ``dice2`` without any overlap is 0.
 """
 
 from __future__ import annotations
@@ -100,7 +100,8 @@ def overlaps(true: np.ndarray, pred: np.ndarray) -> Overlaps:
 def dice(true: np.ndarray, pred: np.ndarray) -> float:
     """Dice of the binarised maps (the reference's ``get_dice_1``)."""
     t, p = np.asarray(true) > 0, np.asarray(pred) > 0
-    return float(2.0 * np.sum(t & p) / (np.sum(t) + np.sum(p)))
+    with np.errstate(invalid="ignore"):  # NaN when both maps are empty
+        return float(2.0 * np.sum(t & p) / (np.sum(t) + np.sum(p)))
 
 
 def _aji_from_pairs(ov: Overlaps, rows: np.ndarray, cols: np.ndarray) -> float:
@@ -113,7 +114,8 @@ def _aji_from_pairs(ov: Overlaps, rows: np.ndarray, cols: np.ndarray) -> float:
     unpaired_pred = np.ones(len(ov.pred_ids), dtype=bool)
     unpaired_pred[cols] = False
     overall_union += ov.true_area[unpaired_true].sum() + ov.pred_area[unpaired_pred].sum()
-    return float(overall_inter / overall_union)
+    with np.errstate(invalid="ignore"):  # NaN when both maps are empty
+        return float(overall_inter / overall_union)
 
 
 def _aji_iou(ov: Overlaps) -> np.ndarray:
