@@ -187,6 +187,15 @@ def test_random_maps_against_per_mask_definitions(seed: int, n_true: int, n_pred
     assert metrics.dice2(true, pred) == pytest.approx(expected_dice2, abs=TOL)
 
 
-def test_panoptic_quality_of_empty_maps_is_nan() -> None:
+def test_empty_maps() -> None:
+    """One empty side scores 0; two empty maps are undefined (NaN), not an exception."""
     empty = np.zeros((5, 5), dtype=np.int32)
+    one = empty.copy()
+    one[1:3, 1:3] = 1
+    for true, pred in ((one, empty), (empty, one)):
+        assert metrics.dice(true, pred) == metrics.aji(true, pred) == 0.0
+        assert metrics.aji_plus(true, pred) == metrics.panoptic_quality(true, pred)["pq"] == 0.0
+    for score in (metrics.dice, metrics.aji, metrics.aji_plus):
+        assert np.isnan(score(empty, empty))
     assert np.isnan(metrics.panoptic_quality(empty, empty)["dq"])
+    assert metrics.dice2(empty, empty) == 0.0
