@@ -32,6 +32,8 @@ def test_summary_counts_densities_and_means(measured, tmp_path):
         measured, tmp_path / "S1", slide_id="S1", type_table=TYPES, tissue_mm2=0.02
     )
     assert validate_qupath(outputs["qupath"]).count == len(measured)
+    assert sorted(p.name for p in (tmp_path / "S1").iterdir()) == [
+        "nuclei.geojson.gz", "nuclei.parquet", "stats.json"]  # no temporary files left
     rows = [
         {"slide": "S1", "status": "ok", "nuclei": len(measured), "seconds": 12.5, "error": None,
          "outputs": outputs},
