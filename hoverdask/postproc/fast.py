@@ -99,9 +99,7 @@ def markers_fast(
 
     ``overall`` only needs to be right inside ``blb``; it is compared in float64 as there.
     """
-    # float32 vs the float64 threshold: no float32 lies between 0.4 and float32(0.4), so this
-    # agrees with the reference's float64 comparison under any promotion rule
-    core = (blb > 0) & (overall < np.float64(threshold))
+    core = (blb > 0) & np.less(overall, threshold, dtype=np.float64)  # compared in float64
     return label_filled_cores(fill_holes(core).view(np.uint8), min_size)
 
 
