@@ -99,7 +99,7 @@ def markers_fast(
 
     ``overall`` only needs to be right inside ``blb``; it is compared in float64 as there.
     """
-    core = (blb > 0) & np.less(overall, threshold, dtype=np.float64)  # compared in float64
+    core = (blb > 0) & (overall.astype(np.float64) < threshold)  # float64, as the reference
     return label_filled_cores(fill_holes(core).view(np.uint8), min_size)
 
 
