@@ -215,8 +215,14 @@ def run(
     model: Annotated[
         Path | None, typer.Option("--model", "-m", help="HoVer-Net checkpoint (.tar or .pth).")
     ] = None,
-    workers: Annotated[int, typer.Option(min=1, help="Local CPU workers (GPU: one per GPU).")] = 1,
-    threads_per_worker: Annotated[int, typer.Option(min=1, help="Threads per worker.")] = 1,
+    workers: Annotated[
+        int | None,
+        typer.Option(min=1, help="Local CPU workers [default: one per core; GPUs: one per GPU]."),
+    ] = None,
+    threads_per_worker: Annotated[
+        int | None,
+        typer.Option(min=1, help="Threads per worker [default: 1; GPUs: cores per GPU]."),
+    ] = None,
     scheduler: Annotated[
         str | None,
         typer.Option(help="Use this Dask scheduler (address or scheduler file) instead of a "

@@ -56,8 +56,8 @@ def resolve_device(device: Device) -> Literal["cpu", "cuda"]:
 
 
 def make_client(
-    workers: int = 1,
-    threads_per_worker: int = 1,
+    workers: int | None = None,
+    threads_per_worker: int | None = None,
     scheduler: str | None = None,
     device: Device = "auto",
     security: object | None = None,
@@ -69,21 +69,30 @@ def make_client(
     """Connect to ``scheduler`` (an address or a scheduler file), or start a LocalCluster.
 
     The local cluster gets one worker per GPU when ``device`` resolves to ``cuda`` (each with
-    the ``GPU=1`` resource), else ``workers`` CPU workers. The dashboard link is printed unless
-    ``quiet``.
+    the ``GPU=1`` resource and by default this machine's cores shared out as threads, so CPU
+    post-processing runs beside inference), else ``workers`` CPU workers (default: one per core,
+    one thread each). The dashboard link is printed unless ``quiet``.
     """
     from distributed import Client, LocalCluster
 
     if scheduler is not None:
         client = _connect(scheduler, security, connect_timeout)
     else:
-        if workers < 1 or threads_per_worker < 1:
+        if (workers is not None and workers < 1) or (
+            threads_per_worker is not None and threads_per_worker < 1
+        ):
             raise ClusterError("--workers and --threads-per-worker must be at least 1")
         resolved = resolve_device(device)
         n_gpus = local_gpu_count() if resolved == "cuda" else 0
+        if n_gpus:
+            n_workers = n_gpus
+            threads = threads_per_worker or max(1, cpu_count() // n_gpus)
+        else:
+            n_workers = workers or cpu_count()
+            threads = threads_per_worker or 1
         cluster = LocalCluster(
-            n_workers=n_gpus or workers,
-            threads_per_worker=threads_per_worker,
+            n_workers=n_workers,
+            threads_per_worker=threads,
             processes=True,
             host="127.0.0.1",
             dashboard_address="127.0.0.1:8787" if dashboard else "127.0.0.1:0",

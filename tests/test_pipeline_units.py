@@ -127,3 +127,34 @@ def test_ledger_discards_parts_of_other_parameters(tmp_path) -> None:
     assert ledger.prepare({"tile": 492}, overwrite=False) is False
     assert ledger.read_marker(ledger.tile_marker(0, 0)) is None
     assert not list(ledger.work.rglob("*.tmp"))
+
+
+def test_out_of_memory_halves_the_batch_and_keeps_the_result() -> None:
+    import torch
+
+    margin, output = 5, 16
+    reference = _patch_function(margin, output)
+    calls = []
+
+    def small_gpu(patches: np.ndarray) -> np.ndarray:
+        calls.append(len(patches))
+        if len(patches) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return reference(patches)
+
+    image = np.random.default_rng(3).integers(0, 256, (3 * 16 + 10, 3 * 16 + 10, 3), np.uint8)
+    predictor = PatchPredictor(small_gpu, margin=margin, output=output, nr_types=1, batch_size=8)
+    expected = PatchPredictor(reference, margin=margin, output=output, nr_types=1).predict_tile(
+        image, (0, 0))
+    np.testing.assert_array_equal(predictor.predict_tile(image, (0, 0)), expected)
+    assert predictor.batch_size == 2
+    assert max(calls[calls.index(2):]) <= 2  # once lowered, the batch stays small
+
+
+def test_other_errors_are_not_retried() -> None:
+    def broken(patches: np.ndarray) -> np.ndarray:
+        raise ValueError("bad weights")
+
+    predictor = PatchPredictor(broken, margin=1, output=2, nr_types=None, batch_size=4)
+    with pytest.raises(ValueError, match="bad weights"):
+        predictor.predict_tile(np.zeros((6, 6, 3), np.uint8), (0, 0))

@@ -40,8 +40,8 @@ def time_pipeline(
     height: int = 2048,
     predictor_factory: PredictorFactory | None = None,
     client: Client | None = None,
-    workers: int = 1,
-    threads_per_worker: int = 1,
+    workers: int | None = None,
+    threads_per_worker: int | None = None,
     options: RunOptions | None = None,
     seed: int = 0,
 ) -> PipelineTiming:
@@ -57,8 +57,8 @@ def time_pipeline(
         if client is None:
             from hoverdask.cluster import make_client
 
-            device = options.device if options.device in ("cpu", "cuda") else "auto"
-            owned = client = make_client(workers, threads_per_worker, device=device,  # type: ignore[arg-type]
+            owned = client = make_client(workers, threads_per_worker,
+                                         device=options.device,  # type: ignore[arg-type]
                                          quiet=True, dashboard=False)
         start = time.perf_counter()
         result = run_cohort([slide], scratch / "out", model=model,

@@ -98,7 +98,8 @@ def write_run_record(
         "model": model,
         "parameters": {**asdict(options), **plan.params},
         "versions": versions(),
-        "timings_s": {"wall": round(seconds, 3), **outcome.get("timings_s", {})},
+        "timings_s": {key: round(float(value), 3) for key, value in
+                      {"wall": seconds, **outcome.get("timings_s", {})}.items()},
         "counts": {
             "nuclei": int(outcome["nuclei"]),
             "map_tiles": plan.grid.shape[0] * plan.grid.shape[1],

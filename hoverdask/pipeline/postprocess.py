@@ -16,6 +16,7 @@ Blocks whose window holds no tissue tile read as all background: they contribute
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -125,14 +126,18 @@ def nuclei_block(
     committed = ledger.read_marker(marker)
     if committed is not None and part.exists():
         return committed
+    started = time.perf_counter()
     grid = block_grid(plan)
     box = grid.window(*block)
     window = maps_store.read_window(ledger.maps_store, *box, nr_types)
     found = seams.block_nuclei(window, box, grid, block, ranges, nr_types)
+    segmented = time.perf_counter()
     table = measured_table(plan, found.records, box)
     atomic_write(part, lambda tmp: table.to_parquet(tmp, index=False))
     summary = {"part": str(part), "nuclei": len(table),
-               "fragments": [list(f) for f in found.fragments]}
+               "fragments": [list(f) for f in found.fragments],
+               "postprocess_s": segmented - started,
+               "features_s": time.perf_counter() - segmented}
     atomic_write_json(marker, summary)
     return summary
 
@@ -143,8 +148,9 @@ def oversized_nuclei(
     """Decide the clusters no block could hold, on windows grown until they fit."""
     fragments = [tuple(f) for b in blocks for f in b["fragments"]]
     parts = [b["part"] for b in blocks]
+    timings = {key: sum(b.get(key, 0.0) for b in blocks) for key in ("postprocess_s", "features_s")}
     if not fragments:
-        return {"parts": parts, "oversized": []}
+        return {"parts": parts, "oversized": [], "timings_s": timings}
     ledger = plan.ledger
     part = ledger.work / "oversized.parquet"
     marker = ledger.work / "oversized.json"
@@ -169,7 +175,7 @@ def oversized_nuclei(
     table = _concat(tables)
     table = table.drop_duplicates("nucleus_id") if len(table) else table
     atomic_write(part, lambda tmp: table.to_parquet(tmp, index=False))
-    summary = {"parts": [*parts, str(part)], "oversized": sorted(oversized)}
+    summary = {"parts": [*parts, str(part)], "oversized": sorted(oversized), "timings_s": timings}
     atomic_write_json(marker, summary)
     return summary
 
@@ -206,7 +212,16 @@ def assemble_slide(
 
     tables = [_read_part(Path(p)) for p in refit["parts"]]
     table = _concat(tables)
-    return finish_slide(plan, table, formats, oversized=refit["oversized"])
+    outcome = finish_slide(plan, table, formats, oversized=refit["oversized"])
+    outcome["timings_s"] = {**tile_timings(plan), **refit.get("timings_s", {})}
+    return outcome
+
+
+def tile_timings(plan: SlidePlan) -> dict[str, float]:
+    """Summed task seconds of the inference stage, from the tile markers (also resumed ones)."""
+    markers = [plan.ledger.read_marker(plan.ledger.tile_marker(*t)) for t in plan.tissue_tiles]
+    return {key: sum((m or {}).get(key, 0.0) for m in markers)
+            for key in ("read_s", "predict_s", "write_s")}
 
 
 def _read_part(path: Path) -> gpd.GeoDataFrame:

@@ -82,13 +82,16 @@ class PatchPredictor:
         rows = (window.shape[0] - 2 * self.margin) // self.output
         cols = (window.shape[1] - 2 * self.margin) // self.output
         patches = split_patches(window, self.margin, self.output)
+        return join_patches(self._predict_all(patches), rows, cols).astype(np.float32, copy=False)
+
+    def _predict_all(self, patches: np.ndarray) -> np.ndarray:
         outputs = []
         start = 0
-        while start < len(patches):
+        while start < len(patches):  # the batch size may drop on the way
             stop = start + self.batch_size
             outputs.append(self._predict_batch(patches[start:stop]))
             start = stop
-        return join_patches(np.concatenate(outputs), rows, cols).astype(np.float32, copy=False)
+        return np.concatenate(outputs)
 
     def _predict_batch(self, batch: np.ndarray) -> np.ndarray:
         try:
@@ -99,11 +102,9 @@ class PatchPredictor:
             import torch
 
             torch.cuda.empty_cache()
-            half = len(batch) // 2
-            self.batch_size = max(1, half)
+            self.batch_size = max(1, min(self.batch_size, len(batch) // 2))
             log.warning("GPU out of memory: batch size lowered to %d", self.batch_size)
-            return np.concatenate([self._predict_batch(batch[:half]),
-                                   self._predict_batch(batch[half:])])
+            return self._predict_all(batch)
 
 
 def _is_cuda_oom(err: Exception) -> bool:
@@ -124,12 +125,12 @@ class TorchPredictorFactory:
     autocast: bool = False
 
     def __call__(self) -> PatchPredictor:
-        from hoverdask.model import patch_geometry, predict_patches
-        from hoverdask.model.checkpoints import load_model
+        from hoverdask.model import load_model, patch_geometry, predict_patches, resolve_device
 
-        model = load_model(self.model_path, self.device)
+        device = resolve_device(self.device)  # "auto": this worker's GPU if it has one
+        model = load_model(self.model_path, device)
         geometry = patch_geometry(model.mode)
-        predict = functools.partial(predict_patches, model, device=self.device,
+        predict = functools.partial(predict_patches, model, device=device,
                                     autocast=self.autocast)
         return PatchPredictor(predict, margin=geometry.margin, output=geometry.output,
                               nr_types=model.nr_types, batch_size=self.batch_size)

@@ -44,7 +44,7 @@ class RunOptions:
     mpp: float | None = None
     chunk_size: int = 2048
     batch_size: int = 8
-    device: str = "cpu"
+    device: str = "auto"
     autocast: bool = False
     formats: tuple[str, ...] = ("parquet", "qupath")
     tissue_mask: bool = True
@@ -154,8 +154,8 @@ def run_cohort(
     predictor_factory: PredictorFactory | None = None,
     client: Client | None = None,
     options: RunOptions | None = None,
-    workers: int = 1,
-    threads_per_worker: int = 1,
+    workers: int | None = None,
+    threads_per_worker: int | None = None,
     scheduler: str | None = None,
     security: object | None = None,
     progress: bool = True,
@@ -183,8 +183,8 @@ def run_cohort(
 @contextlib.contextmanager
 def _client_for(
     client: Client | None,
-    workers: int,
-    threads_per_worker: int,
+    workers: int | None,
+    threads_per_worker: int | None,
     scheduler: str | None,
     options: RunOptions,
     security: object | None,
@@ -194,8 +194,8 @@ def _client_for(
         return
     from hoverdask.cluster import make_client
 
-    device = "auto" if options.device == "auto" else options.device
-    owned = make_client(workers, threads_per_worker, scheduler, device=device,  # type: ignore[arg-type]
+    owned = make_client(workers, threads_per_worker, scheduler,
+                        device=options.device,  # type: ignore[arg-type]
                         security=security)
     try:
         yield owned

@@ -9,6 +9,7 @@ recomputing, so resubmitting a whole slide after a crash redoes only what is mis
 from __future__ import annotations
 
 import functools
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,11 +79,16 @@ def infer_tile(
     predictor = current_predictor(factory)
     if (predictor.margin, predictor.output) != (grid.margin, grid.output):
         raise RuntimeError("the worker's predictor does not use the slide's patch geometry")
+    started = time.perf_counter()
     rows, cols = window_indices(grid, row, col)
     window = read_rgb(source, rows, cols)
+    read = time.perf_counter()
     y0, x0, y1, x1 = grid.extent(row, col)
     maps = predictor.predict_tile(window, (y0, x0))[: y1 - y0, : x1 - x0]
+    predicted = time.perf_counter()
     stored = maps_store.write_tile(ledger.maps_store, y0, x0, maps, nr_types)
-    stats = {"row": row, "col": col, **tile_stats(stored, nr_types)}
+    seconds = {"read_s": read - started, "predict_s": predicted - read,
+               "write_s": time.perf_counter() - predicted}
+    stats = {"row": row, "col": col, **tile_stats(stored, nr_types), **seconds}
     atomic_write_json(marker, stats)
     return stats
