@@ -10,6 +10,7 @@ spawned workers inherit it).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import functools
@@ -19,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -365,19 +367,45 @@ def test_output_folder_that_cannot_be_made_is_one_clear_line(cohort, tmp_path, m
     assert blocker.read_text().startswith("a file")
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders anyway")
+@contextlib.contextmanager
+def _read_only(folder: Path) -> Iterator[None]:
+    """Make an existing folder unwritable for real: chmod for users, the immutable flag for root
+    (who ignores permission bits)."""
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        undo = functools.partial(folder.chmod, 0o755)
+    else:
+        locked = subprocess.run(["chattr", "+i", str(folder)], capture_output=True, check=False)
+        if locked.returncode != 0:
+            pytest.skip("root, and the file system has no immutable flag (chattr +i)")
+        undo = functools.partial(subprocess.run, ["chattr", "-i", str(folder)], check=True)
+    try:
+        probe = folder / "probe"
+        with pytest.raises(PermissionError):
+            probe.write_text("x")
+        yield
+    finally:
+        undo()
+
+
+@pytest.mark.xfail(strict=True, reason="run_cohort lets PermissionError escape from "
+                   "write_summary: a traceback, not a clear error (see the deploy report)")
 @pytest.mark.slow
-def test_read_only_output_folder_fails_slides_cleanly(client, cohort, tmp_path):
+def test_read_only_output_folder_is_one_clear_line(client, cohort, tmp_path, monkeypatch):
+    from hoverdask import cli
+
+    _cli_with_stub(monkeypatch, _maps(cohort), client)
+    monkeypatch.setattr(cli.console, "width", 1000)
     out = tmp_path / "out"
     out.mkdir()
-    out.chmod(0o555)
-    try:
-        with pytest.raises(Exception, match=r"[Pp]ermission"):
-            run_cohort([cohort["s1"]], out, predictor_factory=_maps(cohort), client=client,
-                       options=OPTIONS, progress=False)  # fmt: skip
-    finally:
-        out.chmod(0o755)
+    with _read_only(out):
+        result = CliRunner().invoke(cli.app, ["run", str(cohort["s1"]), "--out", str(out),
+                                              "--no-tissue-mask"])  # fmt: skip
     assert list(out.iterdir()) == []
+    assert result.exit_code == 2, repr(result.exception)
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith("error:")
+    assert str(out) in line
 
 
 def _limit_file_size(limit: int) -> None:
