@@ -199,8 +199,8 @@ def test_any_slide_name_stays_inside_the_output_folder(name: str) -> None:
 @pytest.mark.slow
 def test_hostile_slide_file_names_write_only_inside_out(tmp_path: Path) -> None:
     import numpy as np
+    from distributed import Client
 
-    from hoverdask.cluster import make_client
     from hoverdask.pipeline.predictors import ArrayPredictorFactory
     from hoverdask.pipeline.run import RunOptions, run_cohort
     from hoverdask.postproc.synthetic import synthetic_pred_map
@@ -219,8 +219,7 @@ def test_hostile_slide_file_names_write_only_inside_out(tmp_path: Path) -> None:
         slides[-1].write_bytes(source.read_bytes())
     out = deep / "out"
     before = set(tmp_path.rglob("*"))
-    client = make_client(workers=1, threads_per_worker=2, device="cpu", quiet=True,
-                         dashboard=False)  # fmt: skip
+    client = Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=None)
     try:
         result = run_cohort(
             slides, out, client=client, progress=False,
@@ -229,8 +228,9 @@ def test_hostile_slide_file_names_write_only_inside_out(tmp_path: Path) -> None:
             options=RunOptions(chunk_size=328, tissue_mask=False),
         )  # fmt: skip
     finally:
+        cluster = client.cluster
         client.close()
-        client.cluster.close()
+        cluster.close()
     assert [s.status for s in result.slides] == ["ok"] * len(hostile)
     ids = [s.slide_id for s in result.slides]
     assert len(set(ids)) == len(ids)
