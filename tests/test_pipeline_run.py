@@ -190,3 +190,22 @@ def test_tiles_without_tissue_are_skipped_exactly(client, cohort, tmp_path):
             np.load(cohort["maps"]))[row * 164 : (row + 1) * 164, col * 164 : (col + 1) * 164]
     _assert_same_nuclei(gpd.read_parquet(out / "beta" / "nuclei.parquet"),
                         nuclei_from_maps(maps, 1024, NR_TYPES))
+
+
+@pytest.mark.slow
+def test_a_slide_without_tissue_finishes_empty_with_a_warning(client, cohort, tmp_path):
+    import tifffile
+
+    blank = tmp_path / "blank.svs"
+    tifffile.imwrite(blank, np.full((400, 500, 3), 242, np.uint8), tile=(256, 256),
+                     photometric="rgb", description="Aperio Image Library |MPP = 0.25")
+    out = tmp_path / "out"
+    result = run_cohort([blank], out, predictor_factory=_factory(cohort), client=client,
+                        options=RunOptions(chunk_size=328), progress=False)
+    (slide,) = result.slides
+    assert (slide.status, slide.nuclei) == ("ok", 0)
+    assert "no tissue" in slide.error
+    assert len(gpd.read_parquet(out / "blank" / "nuclei.parquet")) == 0
+    row = next(csv.DictReader((out / "summary.csv").open()))
+    assert float(row["tissue_mm2"]) == 0.0
+    assert "no tissue" in row["error"]

@@ -11,6 +11,7 @@ fails its slide only: the slide is recorded in ``summary.csv`` and the others go
 from __future__ import annotations
 
 import contextlib
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,12 @@ if TYPE_CHECKING:
 NO_MODEL_MESSAGE = (
     "no model given: pass --model with a HoVer-Net checkpoint (an official HoVer-Net .tar, a "
     "TIAToolbox .pth, or one written by `hoverdask train`)"
+)
+
+
+NO_TISSUE_WARNING = (
+    "warning: the tissue mask found no tissue (blank or glass-only slide?), so nothing was "
+    "segmented; pass --no-tissue-mask to process every tile"
 )
 
 
@@ -170,14 +177,24 @@ def run_cohort(
     if not slides:
         raise HoverdaskError("no slides given")
     out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise HoverdaskError(f"cannot create output folder {out}: {err}") from None
+    check_writable(out)
     spec = resolve_model(model, predictor_factory, options)
     with _client_for(client, workers, threads_per_worker, scheduler, options, security) as live:
         runner = _CohortRunner(live, out, spec, options, progress=progress)
         return runner.run([str(s) for s in slides])
+
+
+def check_writable(out: Path) -> None:
+    """Fail early, with one line, when the output folder cannot be made or written."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise HoverdaskError(f"cannot create output folder {out}: {err}") from None
+    try:
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as err:
+        raise HoverdaskError(f"cannot write to output folder {out}: {err}") from None
 
 
 @contextlib.contextmanager
@@ -322,6 +339,7 @@ class _CohortRunner:
             plan.ledger.clean_work()
         self._record(SlideResult(plan.slide_path, plan.slide_id, "ok",
                                  nuclei=int(outcome["nuclei"]), seconds=round(seconds, 3),
+                                 error=_warning(plan, self.options),
                                  out_dir=plan.slide_dir, outputs=outcome.get("files", {})))
 
     def _fail(self, state: _SlideState, error: BaseException | None) -> None:
@@ -344,6 +362,13 @@ def _finished_result(slide: str, plan: SlidePlan) -> SlideResult:
     return SlideResult(slide, plan.slide_id, "skipped", nuclei=int(counts.get("nuclei", 0)),
                        seconds=0.0, out_dir=plan.slide_dir,
                        error="finished earlier; --overwrite redoes it")
+
+
+def _warning(plan: SlidePlan, options: RunOptions) -> str:
+    """What a finished slide's row should still tell the user."""
+    if options.tissue_mask and not plan.tissue_tiles:
+        return NO_TISSUE_WARNING
+    return ""
 
 
 def _one_line(error: BaseException | None) -> str:
