@@ -324,7 +324,12 @@ class _CohortRunner:
                 bar.advance(state.plan.slide_id)
                 if future.key == state.final.key:
                     pending.discard(slide)
-                    self._succeed(state, future.result())
+                    try:
+                        self._succeed(state, future.result())
+                    except OSError as err:  # run.json could not be written: not finished
+                        self._fail(state, err)
+                        bar.finish(state.plan.slide_id, ok=False)
+                        continue
                     bar.finish(state.plan.slide_id, ok=True)
         except KeyboardInterrupt:
             for state in states.values():
@@ -353,7 +358,10 @@ class _CohortRunner:
     def _record(self, result: SlideResult) -> None:
         self.results[result.slide] = result
         rows = [self.results[s].row() for s in self.order if s in self.results]
-        outputs.write_summary(rows, self.out)
+        try:
+            outputs.write_summary(rows, self.out)
+        except OSError as err:
+            raise HoverdaskError(f"cannot write the cohort summary in {self.out}: {err}") from None
 
 
 def _finished_result(slide: str, plan: SlidePlan) -> SlideResult:
