@@ -42,3 +42,20 @@ def test_partial_tls_options_are_a_usage_error(tmp_path) -> None:
     assert run_security(None, None, None) is None
     with pytest.raises(Exception, match="all three"):
         run_security(tmp_path / "ca.pem", None, None)
+
+
+def test_local_cluster_speaks_tls_when_given_certificates(tmp_path) -> None:
+    from hoverdask.security import make_self_signed
+
+    files = make_self_signed(tmp_path / "tls")
+    security = run_security(files.ca_file, files.cert_file, files.key_file)
+    assert security.require_encryption
+    client = make_client(workers=1, threads_per_worker=1, device="cpu", security=security,
+                         quiet=True, dashboard=False)
+    try:
+        assert client.scheduler.address.startswith("tls://127.0.0.1:")
+        assert client.submit(_square, 5).result() == 25
+    finally:
+        cluster = client.cluster
+        client.close()
+        cluster.close()
