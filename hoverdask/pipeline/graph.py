@@ -5,18 +5,18 @@
     infer r_c (GPU, one per tissue tile) ──► post-processing passes (CPU, per block)
                                               ──► assemble (CPU, one per slide)
 
-Keys name the stage, the slide, the unit and a token of the run's parameters, so two runs in one
-client never share results by accident and the dashboard shows which slide a task belongs to.
+Keys name the stage, the slide, the unit and a token drawn per run, so a rerun in the same client
+never picks up the finished futures of an earlier run (resuming goes through the ledger's files)
+and the dashboard shows which slide a task belongs to.
 Only inference tasks ask for the ``GPU`` resource; with futures that request stays on exactly
 those tasks (annotations on array graphs can be merged away by blockwise fusion).
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
-
-from dask.base import tokenize
 
 from hoverdask.pipeline import maps_store, tasks
 from hoverdask.pipeline.outputs import save_tissue
@@ -27,9 +27,6 @@ if TYPE_CHECKING:
 
     from hoverdask.pipeline.plan import SlidePlan
     from hoverdask.pipeline.run import ModelSpec, RunOptions
-
-Submit = Callable[..., "Future"]
-
 
 def submit_slide(
     client: Client,
@@ -50,7 +47,7 @@ def submit_slide(
     save_tissue(ledger, tissue)
     maps_store.create_store(ledger.maps_store, (plan.grid.height, plan.grid.width),
                             plan.grid.tile, spec.nr_types)
-    token = tokenize(plan.slide_dir, plan.params, spec.description, options)[:10]
+    token = uuid.uuid4().hex[:10]  # fresh per run: never the finished futures of an earlier one
 
     def submit(stage: str, unit: str, func: Callable[..., Any], *args: Any,
                resources: dict[str, float] | None = None) -> Future:
@@ -73,7 +70,7 @@ def _ledger_params(plan: SlidePlan, spec: ModelSpec, options: RunOptions) -> dic
     """What the cached parts depend on; anything else may change between a crash and a rerun."""
     return {
         "slide": plan.slide_path,
-        "model": spec.description,
+        "model": {k: v for k, v in spec.description.items() if k != "path"},  # sha256 decides
         "plan": plan.params,
         "tissue_tiles": [list(t) for t in plan.tissue_tiles],
     }
