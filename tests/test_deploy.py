@@ -325,8 +325,8 @@ def _listening_hosts(port: int, pid: int | None = None) -> set[str]:
 # --- the multi-process path on localhost --------------------------------------------------------
 
 
-def _start(args: list[str], log: Path) -> subprocess.Popen:
-    """Start a Dask process that can import this test module (the tasks below live here)."""
+def start_process(args: list[str], log: Path) -> subprocess.Popen:
+    """Start a Dask process that can import the test modules (tasks may live there)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
     handle = log.open("w")
     return subprocess.Popen(
@@ -334,7 +334,7 @@ def _start(args: list[str], log: Path) -> subprocess.Popen:
     )
 
 
-def _wait_for_file(path: Path, process: subprocess.Popen, log: Path, seconds: float = 60) -> None:
+def wait_for_file(path: Path, process: subprocess.Popen, log: Path, seconds: float = 60) -> None:
     import time
 
     deadline = time.monotonic() + seconds
@@ -348,18 +348,18 @@ def _wait_for_file(path: Path, process: subprocess.Popen, log: Path, seconds: fl
 def process_cluster(tmp_path: Path) -> Iterator[tuple[str, list[subprocess.Popen]]]:
     """A scheduler and two `GPU=1` workers, each its own OS process, as on separate hosts."""
     scheduler_file = tmp_path / "scheduler.json"
-    scheduler = _start(
+    scheduler = start_process(
         [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
          "--port", "0", "--no-dashboard", "--scheduler-file", str(scheduler_file)],
         tmp_path / "scheduler.log",
     )  # fmt: skip
     processes = [scheduler]
     try:
-        _wait_for_file(scheduler_file, scheduler, tmp_path / "scheduler.log")
+        wait_for_file(scheduler_file, scheduler, tmp_path / "scheduler.log")
         address = json.loads(scheduler_file.read_text())["address"]
         for index in range(2):
             processes.append(
-                _start(
+                start_process(
                     [sys.executable, "-m", "distributed.cli.dask_worker", address,
                      "--host", "127.0.0.1", "--nthreads", "1", "--resources", "GPU=1",
                      "--name", f"gpu-{index}", "--no-dashboard", "--no-nanny"],
@@ -368,11 +368,11 @@ def process_cluster(tmp_path: Path) -> Iterator[tuple[str, list[subprocess.Popen
             )  # fmt: skip
         yield str(scheduler_file), processes
     finally:
-        _stop(processes[1:])  # workers first: a worker closing while its scheduler goes may hang
-        _stop(processes[:1])
+        stop_processes(processes[1:])  # workers first: a worker closing while its scheduler goes may hang
+        stop_processes(processes[:1])
 
 
-def _stop(processes: list[subprocess.Popen]) -> None:
+def stop_processes(processes: list[subprocess.Popen]) -> None:
     for process in processes:
         process.terminate()
     for process in processes:

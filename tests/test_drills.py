@@ -332,8 +332,6 @@ def test_bad_slides_are_named_with_a_reason_and_good_ones_written(client, cohort
         assert nucleus_set(gpd.read_parquet(out / name / "nuclei.parquet")) == clean[name]
 
 
-@pytest.mark.xfail(strict=True, reason="run_cohort reports a slide without tissue as ok, "
-                   "0 nuclei, with no reason (hoverdask/pipeline/run.py, see the deploy report)")
 @pytest.mark.slow
 def test_a_slide_without_tissue_is_named_with_a_reason(client, cohort, tmp_path):
     import tifffile
@@ -388,8 +386,6 @@ def _read_only(folder: Path) -> Iterator[None]:
         undo()
 
 
-@pytest.mark.xfail(strict=True, reason="run_cohort lets PermissionError escape from "
-                   "write_summary: a traceback, not a clear error (see the deploy report)")
 @pytest.mark.slow
 def test_read_only_output_folder_is_one_clear_line(client, cohort, tmp_path, monkeypatch):
     from hoverdask import cli

@@ -13,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import psutil
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from test_deploy import start_process, stop_processes, wait_for_file
 
 from hoverdask.errors import HoverdaskError
 from hoverdask.security import TlsFiles, make_self_signed, tls_security
@@ -66,21 +66,6 @@ def test_self_signed_certificate_is_signed_by_its_ca(tmp_path: Path) -> None:
 # --- TLS across processes -----------------------------------------------------------------------
 
 
-def _start(args: list[str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen(args, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=log.parent)
-
-
-def _stop(processes: list[subprocess.Popen]) -> None:
-    for process in processes:
-        process.terminate()
-    for process in processes:
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 @pytest.fixture
 def tls_cluster(tmp_path: Path) -> Iterator[tuple[str, TlsFiles]]:
     """A TLS-only scheduler and worker, separate processes, certificates from a private CA."""
@@ -88,7 +73,7 @@ def tls_cluster(tmp_path: Path) -> Iterator[tuple[str, TlsFiles]]:
     flags = ["--tls-ca-file", str(files.ca_file), "--tls-cert", str(files.cert_file),
              "--tls-key", str(files.key_file)]  # fmt: skip
     scheduler_file = tmp_path / "scheduler.json"
-    scheduler = _start(
+    scheduler = start_process(
         [sys.executable, "-m", "distributed.cli.dask_scheduler", "--protocol", "tls",
          "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
          "--scheduler-file", str(scheduler_file), *flags],
@@ -96,21 +81,17 @@ def tls_cluster(tmp_path: Path) -> Iterator[tuple[str, TlsFiles]]:
     )  # fmt: skip
     worker = None
     try:
-        deadline = time.monotonic() + 60
-        while not scheduler_file.exists():
-            assert scheduler.poll() is None, (tmp_path / "scheduler.log").read_text()
-            assert time.monotonic() < deadline, "the TLS scheduler did not start"
-            time.sleep(0.2)
+        wait_for_file(scheduler_file, scheduler, tmp_path / "scheduler.log")
         address = json.loads(scheduler_file.read_text())["address"]
-        worker = _start(
+        worker = start_process(
             [sys.executable, "-m", "distributed.cli.dask_worker", address, "--host", "127.0.0.1",
              "--nthreads", "1", "--no-dashboard", "--no-nanny", *flags],
             tmp_path / "worker.log",
         )  # fmt: skip
         yield address, files
     finally:
-        _stop([worker] if worker else [])
-        _stop([scheduler])
+        stop_processes([worker] if worker else [])  # workers first, as in test_deploy
+        stop_processes([scheduler])
 
 
 @pytest.mark.slow
