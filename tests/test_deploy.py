@@ -152,7 +152,7 @@ def test_daskcluster_workers_have_gpu_limits_and_resources(manifests: dict[str, 
     cluster = manifests["DaskCluster"]
     assert cluster["apiVersion"] == "kubernetes.dask.org/v1"
     (worker,) = cluster["spec"]["worker"]["spec"]["containers"]
-    assert worker["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert worker["resources"]["limits"]["nvidia.com/gpu"] == "1"  # the CRD wants strings
     assert worker["args"][:2] == ["dask", "worker"]
     assert _option(worker["args"], "--resources") == "GPU=1"
     assert cluster["spec"]["worker"]["replicas"] >= 1
@@ -184,6 +184,60 @@ def test_daskcluster_scheduler_service_is_internal_and_matches_ports(
     named_ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert {p["targetPort"] for p in service["ports"]} <= set(named_ports)
     assert named_ports["tcp-comm"] == int(_option(container["args"], "--port"))
+
+
+def _daskcluster_crd() -> Path:
+    """The operator's DaskCluster CRD: from HOVERDASK_DASKCLUSTER_CRD, or the one the
+    dask-kubernetes package ships (the `[k8s]` extra)."""
+    if "HOVERDASK_DASKCLUSTER_CRD" in os.environ:
+        return Path(os.environ["HOVERDASK_DASKCLUSTER_CRD"])
+    package = pytest.importorskip("dask_kubernetes", reason="dask-kubernetes ships the CRD")
+    crds = Path(package.__file__).parent / "operator/deployment/helm/dask-kubernetes-operator"
+    return crds / "crds" / "daskcluster.yaml"
+
+
+def _schema_errors(value: object, schema: dict, where: str = "") -> list[str]:
+    """What an API server with strict field validation would reject: unknown fields, wrong
+    types, missing required fields (a structural OpenAPI v3 schema, as CRDs carry)."""
+    if schema.get("x-kubernetes-preserve-unknown-fields"):
+        return []
+    if schema.get("x-kubernetes-int-or-string") or schema.get("format") == "int-or-string":
+        ok = isinstance(value, int | str) and not isinstance(value, bool)
+        return [] if ok else [f"{where}: not an int or string"]
+    kind = schema.get("type")
+    python = {"object": dict, "array": list, "string": str, "boolean": bool,
+              "integer": int, "number": int | float}.get(kind)  # fmt: skip
+    if python and (not isinstance(value, python) or (kind in ("integer", "number") and
+                                                     isinstance(value, bool))):  # fmt: skip
+        return [f"{where}: {value!r} is not of type {kind}"]
+    errors = []
+    if kind == "array":
+        for index, item in enumerate(value):  # type: ignore[arg-type]
+            errors += _schema_errors(item, schema.get("items", {}), f"{where}[{index}]")
+    if kind == "object":
+        properties, extra = schema.get("properties"), schema.get("additionalProperties")
+        for key, item in value.items():  # type: ignore[union-attr]
+            if properties and key in properties:
+                errors += _schema_errors(item, properties[key], f"{where}.{key}")
+            elif isinstance(extra, dict):
+                errors += _schema_errors(item, extra, f"{where}.{key}")
+            elif properties is not None and extra is not True:
+                errors.append(f"{where}.{key}: unknown field")
+        errors += [f"{where}.{key}: required" for key in schema.get("required", [])
+                   if key not in value]  # type: ignore[operator]  # fmt: skip
+    return errors
+
+
+def test_daskcluster_validates_against_the_operator_crd(manifests: dict[str, dict]) -> None:
+    crd = yaml.safe_load(_daskcluster_crd().read_text())
+    assert crd["spec"]["names"]["kind"] == "DaskCluster"
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    cluster = manifests["DaskCluster"]
+    assert cluster["apiVersion"] == f"{crd['spec']['group']}/v1"
+    schema = version["schema"]["openAPIV3Schema"]
+    assert _schema_errors({"spec": cluster["spec"]}, schema) == []
+    broken = {"spec": {**cluster["spec"], "workers": {}}}  # the checker does catch a typo
+    assert _schema_errors(broken, schema) == [".spec.workers: unknown field"]
 
 
 # --- slurm -------------------------------------------------------------------------------------
