@@ -209,3 +209,32 @@ def test_a_slide_without_tissue_finishes_empty_with_a_warning(client, cohort, tm
     row = next(csv.DictReader((out / "summary.csv").open()))
     assert float(row["tissue_mm2"]) == 0.0
     assert "no tissue" in row["error"]
+
+
+@pytest.mark.slow
+def test_inference_runs_only_on_gpu_workers_and_post_processing_anywhere(cohort, tmp_path):
+    """A cluster with one worker advertising GPU=1 and one without: every inference task must
+    land on the GPU worker, and the CPU passes must be free to use the other."""
+    from distributed import Client, Nanny, Scheduler, SpecCluster, get_task_stream
+
+    workers = {
+        "gpu": {"cls": Nanny, "options": {"nthreads": 1, "host": "127.0.0.1",
+                                          "resources": {"GPU": 1}}},
+        "cpu": {"cls": Nanny, "options": {"nthreads": 1, "host": "127.0.0.1"}},
+    }
+    scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1",
+                                               "dashboard_address": "127.0.0.1:0"}}
+    with SpecCluster(workers=workers, scheduler=scheduler) as cluster, Client(cluster) as client:
+        client.wait_for_workers(2)
+        names = {w["name"]: a for a, w in client.scheduler_info()["workers"].items()}
+        with get_task_stream(client) as stream:
+            result = run_cohort([cohort["alpha"]], tmp_path / "out",
+                                predictor_factory=_factory(cohort), client=client,
+                                options=RunOptions(chunk_size=164, tissue_mask=False),
+                                progress=False)
+    assert result.exit_code == 0
+    placed = {}
+    for record in stream.data:
+        placed.setdefault(record["key"].split("-")[0], set()).add(record["worker"])
+    assert placed["infer"] == {names["gpu"]}
+    assert len(placed["nuclei"] | placed["sobel"]) == 2  # CPU passes used both workers
