@@ -217,11 +217,11 @@ def run(
     ] = None,
     workers: Annotated[
         int | None,
-        typer.Option(min=1, help="Local CPU workers [default: one per core; GPUs: one per GPU]."),
+        typer.Option(min=1, help="Local CPU workers (default: one per core; GPUs: one per GPU)."),
     ] = None,
     threads_per_worker: Annotated[
         int | None,
-        typer.Option(min=1, help="Threads per worker [default: 1; GPUs: cores per GPU]."),
+        typer.Option(min=1, help="Threads per worker (default: 1; GPUs: cores per GPU)."),
     ] = None,
     scheduler: Annotated[
         str | None,
@@ -236,6 +236,9 @@ def run(
         int, typer.Option(min=1, help="Map tile size in processing pixels (whole patches).")
     ] = 1968,
     batch_size: Annotated[int, typer.Option(min=1, help="Patches per network call.")] = 8,
+    autocast: Annotated[
+        bool, typer.Option(help="bfloat16 inference on CUDA (faster; maps differ slightly).")
+    ] = False,
     formats: Annotated[
         str, typer.Option("--format", help="Comma-separated outputs: parquet, qupath.")
     ] = "parquet,qupath",
@@ -260,7 +263,7 @@ def run(
     if unknown or not wanted:
         raise HoverdaskError(f"--format takes parquet and/or qupath, not {formats!r}")
     options = RunOptions(mpp=mpp, chunk_size=chunk_size, batch_size=batch_size, device=device,
-                         formats=wanted, overwrite=overwrite, keep_work=keep_work,
+                         autocast=autocast, formats=wanted, overwrite=overwrite, keep_work=keep_work,
                          tissue_mask=tissue_mask)
     result = run_cohort(
         slides, out, model=model, options=options, workers=workers,
