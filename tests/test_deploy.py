@@ -463,3 +463,40 @@ def test_scheduler_and_workers_as_separate_processes(
         assert os.getpid() not in pids
     finally:
         client.close()
+
+
+@pytest.mark.slow
+def test_run_cohort_through_an_external_gpu_cluster(
+    process_cluster: tuple[str, list[subprocess.Popen]], tmp_path: Path
+) -> None:
+    """`hoverdask run --scheduler FILE`: inference tasks ask for GPU=1 (the workers offer it) and
+    the nuclei equal whole-map post-processing of the same maps."""
+    import geopandas as gpd
+    import numpy as np
+
+    from hoverdask.pipeline import maps_store, nuclei_from_maps
+    from hoverdask.pipeline.predictors import ArrayPredictorFactory
+    from hoverdask.pipeline.run import RunOptions, run_cohort
+    from hoverdask.postproc.synthetic import synthetic_pred_map
+    from hoverdask.synth import write_synthetic_slide
+
+    scheduler_file, _ = process_cluster
+    size, nr_types = 328, 6
+    slide = tmp_path / "slide.svs"
+    write_synthetic_slide(slide, size, size, mpp=0.25, seed=3, keep_instances=False)
+    maps = synthetic_pred_map(size, size, nr_types, seed=3)
+    np.save(tmp_path / "maps.npy", maps)
+    factory = ArrayPredictorFactory(str(tmp_path / "maps.npy"), margin=46, output=164,
+                                    nr_types=nr_types)  # fmt: skip
+    result = run_cohort([slide], tmp_path / "out", predictor_factory=factory,
+                        scheduler=scheduler_file, progress=False,
+                        options=RunOptions(chunk_size=164, tissue_mask=False))  # fmt: skip
+    assert result.slides[0].status == "ok", result.slides[0].error
+    names = maps_store.channel_names(nr_types)
+    stored = np.stack([maps_store.dequantise(n, maps_store.quantise(n, maps[..., i]))
+                       for i, n in enumerate(names)], axis=-1)  # fmt: skip
+    want = nuclei_from_maps(stored, size, nr_types)
+    got = gpd.read_parquet(tmp_path / "out" / "slide" / "nuclei.parquet")
+    assert len(want) > 20
+    assert sorted(got["nucleus_id"]) == sorted(want["nucleus_id"])
+    assert sorted(got["area_px"]) == sorted(want["area_px"])
