@@ -43,8 +43,9 @@ def context_size(input_size: int) -> int:
 
 
 def _fold(coords: np.ndarray, size: int) -> np.ndarray:
-    """Which mirrored copy (…, -1, 0, 1, …) a virtual coordinate falls in, for symmetric padding."""
-    return np.floor_divide(coords, size)
+    """Which mirrored copy (0, 1, 2, …) a virtual coordinate falls in, for symmetric padding."""
+    folds = np.floor_divide(coords, size)
+    return folds - folds.min()
 
 
 def mirror_window(win: Window, top: int, left: int, size: int) -> Window:
@@ -52,17 +53,14 @@ def mirror_window(win: Window, top: int, left: int, size: int) -> Window:
     height, width = win.inst.shape
     rows = np.arange(top, top + size)
     cols = np.arange(left, left + size)
-    src_rows = _reflect_index(rows, height)
-    src_cols = _reflect_index(cols, width)
-    image = win.image[np.ix_(src_rows, src_cols)]
-    inst = win.inst[np.ix_(src_rows, src_cols)].astype(np.int64)
-    copy = (_fold(rows, height)[:, None] * 1009 + _fold(cols, width)[None, :]).astype(np.int64)
-    if (copy != 0).any():
-        _, copy_index = np.unique(copy, return_inverse=True)
-        stride = int(inst.max()) + 1
-        inst = np.where(inst > 0, inst + copy_index.reshape(copy.shape) * stride, 0)
-    types = None if win.types is None else win.types[np.ix_(src_rows, src_cols)]
-    return Window(image, _sequential(inst), types)
+    src = np.ix_(_reflect_index(rows, height), _reflect_index(cols, width))
+    inst = win.inst[src].astype(np.int64)
+    row_fold, col_fold = _fold(rows, height), _fold(cols, width)
+    if row_fold.max() > 0 or col_fold.max() > 0:
+        copy = row_fold[:, None] * (col_fold.max() + 1) + col_fold[None, :]
+        inst = np.where(inst > 0, inst + copy * (int(inst.max()) + 1), 0)
+    types = None if win.types is None else win.types[src]
+    return Window(win.image[src], _sequential(inst), types)
 
 
 def _reflect_index(coords: np.ndarray, size: int) -> np.ndarray:
@@ -72,11 +70,12 @@ def _reflect_index(coords: np.ndarray, size: int) -> np.ndarray:
 
 
 def _sequential(inst: np.ndarray) -> np.ndarray:
-    """Ids renumbered 1..N (keeps them exact in float32 for cv2 warps)."""
-    ids, inverse = np.unique(inst, return_inverse=True)
-    if ids[0] != 0:
-        inverse = inverse + 1
-    return inverse.reshape(inst.shape).astype(np.int32)
+    """Ids renumbered 1..N in ascending order (keeps them exact in float32 for cv2 warps)."""
+    present = np.zeros(int(inst.max(initial=0)) + 1, bool)
+    present[inst.ravel()] = True
+    present[0] = False
+    lookup = np.cumsum(present).astype(np.int32) * present
+    return lookup[inst]
 
 
 def random_window(win: Window, input_size: int, rng: np.random.Generator) -> Window:
