@@ -341,6 +341,9 @@ def train(
     seed: Annotated[int, typer.Option(help="Seed for weights and batch sampling.")] = 10,
     save_every: Annotated[int, typer.Option(min=0, help="Also save every N steps (0: no).")] = 0,
     val_every: Annotated[int, typer.Option(min=0, help="Also validate every N steps.")] = 0,
+    val_windows: Annotated[
+        int, typer.Option(min=1, help="Validation windows (a grid over the --val images).")
+    ] = 32,
     workers: Annotated[int, typer.Option(min=0, help="Batch-building processes.")] = 0,
     input_size: Annotated[
         int | None, typer.Option(help="Training window side (default: the mode's patch input).")
@@ -355,7 +358,7 @@ def train(
         data=tuple(data), out=out, mode=mode, nr_types=nr_types, steps=steps,
         batch_size=batch_size, device=device, init=init, val=tuple(val or ()), resume=resume,
         stage_one_fraction=stage_one, precision=precision, seed=seed, save_every=save_every,
-        val_every=val_every, workers=workers, input_size=input_size,
+        val_every=val_every, val_windows=val_windows, workers=workers, input_size=input_size,
     )
 
     def show(log: StepLog) -> None:
