@@ -46,7 +46,7 @@ class SlurmConfig:
     account: str | None = None
     worker_threads: int | None = None
     worker_resources: dict[str, float] = field(default_factory=lambda: {"GPU": 1})
-    minimum_jobs: int = 0
+    minimum_jobs: int = 1
     maximum_jobs: int = 1
     job_extra_directives: tuple[str, ...] = ()
     job_script_prologue: tuple[str, ...] = ()
@@ -106,8 +106,10 @@ def parse_slurm_config(raw: dict[str, Any], source: str = "config") -> SlurmConf
     memory = where.string(slurm, "slurm.memory", required=True)
     if not MEMORY.match(memory):
         raise HoverdaskError(f"{source}: slurm.memory {memory!r} is not like '64GB' or '500MiB'")
-    minimum = where.integer(adaptive, "adaptive.minimum_jobs", 0, minimum=0)
-    maximum = where.integer(adaptive, "adaptive.maximum_jobs", max(minimum, 1), minimum=1)
+    # at least one job stays: `hoverdask run` plans against the workers it finds, so a cluster
+    # scaled to zero would refuse work instead of growing
+    minimum = where.integer(adaptive, "adaptive.minimum_jobs", 1, minimum=1)
+    maximum = where.integer(adaptive, "adaptive.maximum_jobs", minimum, minimum=1)
     if maximum < minimum:
         raise HoverdaskError(
             f"{source}: adaptive.maximum_jobs ({maximum}) is below minimum_jobs ({minimum})"

@@ -311,6 +311,7 @@ MINIMAL = {"partition": "gpu", "walltime": "01:00:00", "cores": 4, "memory": "16
         ({"slurm": {**MINIMAL, "memory": "lots"}}, "slurm.memory"),
         ({"slurm": {**MINIMAL, "cores": "4"}}, "slurm.cores must be an integer"),
         ({"slurm": {**MINIMAL, "gpus_per_job": -1}}, "slurm.gpus_per_job"),
+        ({"slurm": MINIMAL, "adaptive": {"minimum_jobs": 0}}, "adaptive.minimum_jobs"),
         ({"slurm": {**MINIMAL, "queue": "gpu"}}, "unknown field(s) queue in [slurm]"),
         ({"slurm": MINIMAL, "adapt": {}}, "unknown section [adapt]"),
         (
@@ -333,7 +334,7 @@ def test_bad_config_names_the_field(raw: dict, message: str) -> None:
 def test_minimal_config_defaults() -> None:
     config = parse_slurm_config({"slurm": MINIMAL})
     assert (config.gpus_per_job, config.processes, config.threads) == (1, 1, 4)
-    assert (config.minimum_jobs, config.maximum_jobs) == (0, 1)
+    assert (config.minimum_jobs, config.maximum_jobs) == (1, 1)
     assert config.worker_resources == {"GPU": 1}
     assert config.dashboard_address.startswith("127.0.0.1:")
 
@@ -420,6 +421,10 @@ def process_cluster(tmp_path: Path) -> Iterator[tuple[str, list[subprocess.Popen
                     tmp_path / f"worker-{index}.log",
                 )
             )  # fmt: skip
+        from distributed import Client
+
+        with Client(address, timeout="30s") as client:
+            client.wait_for_workers(2, timeout=60)
         yield str(scheduler_file), processes
     finally:
         stop_processes(processes[1:])  # workers first: a worker closing while its scheduler goes may hang
@@ -453,7 +458,6 @@ def test_scheduler_and_workers_as_separate_processes(
     scheduler_file, processes = process_cluster
     client = make_client(scheduler=scheduler_file, quiet=True)
     try:
-        client.wait_for_workers(2, timeout=60)
         info = describe(client)
         assert (info.n_workers, info.gpu_workers) == (2, 2)
         # four half-second tasks that each hold the only GPU slot of a worker: both workers work
