@@ -32,8 +32,8 @@ from hoverdask.errors import SlideError
 from hoverdask.slide import (
     PixelReader,
     Slide,
-    _ThreadLocalHandles,
-    _token,
+    ThreadLocalHandles,
+    cache_token,
     check_mpp,
     open_slide,
     sanitize_slide_id,
@@ -58,7 +58,7 @@ class ZarrReader:
         self.path = path
         self.dataset_paths = dataset_paths
         self.mtime_ns = mtime_ns
-        self._handles = _ThreadLocalHandles(self._open)
+        self._handles = ThreadLocalHandles(self._open)
 
     def _open(self) -> list[Any]:
         import zarr
@@ -76,7 +76,7 @@ class ZarrReader:
         return int(chunks[1]), int(chunks[2])
 
     def token(self) -> str:
-        return _token(str(self.path), self.mtime_ns)
+        return cache_token(str(self.path), self.mtime_ns)
 
     def read(self, level: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         try:

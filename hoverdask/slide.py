@@ -215,7 +215,7 @@ class _LevelView:
         return block[:, :, key[2]] if len(key) > 2 else block
 
 
-class _ThreadLocalHandles:
+class ThreadLocalHandles:
     """One open file handle per thread (tiffslide/zarr handles are not shared across threads)."""
 
     def __init__(self, opener: Callable[[], Any]) -> None:
@@ -249,7 +249,7 @@ class TiffReader:
     def __init__(self, path: Path, mtime_ns: int) -> None:
         self.path = path
         self.mtime_ns = mtime_ns
-        self._handles = _ThreadLocalHandles(self._open)
+        self._handles = ThreadLocalHandles(self._open)
 
     def _open(self) -> Any:
         from tiffslide import TiffSlide
@@ -271,7 +271,7 @@ class TiffReader:
         return (chunks[1], chunks[2]) if axes == "CYX" else (chunks[0], chunks[1])
 
     def token(self) -> str:
-        return _token(str(self.path), self.mtime_ns)
+        return cache_token(str(self.path), self.mtime_ns)
 
     def read(self, level: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         try:
@@ -292,7 +292,7 @@ class TiffReader:
         self._handles.close()
 
 
-def _token(*parts: object) -> str:
+def cache_token(*parts: object) -> str:
     from dask.base import tokenize
 
     return str(tokenize(*parts))
@@ -335,6 +335,7 @@ def _open_tiff(path: Path, mpp_override: float | None, size: int) -> Slide:
     tifffile_log = logging.getLogger("tifffile")  # its warnings would duplicate our message
     previous_level = tifffile_log.level
     tifffile_log.setLevel(logging.CRITICAL)
+    handle = None
     try:
         handle = TiffSlide(path)
         properties = dict(handle.properties)
@@ -357,11 +358,12 @@ def _open_tiff(path: Path, mpp_override: float | None, size: int) -> Slide:
         ) from err
     finally:
         tifffile_log.setLevel(previous_level)
+        if handle is not None:
+            handle.close()  # pixels are read through per-thread handles (TiffReader)
     mpp, mpp_source = _pick_mpp(path, properties, ome_mpp, mpp_override)
     properties["hoverdask.mpp-source"] = mpp_source
     power = properties.get("tiffslide.objective-power") or ome_power
     reader = TiffReader(path, path.stat().st_mtime_ns)
-    handle.close()
     return Slide(
         path=path,
         slide_id=sanitize_slide_id(slide_stem(path)),
