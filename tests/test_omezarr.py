@@ -15,6 +15,7 @@ from hoverdask import omezarr
 from hoverdask.cli import app
 from hoverdask.errors import SlideError
 from hoverdask.omezarr import convert_to_omezarr
+from hoverdask.resample import processing_array
 from hoverdask.slide import open_slide
 from hoverdask.synth import write_synthetic_slide
 from hoverdask.tissue import TissueMask, tissue_path
@@ -62,6 +63,14 @@ def test_cmu_round_trips_losslessly_with_ngff_metadata(tmp_path: Path) -> None:
         level1 = converted.level_array(1).compute()
         np.testing.assert_array_equal(level1, _oracle_halve(converted.level_array(0).compute()))
     assert TissueMask.load(tissue_path(out)).mask.any()
+    with open_slide(out) as converted, open_slide(CMU_SLIDE) as original:
+        from_store = processing_array(converted, 0.25, chunk=700)
+        from_svs = processing_array(original, 0.25, chunk=700)
+        assert from_store.scale == from_svs.scale
+        np.testing.assert_array_equal(
+            from_store.array[1000:2400, 500:1900].compute(),
+            from_svs.array[1000:2400, 500:1900].compute(),
+        )
 
 
 @pytest.mark.slow
