@@ -286,6 +286,7 @@ def test_cpu_only_jobs_ask_for_no_gpus(in_tmp: Path) -> None:
     assert "--gres" not in job_script(config)
 
 
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="no openssl command")
 def test_tls_config_reaches_the_worker_command(in_tmp: Path) -> None:
     from hoverdask.security import make_self_signed
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -27,12 +28,14 @@ from hoverdask.security import TlsFiles, make_self_signed, tls_security
 from hoverdask.slide import sanitize_slide_id
 
 LOOPBACK = {"127.0.0.1", "::1"}
+needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="no openssl command")
 
 
 def _triple(files: TlsFiles) -> tuple[Path, Path, Path]:
     return files.ca_file, files.cert_file, files.key_file
 
 
+@needs_openssl
 def test_tls_security_requires_encryption_and_existing_files(tmp_path: Path) -> None:
     files = make_self_signed(tmp_path)
     security = tls_security(*_triple(files))
@@ -45,6 +48,7 @@ def test_tls_security_requires_encryption_and_existing_files(tmp_path: Path) -> 
         tls_security(files.ca_file, files.cert_file, tmp_path / "missing.pem")
 
 
+@needs_openssl
 def test_self_signed_certificate_is_signed_by_its_ca(tmp_path: Path) -> None:
     files = make_self_signed(tmp_path, hostname="scheduler.example")
     verify = subprocess.run(
@@ -94,6 +98,7 @@ def tls_cluster(tmp_path: Path) -> Iterator[tuple[str, TlsFiles]]:
         stop_processes([scheduler])
 
 
+@needs_openssl
 @pytest.mark.slow
 def test_tls_cluster_computes_for_its_clients_and_refuses_others(
     tls_cluster: tuple[str, TlsFiles], tmp_path: Path
