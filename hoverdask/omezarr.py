@@ -329,11 +329,18 @@ def _is_complete_match(out: Path, fingerprint: dict[str, Any]) -> bool:
 def _replace(partial: Path, out: Path) -> None:
     """Rename the finished store into place; an old store is moved aside first, then removed."""
     old = out.with_name(out.name + ".old")
+    _remove(old)
     if out.exists():
-        shutil.rmtree(old, ignore_errors=True)
         out.rename(old)
     partial.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    _remove(old)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 class _Job:
