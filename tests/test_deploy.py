@@ -371,6 +371,44 @@ def test_slurm_scheduler_dashboard_listens_on_localhost_only(in_tmp: Path) -> No
         cluster.close()
 
 
+def test_started_cluster_submits_its_minimum_jobs(in_tmp: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The start path with adaptive scaling, against stand-in sbatch/scancel commands that keep
+    the scripts they are given."""
+    import time
+
+    from hoverdask.jobqueue import start_slurm_cluster
+
+    bin_dir = in_tmp / "bin"
+    bin_dir.mkdir()
+    stand_ins = {
+        "sbatch": 'cp "$1" "$JOBS/job-$(date +%s%N).sh"\necho "Submitted batch job 4242"',
+        "scancel": 'echo "$@" >> "$JOBS/cancelled"',
+    }
+    for name, body in stand_ins.items():
+        command = bin_dir / name
+        command.write_text(f"#!/bin/sh\n{body}\n")
+        command.chmod(0o755)
+    jobs = in_tmp / "jobs"
+    jobs.mkdir()
+    monkeypatch.setenv("JOBS", str(jobs))
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    config = dataclasses.replace(load_slurm_config(SLURM_EXAMPLE), minimum_jobs=2,
+                                 maximum_jobs=3, dashboard_address="127.0.0.1:0")  # fmt: skip
+    cluster = start_slurm_cluster(config)
+    try:
+        deadline = time.monotonic() + 30
+        while len(list(jobs.glob("job-*.sh"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        cluster.close()
+    scripts = [p.read_text() for p in jobs.glob("job-*.sh")]
+    assert len(scripts) == 2  # adaptive scaling asked for the minimum, not the maximum
+    assert all("#SBATCH --gres=gpu:1" in script for script in scripts)
+    assert all(cluster.scheduler_address in script for script in scripts)
+    assert "4242" in (jobs / "cancelled").read_text()  # closing cancels the jobs
+
+
 def _listening_hosts(port: int, pid: int | None = None) -> set[str]:
     import psutil
 
