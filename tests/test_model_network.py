@@ -103,7 +103,7 @@ def test_output_size_matches_geometry_on_small_model_inputs() -> None:
 def _grads_after_step(freeze: bool) -> dict[str, bool]:
     torch.manual_seed(0)
     model = HoVerNet("fast", 3).set_freeze(freeze).train()
-    out = model(torch.rand(2, 3, 96, 96) * 255)
+    out = model(torch.rand(1, 3, 96, 96) * 255)
     sum(v.square().mean() for v in out.values()).backward()
     groups = {
         "conv0": model.conv0,
@@ -141,3 +141,19 @@ def test_invalid_arguments() -> None:
         HoVerNet("slow", 6)
     with pytest.raises(ValueError, match="nr_types"):
         HoVerNet("fast", 0)
+
+
+@pytest.mark.parametrize(("config", "size"), [("fast_t6", 256), ("original_tnone", 270)])
+def test_bench_flop_count_equals_torch_flop_counter(config: str, size: int) -> None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from hoverdask.bench import conv_gflop
+
+    mode, nr_types = config_model_args(config)
+    with torch.device("meta"):
+        model = HoVerNet(mode, nr_types).eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.empty(1, 3, size, size, device="meta"))
+    assert conv_gflop(mode, nr_types) == pytest.approx(counter.get_total_flops() / 1e9, rel=1e-12)
+    if config == "fast_t6":
+        assert conv_gflop(mode, nr_types) == pytest.approx(297.87, abs=0.01)  # "~298 GFLOP"

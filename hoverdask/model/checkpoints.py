@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from hoverdask.errors import CheckpointError
+from hoverdask.model.infer import resolve_device
 from hoverdask.model.network import HoVerNet
 
 MODE_KEY = "decoder.np.u3.conva.weight"
@@ -160,17 +161,17 @@ def model_from_state_dict(
     return model.eval()
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> HoVerNet:
+def load_model(path: str | Path, device: str | torch.device | None = "cpu") -> HoVerNet:
     """Load any accepted checkpoint layout into a :class:`HoVerNet` in eval mode.
 
     The file is read with ``weights_only=True``: a pickle that would run code is refused with a
     :class:`CheckpointError`, never executed. Entries stored next to ``desc`` (other than the
-    optimizer state) are exposed as ``model.metadata``.
+    optimizer state) are exposed as ``model.metadata``. ``device`` may be "auto".
     """
     path = Path(path)
     state, metadata = _split_payload(_read_file(path), path)
     model = model_from_state_dict(state, source=str(path), metadata=metadata)
-    return model.to(device)
+    return model.to(resolve_device(device))
 
 
 def _check_plain(value: Any, where: str) -> None:

@@ -210,13 +210,15 @@ class HoVerNet(nn.Module):
     ``freeze`` (training stage one) keeps the pretrained encoder fixed as the reference does.
     """
 
-    def __init__(self, mode: str = "fast", nr_types: int | None = None) -> None:
+    def __init__(
+        self, mode: str = "fast", nr_types: int | None = None, freeze: bool = False
+    ) -> None:
         super().__init__()
         self.mode = check_mode(mode)
         if nr_types is not None and nr_types < 1:
             raise ValueError(f"nr_types must be None or >= 1, got {nr_types}")
         self.nr_types = nr_types
-        self.freeze = False
+        self.freeze = freeze
         self.metadata: dict[str, object] = {}
         ksize = 3 if mode == "fast" else 5
 
