@@ -422,6 +422,59 @@ def evaluate(
 # --- commands: speed (bench) ---
 
 
+@app.command()
+@user_errors
+def bench(
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Also write the figures to this JSON file.")
+    ] = None,
+    model: Annotated[
+        Path | None,
+        typer.Option("--model", "-m", help="Checkpoint for the end-to-end run (default: random)."),
+    ] = None,
+    seconds: Annotated[
+        float, typer.Option(min=1.0, help="Time budget of the network measurement.")
+    ] = 20.0,
+    end_to_end_size: Annotated[
+        int, typer.Option(min=0, help="Side of the synthetic slide timed end to end; 0 skips.")
+    ] = 1024,
+) -> None:
+    """Measure network GFLOP/s against the matmul peak, post-processing and end-to-end speed."""
+    import json
+
+    from rich.table import Table
+
+    from hoverdask.bench import bench_all
+
+    results = bench_all(
+        device,
+        seconds=seconds,
+        model_path=str(model) if model else None,
+        end_to_end_size=end_to_end_size,
+    )
+    m = results["model"]
+    table = Table(title=f"hoverdask bench ({m['device']}, {m['threads']} threads)")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    rows = [
+        ("network GFLOP/s", f"{m['gflop_per_s']:.1f}"),
+        ("matmul peak GFLOP/s", f"{m['peak_gflop_per_s']:.1f}"),
+        ("utilisation", f"{m['utilisation']:.1%}"),
+        ("network output Mpx/s", f"{m['mpix_per_s']:.4f}"),
+        ("best batch / layout", f"{m['batch_size']} / {m['memory_format']}"),
+        ("post-processing Mpx/s", f"{results['postproc']['mpix_per_s']:.2f}"),
+    ]
+    e2e = results["end_to_end"].get("mpix_per_s")
+    rows.append(("end-to-end Mpx/s", "skipped" if e2e is None else f"{e2e:.4f}"))
+    for name, value in rows:
+        table.add_row(name, value)
+    Console().print(table)
+    if json_path is not None:
+        json_path.write_text(json.dumps(results, indent=2))
+        typer.echo(f"wrote {json_path}")
+
+
 # --- commands: clusters (cluster) ---
 
 cluster_app = typer.Typer(
