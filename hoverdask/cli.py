@@ -368,11 +368,12 @@ def train(
                 f"step {log.step}/{steps} stage {log.stage} loss {log.loss:.4f} ({terms}) "
                 f"{log.seconds:.0f}s",
                 highlight=False,
+                soft_wrap=True,
             )
 
     result = run_training(config, progress=show)
     for note in result.notes:
-        console.print(note, highlight=False)
+        console.print(note, highlight=False, soft_wrap=True)
     typer.echo(str(result.checkpoint))
     typer.echo(str(result.log))
 
@@ -408,13 +409,14 @@ def evaluate(
         table.add_column(name)
     for row in rows[1:]:
         table.add_row(*row)
-    Console().print(table)
+    screen = Console()
+    (screen if screen.is_terminal else Console(width=200)).print(table)
     mean = report.mean()
     if "f_d" in mean:
         per_class = ", ".join(f"{name} {value:.4f}" for name, value in mean["f_c"].items())
         typer.echo(f"F_d {mean['f_d']:.4f}  acc {mean['acc']:.4f}  F_c: {per_class}")
     for note in report.notes:
-        console.print(note, highlight=False)
+        console.print(note, highlight=False, soft_wrap=True)
     atomic_write_text(json_path, json.dumps(report.to_json(), indent=2) + "\n")
     typer.echo(str(json_path))
 
