@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -66,3 +67,32 @@ def test_evaluate_without_model_says_none_is_bundled(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert "no bundled default model" in result.output
     assert not (tmp_path / "s.json").exists()
+
+
+@pytest.mark.slow
+def test_cli_evaluate_prints_table_and_writes_json(tmp_path: Path) -> None:
+    import torch
+
+    from hoverdask.model import HoVerNet
+    from hoverdask.model.checkpoints import save_checkpoint
+
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "m.tar"
+    save_checkpoint(HoVerNet("fast", 5), checkpoint, extra={"hoverdask": {"type_table": "consep"}})
+    root = shared_dataset("consep-train-tiles")
+    out = tmp_path / "scores.json"
+    result = CliRunner().invoke(app, [
+        "evaluate", "--model", str(checkpoint), "--data", str(root), "--limit", "1",
+        "--device", "cpu", "--json", str(out),
+    ])
+    assert result.exit_code == 0, result.output
+    assert "aji_plus" in result.output
+    assert "F_d" in result.output
+    payload = json.loads(out.read_text())
+    first = open_dataset(root)[0]
+    assert [image["name"] for image in payload["images"]] == [first.name]
+    assert payload["images"][0]["n_true"] == len(np.unique(first.inst)) - 1
+    assert set(payload["mean"]["f_c"]) <= {"Miscellaneous", "Inflammatory", "Epithelial", "Spindle"}
+    for name in ("dice", "aji", "aji_plus", "dq", "sq", "pq"):
+        value = payload["mean"][name]
+        assert value is None or 0.0 <= value <= 1.0
