@@ -162,3 +162,22 @@ def test_segment_command_writes_reference_tile_outputs(tmp_path: Path) -> None:
     overlay = cv2.imread(str(out_dir / "tile.png"))
     assert overlay.shape == (80, 80, 3)
     assert sorted(p.name for p in out_dir.iterdir()) == ["tile.json", "tile.png", "tile_inst.npy"]
+
+
+@pytest.mark.gpu
+def test_cuda_matches_reference_without_tf32() -> None:
+    model = parity_model("fast_t6")
+    images = np.load(PARITY / "input_fast_256.npy")
+    expected = parity_npz("forward_fast_t6.npz")["infer_step_out"]
+    matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
+    cudnn_tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        out = predict_patches(model, images, device="cuda")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+        torch.backends.cudnn.allow_tf32 = cudnn_tf32
+    np.testing.assert_allclose(out[..., 1:], expected[..., 1:], atol=5e-4)
+    fast = predict_patches(model, images, device="cuda", autocast=True)  # bf16: approximate
+    assert fast.shape == expected.shape
+    assert np.abs(fast[..., 1] - expected[..., 1]).mean() < 0.05

@@ -26,14 +26,17 @@ class PatchGeometry:
 
     input: int
     output: int
+    margin: int  # pixels between the input border and the output window on each side
 
-    @property
-    def margin(self) -> int:
-        """Pixels between the input border and the output window on each side."""
-        return (self.input - self.output) // 2
+    def __post_init__(self) -> None:
+        if self.margin != (self.input - self.output) // 2:
+            raise ValueError(f"margin must be (input - output) // 2, got {self}")
 
 
-_GEOMETRY = {"fast": PatchGeometry(input=256, output=164), "original": PatchGeometry(270, 80)}
+_GEOMETRY = {
+    "fast": PatchGeometry(input=256, output=164, margin=46),
+    "original": PatchGeometry(input=270, output=80, margin=95),
+}
 
 
 def patch_geometry(mode: str) -> PatchGeometry:
