@@ -148,6 +148,8 @@ def test_unknown_layout_and_missing_labels(tmp_path: Path) -> None:
 
 
 def test_resample_keeps_near_model_pixel_size() -> None:
-    item = LabelledImage("x", np.zeros((10, 10, 3), np.uint8), np.ones((10, 10), np.int32), None, 0)
-    assert resample(item, 0.2527, 0.25).inst.shape == (10, 10)
-    assert resample(item, 0.5, 0.25).inst.shape == (20, 20)
+    shape = (100, 100)
+    item = LabelledImage("x", np.zeros((*shape, 3), np.uint8), np.ones(shape, np.int32), None, 0)
+    assert resample(item, 0.2527, 0.25).inst.shape == shape  # within the 2 % mpp rule
+    assert resample(item, 0.26, 0.25).inst.shape == (104, 104)
+    assert resample(item, 0.5, 0.25).inst.shape == (200, 200)

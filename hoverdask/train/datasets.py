@@ -20,7 +20,8 @@ Supported folder layouts (detected from the files present):
   ``types/`` per-pixel type maps. Pixel size from ``dataset.json`` (``{"mpp": 0.5}``), else 0.25.
 
 Every image is resampled to the model's pixel size (``target_mpp``, 0.25 µm/px) when its own
-differs by more than :data:`MPP_TOLERANCE`: bilinear/area for the image, nearest for labels.
+differs by more than the project's mpp rule allows (``hoverdask.resample.SAME_MPP_TOLERANCE``,
+2 %): bilinear/area for the image, nearest for labels.
 """
 
 from __future__ import annotations
@@ -40,7 +41,6 @@ from hoverdask.errors import DatasetError
 MODEL_MPP = 0.25
 MPP_40X = 0.25
 MPP_20X = 0.5
-MPP_TOLERANCE = 0.05
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 LABEL_SUFFIXES = (".png", ".tif", ".tiff", ".npy")
 PAIR_LABEL_TAGS = ("", "_label", "_labels", "_mask", "_inst")
@@ -140,9 +140,11 @@ def _checked(
 
 
 def resample(item: LabelledImage, mpp: float, target_mpp: float) -> LabelledImage:
-    """``item`` at ``target_mpp``: unchanged when within :data:`MPP_TOLERANCE` of it."""
+    """``item`` at ``target_mpp``: unchanged when within the slide pipeline's tolerance of it."""
+    from hoverdask.resample import SAME_MPP_TOLERANCE
+
     factor = mpp / target_mpp
-    if abs(factor - 1.0) <= MPP_TOLERANCE:
+    if abs(mpp - target_mpp) <= SAME_MPP_TOLERANCE * target_mpp:
         return LabelledImage(item.name, item.image, item.inst, item.types, mpp)
     height, width = item.inst.shape
     size = (max(1, round(width * factor)), max(1, round(height * factor)))
