@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from hoverdask.errors import CheckpointError, DatasetError
+from hoverdask.errors import CheckpointError, DatasetError, HoverdaskError
 from hoverdask.metrics import aji, aji_plus, dice, panoptic_quality, remap_label, type_stats
 from hoverdask.postproc.instances import instance_info_fast
 
@@ -171,9 +171,11 @@ def evaluate_model(
     from hoverdask.model.checkpoints import load_model
     from hoverdask.model.infer import predict_image, resolve_device
     from hoverdask.model.types import select_type_table
-    from hoverdask.postproc import process
+    from hoverdask.postproc import METHODS, process
     from hoverdask.train.datasets import open_dataset
 
+    if method not in METHODS:
+        raise HoverdaskError(f"unknown post-processing method {method!r}; use one of {METHODS}")
     path = Path(model_path) if model_path is not None else default_model()
     dataset = open_dataset(data)
     if limit is not None and limit < 1:

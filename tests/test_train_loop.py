@@ -91,6 +91,8 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path: Path) -> None:
     with pytest.raises(Stop):
         train(interrupted, progress=stop_after_one)  # stage one ends at step 1: saved
     assert load_model(interrupted.out).metadata["hoverdask"]["training"]["step"] == 1
+    with interrupted.log_path.open("a") as log:  # a step logged after the last save
+        log.write("2,2,0.0001,99,,,,,,,1\n")
     train(TrainConfig(out=tmp_path / "b.tar", resume=True, **common))
 
     a, b = load_model(straight.out), load_model(interrupted.out)

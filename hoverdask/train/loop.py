@@ -160,7 +160,7 @@ def train(
         notes.append("no --init: the encoder starts from random weights")
     model.to(device)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    writer = _LogWriter(config.log_path, append=config.resume)
+    writer = _LogWriter(config.log_path, append=config.resume, resume_step=start)
     last: StepLog | None = None
     optimiser: torch.optim.Optimizer | None = None
     current_stage = 0
@@ -398,9 +398,11 @@ def _load_resume(config: TrainConfig, model: HoVerNet) -> tuple[int, dict[str, A
 class _LogWriter:
     """CSV metrics log, flushed every row so it can be watched while training runs."""
 
-    def __init__(self, path: Path, append: bool) -> None:
+    def __init__(self, path: Path, append: bool, resume_step: int = 0) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fresh = not (append and path.is_file())
+        if not fresh:
+            _drop_rows_after(path, resume_step)
         self._handle = path.open("w" if fresh else "a", newline="")
         self._writer = csv.DictWriter(self._handle, fieldnames=LOG_COLUMNS)
         if fresh:
@@ -412,3 +414,17 @@ class _LogWriter:
 
     def close(self) -> None:
         self._handle.close()
+
+
+def _drop_rows_after(path: Path, step: int) -> None:
+    """Forget logged steps that the checkpoint being resumed does not contain."""
+    with path.open(newline="") as handle:
+        rows = [row for row in csv.DictReader(handle) if int(row["step"]) <= step]
+
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=LOG_COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(path, write)
