@@ -148,16 +148,7 @@ def train(
         augment=config.augment,
     )
     val_batches = _validation_batches(config, input_size, output_size)
-    model = HoVerNet(config.mode, config.nr_types)
-    start = 0
-    optimiser_state = None
-    if config.resume:
-        start, optimiser_state = _load_resume(config, model)
-        notes.append(f"resumed from {config.out} at step {start}")
-    elif config.init is not None:
-        notes.append(initialise_from(model, config.init))
-    else:
-        notes.append("no --init: the encoder starts from random weights")
+    model, start, optimiser_state = _starting_point(config, notes)
     model.to(device)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     writer = _LogWriter(config.log_path, append=config.resume, resume_step=start)
@@ -179,6 +170,11 @@ def train(
             for group in optimiser.param_groups:
                 group["lr"] = lr
             loss, terms = _train_step(model, batch, optimiser, config, device, amp_dtype, scaler)
+            if not np.isfinite(loss):
+                raise HoverdaskError(
+                    f"the loss became {loss} at step {step + 1}; the last checkpoint is kept. "
+                    "Try --precision fp32 or bf16, or resume from the last checkpoint"
+                )
             last = StepLog(step + 1, str(stage), lr, loss, terms, time.perf_counter() - tic)
             writer.write(last)
             done = step + 1
@@ -198,6 +194,22 @@ def train(
     if start >= config.steps:
         notes.append(f"{config.out} already holds step {start} of {config.steps}: nothing to do")
     return TrainResult(config.out, config.log_path, config.steps, last, notes)
+
+
+def _starting_point(
+    config: TrainConfig, notes: list[str]
+) -> tuple[HoVerNet, int, dict[str, Any] | None]:
+    """The model to train, the step to start from and any saved optimiser state."""
+    model = HoVerNet(config.mode, config.nr_types)
+    if config.resume:
+        start, state = _load_resume(config, model)
+        notes.append(f"resumed from {config.out} at step {start}")
+        return model, start, state
+    if config.init is not None:
+        notes.append(initialise_from(model, config.init))
+    else:
+        notes.append("no --init: the encoder starts from random weights")
+    return model, 0, None
 
 
 def _check_config(config: TrainConfig) -> None:
