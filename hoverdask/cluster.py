@@ -119,11 +119,25 @@ def _connect(scheduler: str, security: object | None, timeout: str) -> Client:
         raise ClusterError(f"cannot connect to the Dask scheduler {scheduler!r}: {err}") from None
 
 
-def describe(client: Client) -> ClusterInfo:
-    """Count the workers, the GPU workers among them and each worker's threads."""
+WORKER_WAIT_S = 300.0
+
+
+def describe(client: Client, *, wait_s: float = WORKER_WAIT_S) -> ClusterInfo:
+    """Count the workers, the GPU workers among them and each worker's threads.
+
+    An external cluster may still be starting its workers (SLURM jobs waiting in the queue, pods
+    being scheduled), so wait up to ``wait_s`` seconds for the first one before giving up.
+    """
     workers = client.scheduler_info(n_workers=-1)["workers"]
     if not workers:
-        raise ClusterError("the Dask cluster has no workers")
+        try:
+            client.wait_for_workers(1, timeout=wait_s)
+        except TimeoutError:
+            raise ClusterError(
+                f"the Dask cluster has no workers (waited {wait_s:.0f} s); start workers or "
+                "check the scheduler address"
+            ) from None
+        workers = client.scheduler_info(n_workers=-1)["workers"]
     gpu = sum(1 for w in workers.values() if w.get("resources", {}).get(GPU_RESOURCE, 0) >= 1)
     threads = {address: int(w.get("nthreads", 1)) for address, w in workers.items()}
     return ClusterInfo(n_workers=len(workers), gpu_workers=gpu, threads=threads)

@@ -59,3 +59,31 @@ def test_local_cluster_speaks_tls_when_given_certificates(tmp_path) -> None:
         cluster = client.cluster
         client.close()
         cluster.close()
+
+
+def test_describe_waits_for_late_workers_then_gives_up() -> None:
+    """An external cluster may start its workers after the client connects (queued SLURM jobs)."""
+    import threading
+
+    from distributed import Client, LocalCluster
+
+    cluster = LocalCluster(
+        n_workers=0, threads_per_worker=3, host="127.0.0.1", dashboard_address=None
+    )
+    client = Client(cluster)
+    try:
+        with pytest.raises(ClusterError, match="no workers"):
+            describe(client, wait_s=0.5)
+
+        def add_worker_later() -> None:
+            cluster.scale(1)
+
+        timer = threading.Timer(0.5, add_worker_later)
+        timer.start()
+        info = describe(client, wait_s=30)
+        timer.join()
+        assert info.n_workers == 1
+        assert list(info.threads.values()) == [3]
+    finally:
+        client.close()
+        cluster.close()
