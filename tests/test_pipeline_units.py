@@ -158,3 +158,20 @@ def test_other_errors_are_not_retried() -> None:
     predictor = PatchPredictor(broken, margin=1, output=2, nr_types=None, batch_size=4)
     with pytest.raises(ValueError, match="bad weights"):
         predictor.predict_tile(np.zeros((6, 6, 3), np.uint8), (0, 0))
+
+
+@pytest.mark.parametrize(
+    ("worker_name", "devices", "expected"),
+    [
+        (0, 2, 0),
+        (3, 2, 1),  # LocalCluster names workers 0..N-1
+        ("SLURMCluster-12-1", 4, 1),  # dask-jobqueue: <cluster>-<job>-<process in job>
+        ("SLURMCluster-12-5", 4, 1),
+        ("tcp://10.0.0.1:4000-worker", 2, 0),  # no trailing number: the only choice is device 0
+        (7, 0, 0),
+    ],
+)
+def test_gpu_index_from_worker_name(worker_name: object, devices: int, expected: int) -> None:
+    from hoverdask.pipeline.predictors import gpu_index
+
+    assert gpu_index(worker_name, devices) == expected

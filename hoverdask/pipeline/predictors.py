@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -204,15 +205,22 @@ class PredictorPlugin(_plugin_base()):  # type: ignore[misc]
         self.predictor = None
 
 
+def gpu_index(worker_name: Any, device_count: int) -> int:
+    """The GPU a worker process should use: its number modulo the visible devices.
+
+    LocalCluster names workers 0..N-1; dask-jobqueue names them ``<Cluster>-<job>-<i>`` with ``i``
+    the process within the job. A worker whose GPU is chosen for it (one visible device, as with
+    dask-cuda or ``CUDA_VISIBLE_DEVICES``) always gets device 0.
+    """
+    match = re.search(r"(\d+)$", str(worker_name))
+    return int(match.group(1)) % device_count if match and device_count > 0 else 0
+
+
 def configure_torch(device: str, threads: int | None, *, worker_name: Any = 0) -> None:
     import torch
 
     if device != "cpu" and torch.cuda.is_available():
-        try:
-            index = int(worker_name) % torch.cuda.device_count()
-        except (TypeError, ValueError):
-            index = 0
-        torch.cuda.set_device(index)
+        torch.cuda.set_device(gpu_index(worker_name, torch.cuda.device_count()))
     elif threads:
         torch.set_num_threads(threads)
 
