@@ -249,11 +249,17 @@ def run(
     tissue_mask: Annotated[
         bool, typer.Option(help="Skip map tiles without tissue (off: process every tile).")
     ] = True,
+    region: Annotated[
+        str | None,
+        typer.Option(help="Only this level-0 rectangle X,Y,W,H of the (one) slide, processed as "
+                     "if it were the slide; coordinates stay those of the slide."),
+    ] = None,
     tls_ca: Annotated[Path | None, typer.Option(help="TLS CA certificate (PEM).")] = None,
     tls_cert: Annotated[Path | None, typer.Option(help="TLS certificate (PEM).")] = None,
     tls_key: Annotated[Path | None, typer.Option(help="TLS private key (PEM).")] = None,
 ) -> None:
     """Find, outline and classify the nuclei of every slide on a Dask cluster."""
+    from hoverdask.pipeline.region import Region
     from hoverdask.pipeline.run import RunOptions, run_cohort, run_security
 
     if device not in ("auto", "cpu", "cuda"):
@@ -264,7 +270,8 @@ def run(
         raise HoverdaskError(f"--format takes parquet and/or qupath, not {formats!r}")
     options = RunOptions(mpp=mpp, chunk_size=chunk_size, batch_size=batch_size, device=device,
                          autocast=autocast, formats=wanted, overwrite=overwrite, keep_work=keep_work,
-                         tissue_mask=tissue_mask)
+                         tissue_mask=tissue_mask,
+                         region=Region.parse(region) if region is not None else None)
     result = run_cohort(
         slides, out, model=model, options=options, workers=workers,
         threads_per_worker=threads_per_worker, scheduler=scheduler,

@@ -40,11 +40,9 @@ def finish_slide(
     table["slide_id"] = pd_string(plan.slide_id, len(table))
     front = [c for c in PIPELINE_COLUMNS if c in table.columns]
     table = table[front + [c for c in table.columns if c not in front]]
-    width, height = plan.level0_size
     written = write_slide_outputs(
         table, plan.slide_dir, slide_id=plan.slide_id, formats=formats,
-        type_table=plan.type_table, tissue_mm2=plan.tissue_mm2,
-        extent=(0.0, 0.0, float(width), float(height)),
+        type_table=plan.type_table, tissue_mm2=plan.tissue_mm2, extent=plan.extent,
         metadata={"mpp": plan.slide_mpp, "scale": plan.scale, "slide": plan.slide_path},
     )
     files = {key: str(path) for key, path in written.items()}

@@ -15,6 +15,7 @@ from typing import Any
 
 from hoverdask.pipeline.grid import TileGrid
 from hoverdask.pipeline.ledger import SlideLedger
+from hoverdask.pipeline.region import Region, region_level0_box
 from hoverdask.pipeline.tasks import SlideSource
 
 
@@ -30,6 +31,7 @@ class SlidePlan:
     level0_size: tuple[int, int]  # (width, height)
     tissue_tiles: tuple[tuple[int, int], ...]
     tissue_mm2: float | None
+    extent: tuple[float, float, float, float]  # level-0 (x0, y0, x1, y1) of what was processed
     type_table: Any = field(default=None, hash=False, compare=False)
     params: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
@@ -40,6 +42,12 @@ class SlidePlan:
     @functools.cached_property
     def tissue_tile_set(self) -> frozenset[tuple[int, int]]:
         return frozenset(self.tissue_tiles)
+
+    @property
+    def offset(self) -> tuple[int, int]:
+        """Processing-pixel ``(x, y)`` of the grid's origin in the slide (non-zero for a region):
+        the ``offset`` of :func:`hoverdask.nuclei.to_level0`."""
+        return self.source.origin[1], self.source.origin[0]
 
     @property
     def skips_tiles(self) -> bool:
@@ -58,11 +66,13 @@ def plan_slide(
     margin: int,
     use_tissue_mask: bool = True,
     type_table: Any = None,
+    region: Region | None = None,
 ) -> tuple[SlidePlan, Any]:
     """Open the slide, size its processing grid and list the tiles that hold tissue.
 
-    Returns the plan and the tissue mask (None without ``use_tissue_mask``), which is kept out
-    of the plan because tasks never need its pixels.
+    With ``region`` the grid covers only that level-0 rectangle (see :mod:`.region`). Returns
+    the plan and the tissue mask (None without ``use_tissue_mask``), which is kept out of the
+    plan because tasks never need its pixels.
     """
     from hoverdask.resample import processing_array
     from hoverdask.slide import open_slide
@@ -70,18 +80,26 @@ def plan_slide(
     slide = open_slide(slide_path, mpp)
     try:
         view = processing_array(slide, target_mpp=target_mpp)
-        height, width = (int(n) for n in view.array.shape[:2])
-        grid = TileGrid.for_chunk_size(height, width, chunk_size, output, margin)
         scale = float(view.scale)
+        level0 = (int(slide.dimensions[0]), int(slide.dimensions[1]))
+        box = (0, 0, *(int(n) for n in view.array.shape[:2]))
+        if region is not None:
+            region.check_inside(level0, slide_path)
+            box = region.processing_box(scale, box[2:])
+        y0, x0, y1, x1 = box
+        height, width = y1 - y0, x1 - x0
+        grid = TileGrid.for_chunk_size(height, width, chunk_size, output, margin)
         tiles = tuple(grid.tiles())
+        extent = (0.0, 0.0, float(level0[0]), float(level0[1]))
+        if region is not None:
+            extent = region_level0_box(box, scale)
         mask = None
         if use_tissue_mask:
             from hoverdask.tissue import tissue_mask
 
             mask = tissue_mask(slide)
-            tiles = tuple(t for t in tiles if _has_tissue(mask, grid, scale, *t))
-        level0 = (int(slide.dimensions[0]), int(slide.dimensions[1]))
-        slide_id = str(slide.slide_id)
+            tiles = tuple(t for t in tiles if _has_tissue(mask, grid, scale, (y0, x0), *t))
+        slide_id = str(slide.slide_id) + (region.suffix if region is not None else "")
         slide_mpp = float(slide.mpp)
     finally:
         slide.close()
@@ -95,24 +113,40 @@ def plan_slide(
         "patch_margin": margin,
         "tissue_mask": use_tissue_mask,
     }
+    if region is not None:
+        params["region"] = [region.x, region.y, region.width, region.height]
+        params["region_processing_yx"] = [y0, x0, y1, x1]
     plan = SlidePlan(
         slide_path=str(slide_path),
         slide_id=slide_id,
         slide_dir=str(out_dir / slide_id),
-        source=SlideSource(path=str(slide_path), mpp=mpp, target_mpp=target_mpp),
+        source=SlideSource(path=str(slide_path), mpp=mpp, target_mpp=target_mpp, origin=(y0, x0)),
         grid=grid,
         scale=scale,
         slide_mpp=slide_mpp,
         level0_size=level0,
         tissue_tiles=tiles,
-        tissue_mm2=float(mask.area_mm2) if mask is not None else None,
+        tissue_mm2=_tissue_mm2(mask, extent if region is not None else None),
+        extent=extent,
         type_table=type_table,
         params=params,
     )
     return plan, mask
 
 
-def _has_tissue(mask: Any, grid: TileGrid, scale: float, row: int, col: int) -> bool:
+def _has_tissue(mask: Any, grid: TileGrid, scale: float, origin_yx: tuple[int, int],
+                row: int, col: int) -> bool:
     y0, x0, y1, x1 = grid.extent(row, col)
-    return bool(mask.any_in_box(math.floor(x0 * scale), math.floor(y0 * scale),
-                                math.ceil(x1 * scale), math.ceil(y1 * scale)))
+    oy, ox = origin_yx
+    return bool(mask.any_in_box(math.floor((x0 + ox) * scale), math.floor((y0 + oy) * scale),
+                                math.ceil((x1 + ox) * scale), math.ceil((y1 + oy) * scale)))
+
+
+def _tissue_mm2(mask: Any, box: tuple[float, float, float, float] | None) -> float | None:
+    """Tissue area of the whole slide, or of the level-0 ``box`` (x0, y0, x1, y1) of a region."""
+    if mask is None:
+        return None
+    if box is None:
+        return float(mask.area_mm2)
+    x0, y0, x1, y1 = box
+    return mask.fraction_in_box(x0, y0, x1, y1) * (x1 - x0) * (y1 - y0) * mask.mpp**2 / 1e6

@@ -181,8 +181,13 @@ def oversized_nuclei(
 
 
 def measured_table(plan: SlidePlan, records: list[Any], box: Box) -> gpd.GeoDataFrame:
-    """Records -> nuclei table in level-0 coordinates, with features from the window's RGB."""
-    table = seams.nuclei_table(seams.records_frame(records), plan.scale)
+    """Records -> nuclei table in level-0 coordinates, with features from the window's RGB.
+
+    The one place where a region's offset enters the coordinates (the records and ``box`` are
+    in the processed image's pixels).
+    """
+    ox, oy = plan.offset
+    table = seams.nuclei_table(seams.records_frame(records), plan.scale, (ox, oy))
     if not len(table):
         return table
     from hoverdask.features import measure
@@ -190,8 +195,9 @@ def measured_table(plan: SlidePlan, records: list[Any], box: Box) -> gpd.GeoData
 
     y0, x0, y1, x1 = box
     image = read_rgb(plan.source, np.arange(y0, y1), np.arange(x0, x1))
-    return measure(table, image, plan.slide_mpp, origin=(x0 * plan.scale, y0 * plan.scale),
-                   scale=plan.scale, type_table=plan.type_table)
+    origin = ((x0 + ox) * plan.scale, (y0 + oy) * plan.scale)
+    return measure(table, image, plan.slide_mpp, origin=origin, scale=plan.scale,
+                   type_table=plan.type_table)
 
 
 def _concat(tables: list[gpd.GeoDataFrame]) -> gpd.GeoDataFrame:

@@ -27,6 +27,7 @@ from hoverdask.pipeline.predictors import (
     PredictorPlugin,
     TorchPredictorFactory,
 )
+from hoverdask.pipeline.region import Region
 
 if TYPE_CHECKING:
     from distributed import Client, Future
@@ -58,6 +59,7 @@ class RunOptions:
     overwrite: bool = False
     keep_work: bool = False
     retries: int = 1
+    region: Region | None = None  # a level-0 rectangle of the (single) slide, run as the slide
 
 
 @dataclass
@@ -177,6 +179,8 @@ def run_cohort(
     if not slides:
         raise HoverdaskError("no slides given")
     out = Path(out_dir)
+    if options.region is not None:
+        check_region(options.region, slides, options.mpp)
     check_writable(out)
     spec = resolve_model(model, predictor_factory, options)
     with _client_for(client, workers, threads_per_worker, scheduler, options, security) as live:
@@ -195,6 +199,27 @@ def check_writable(out: Path) -> None:
             pass
     except OSError as err:
         raise HoverdaskError(f"cannot write to output folder {out}: {err}") from None
+
+
+def check_region(region: Region, slides: Sequence[str | Path], mpp: float | None) -> None:
+    """A region is one slide's rectangle: fail early (usage error) when it cannot be that.
+
+    A slide that cannot be opened is left to planning, which records it as failed.
+    """
+    if len(slides) != 1:
+        raise HoverdaskError(f"--region needs exactly one slide, got {len(slides)}")
+    from hoverdask.errors import SlideError
+    from hoverdask.slide import open_slide
+
+    try:
+        slide = open_slide(slides[0], mpp)
+    except SlideError:
+        return
+    try:
+        size = (int(slide.dimensions[0]), int(slide.dimensions[1]))
+    finally:
+        slide.close()
+    region.check_inside(size, str(slides[0]))
 
 
 @contextlib.contextmanager
@@ -291,6 +316,7 @@ class _CohortRunner:
             slide, self.out, mpp=self.options.mpp, target_mpp=self.options.target_mpp,
             chunk_size=self.options.chunk_size, output=self.spec.output, margin=self.spec.margin,
             use_tissue_mask=self.options.tissue_mask, type_table=self.spec.type_table,
+            region=self.options.region,
         )
 
     def _submit(self, plan: SlidePlan, tissue: Any, *, priority: int,

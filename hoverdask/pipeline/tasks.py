@@ -24,11 +24,16 @@ from hoverdask.pipeline.predictors import PredictorFactory, current_predictor
 
 @dataclass(frozen=True)
 class SlideSource:
-    """How a worker opens the slide's processing-resolution view itself."""
+    """How a worker opens the slide's processing-resolution view itself.
+
+    ``origin`` is the processing-pixel ``(y, x)`` where the processed image starts in the view
+    (a ``--region``'s top-left; ``(0, 0)`` for the whole slide): tasks index the processed image.
+    """
 
     path: str
     mpp: float | None
     target_mpp: float
+    origin: tuple[int, int] = (0, 0)
 
 
 @functools.lru_cache(maxsize=8)
@@ -42,8 +47,9 @@ def processing_view(source: SlideSource) -> Any:
 
 
 def read_rgb(source: SlideSource, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """Pixels ``image[rows][:, cols]`` of the processing view, reading only their bounding box."""
+    """Pixels ``image[rows][:, cols]`` of the processed image, reading only their bounding box."""
     image = processing_view(source).array
+    rows, cols = rows + source.origin[0], cols + source.origin[1]
     r0, r1 = int(rows.min()), int(rows.max()) + 1
     c0, c1 = int(cols.min()), int(cols.max()) + 1
     box = np.asarray(image[r0:r1, c0:c1, :3].compute(scheduler="synchronous"))
