@@ -7,15 +7,20 @@ profiler. The fast PanNuke layout is ~298 GFLOP per 256x256 patch.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from hoverdask.model.infer import INFERENCE_MEMORY_FORMAT, resolve_device
+from hoverdask.errors import HoverdaskError
+from hoverdask.model.infer import INFERENCE_MEMORY_FORMAT, fold_batchnorm, resolve_device
 from hoverdask.model.network import HoVerNet, patch_geometry
 
 BENCH_MODE = "fast"
@@ -80,6 +85,7 @@ class ModelBench:
     batch_size: int
     memory_format: str
     autocast: bool
+    batchnorm_folded: bool
     gflop_per_patch: float
     seconds_per_batch: float
     gflop_per_s: float
@@ -102,7 +108,8 @@ def bench_model(
     """Network throughput (output pixels/s, GFLOP/s) at the best batch size and memory layout.
 
     Times the fast PanNuke-layout network (random weights: speed does not depend on them) as
-    ``predict_patches`` runs it: fp32 on CPU with all cores, bf16 autocast on CUDA. First the
+    ``predict_patches`` runs it: fp32 with BatchNorm folded on CPU with all cores, bf16
+    autocast on CUDA. First the
     two memory layouts are compared at one batch size, then batch sizes with the faster layout.
     ``input_size`` (default 256) exists so that tests can run a tiny version.
     """
@@ -116,6 +123,8 @@ def bench_model(
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = HoVerNet(BENCH_MODE, BENCH_TYPES).eval().to(target)
+    if not cuda:  # what predict_patches runs there (hoverdask.model.infer.cpu_inference_model)
+        model = fold_batchnorm(model)
     sync = _sync_for(target)
     budget = seconds / (len(_FORMATS) + len(sizes))
     tried: list[dict[str, Any]] = []
@@ -156,6 +165,7 @@ def bench_model(
         batch_size=batch,
         memory_format=layout,
         autocast=cuda,
+        batchnorm_folded=not cuda,
         gflop_per_patch=gflop,
         seconds_per_batch=seconds_per_batch,
         gflop_per_s=rate,
@@ -182,34 +192,93 @@ def bench_postproc(seconds: float = 3.0) -> dict[str, Any]:
     return {"mpix_per_s": benchmark_mpix_per_s(seconds=seconds), "method": "fast"}
 
 
-def bench_end_to_end(model_path: str | None, device: str, size: int) -> dict[str, Any]:
-    """A whole pipeline run on a synthetic ``size`` x ``size`` slide (:mod:`hoverdask.pipeline`).
+SYNTHETIC_GLASS_FRACTION = 0.25  # share of the synthetic slide that is empty glass
 
-    Without a checkpoint, a randomly initialised fast network is saved to a temporary file: the
-    speed is that of a real model, but almost no nuclei are found, so post-processing is light.
+
+def bench_end_to_end(
+    model_path: str | None,
+    device: str,
+    size: int,
+    *,
+    glass_fraction: float = SYNTHETIC_GLASS_FRACTION,
+    predictor_factory: Any = None,
+    client: Any = None,
+    chunk_size: int | None = None,
+) -> dict[str, Any]:
+    """A whole pipeline run on a synthetic ``size`` x ``size`` slide at 0.25 µm/px.
+
+    Only map tiles that hold tissue are segmented, so two rates are given: ``mpix_per_s`` counts
+    the processed (tissue tile) pixels, comparable with the network's output rate, and
+    ``slide_mpix_per_s`` the whole slide, which depends on how much of it is glass:
+    ``glass_fraction`` of the synthetic picture is glass, ``tissue_mask_fraction`` is what the
+    tissue mask found and ``tissue_fraction`` the share of pixels in the tiles kept.
+    ``seconds_per_mm2`` is per mm² processed.
+    Without a checkpoint a randomly initialised fast network is used: the speed is a real
+    model's, but almost no nuclei are found, so post-processing is light. Planning and the
+    LocalCluster start-up are not timed; everything ``run_cohort`` does is.
     """
     import tempfile
-    from pathlib import Path
 
     from hoverdask.model.checkpoints import save_checkpoint
-    from hoverdask.pipeline import time_pipeline
-    from hoverdask.pipeline.run import RunOptions
+    from hoverdask.pipeline.plan import plan_slide
+    from hoverdask.pipeline.run import RunOptions, run_cohort
+    from hoverdask.synth import write_synthetic_slide
 
-    random_weights = model_path is None
-    with tempfile.TemporaryDirectory(prefix="hoverdask-bench-model-") as scratch:
-        if model_path is None:
+    options = RunOptions(device=device, autocast=device == "cuda")
+    if chunk_size is not None:
+        options = replace(options, chunk_size=chunk_size)
+    geometry = patch_geometry(BENCH_MODE)
+    random_weights = model_path is None and predictor_factory is None
+    with tempfile.TemporaryDirectory(prefix="hoverdask-bench-") as scratch_dir:
+        scratch = Path(scratch_dir)
+        if random_weights:
             torch.manual_seed(0)
-            network = HoVerNet(BENCH_MODE, BENCH_TYPES)
-            model_path = str(save_checkpoint(network, Path(scratch) / "random.tar"))
-        options = RunOptions(device=device, autocast=device == "cuda")
-        timing = time_pipeline(model_path, width=size, height=size, options=options)
+            model_path = str(save_checkpoint(HoVerNet(BENCH_MODE, BENCH_TYPES), scratch / "m.tar"))
+        slide = scratch / "bench.svs"
+        write_synthetic_slide(slide, size, size, mpp=0.25, seed=0, keep_instances=False,
+                              background_fraction=glass_fraction)
+        plan, _ = plan_slide(str(slide), scratch / "plan", mpp=None,
+                             target_mpp=options.target_mpp, chunk_size=options.chunk_size,
+                             output=geometry.output, margin=geometry.margin)
+        processed = sum(_area(plan.grid.extent(*tile)) for tile in plan.tissue_tiles)
+        slide_px = plan.grid.height * plan.grid.width
+        with ExitStack() as cleanup:
+            if client is None:  # a LocalCluster for the measurement; its start is not timed
+                from hoverdask.cluster import make_client
+
+                client = make_client(device=device, quiet=True, dashboard=False)  # type: ignore[arg-type]
+                if client.cluster is not None:
+                    cleanup.callback(client.cluster.close)
+                cleanup.callback(client.close)  # runs first
+            start = time.perf_counter()
+            result = run_cohort([slide], scratch / "out", model=model_path,
+                                predictor_factory=predictor_factory, client=client,
+                                options=options, progress=False)
+            seconds = time.perf_counter() - start
+    outcome = result.slides[0]
+    if outcome.status != "ok":
+        raise HoverdaskError(f"the end-to-end benchmark run failed: {outcome.error}")
+    mm2_per_px = (options.target_mpp / 1000) ** 2
     return {
-        "mpix_per_s": timing.mpix_per_s,
-        "megapixels": timing.megapixels,
-        "seconds": timing.seconds,
-        "nuclei": timing.nuclei,
+        "mpix_per_s": processed / 1e6 / seconds,
+        "slide_mpix_per_s": slide_px / 1e6 / seconds,
+        "processed_megapixels": processed / 1e6,
+        "slide_megapixels": slide_px / 1e6,
+        "tissue_fraction": processed / slide_px,
+        "tissue_mask_fraction": (plan.tissue_mm2 or 0.0) / (slide_px * mm2_per_px),
+        "synthetic_glass_fraction": glass_fraction,
+        "seconds_per_mm2": seconds / (processed * mm2_per_px) if processed else None,
+        "map_tiles": plan.grid.shape[0] * plan.grid.shape[1],
+        "tissue_tiles": len(plan.tissue_tiles),
+        "seconds": seconds,
+        "nuclei": outcome.nuclei,
         "random_weights": random_weights,
     }
+
+
+def _area(extent: tuple[int, int, int, int]) -> int:
+    y0, x0, y1, x1 = extent
+    return (y1 - y0) * (x1 - x0)
 
 
 def bench_all(
@@ -218,8 +287,13 @@ def bench_all(
     seconds: float = 20.0,
     model_path: str | None = None,
     end_to_end_size: int = 1024,
+    remember: bool = True,
 ) -> dict[str, Any]:
-    """``{"model": ..., "postproc": ..., "end_to_end": ...}`` for ``hoverdask bench``."""
+    """``{"model": ..., "postproc": ..., "end_to_end": ...}`` for ``hoverdask bench``.
+
+    With ``remember`` the figures are also kept as the machine's latest (:func:`latest_figures`),
+    so that later runs can record them in their ``run.json``.
+    """
     target = resolve_device(device)
     results: dict[str, Any] = {"model": bench_model(target, seconds=seconds)}
     results["postproc"] = bench_postproc()
@@ -227,4 +301,76 @@ def bench_all(
         results["end_to_end"] = bench_end_to_end(model_path, target.type, end_to_end_size)
     else:
         results["end_to_end"] = {"mpix_per_s": None, "skipped": "end-to-end size 0"}
+    results["measured_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+    if remember:
+        remember_figures(results)
     return results
+
+
+def bench_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
+    """(measure, value) rows of the ``hoverdask bench`` table."""
+    m, e2e = results["model"], results["end_to_end"]
+    rows = [
+        ("network GFLOP/s", f"{m['gflop_per_s']:.1f}"),
+        ("matmul peak GFLOP/s (same run)", f"{m['peak_gflop_per_s']:.1f}"),
+        ("utilisation", f"{m['utilisation']:.1%}"),
+        ("network output Mpx/s", f"{m['mpix_per_s']:.4f}"),
+        ("best batch / layout", f"{m['batch_size']} / {m['memory_format']}"),
+        ("post-processing Mpx/s", f"{results['postproc']['mpix_per_s']:.2f}"),
+    ]
+    if e2e.get("mpix_per_s") is None:
+        return [*rows, ("end-to-end", "skipped")]
+    per_mm2 = e2e["seconds_per_mm2"]
+    return [
+        *rows,
+        ("end-to-end Mpx/s, processed (tissue tiles)", f"{e2e['mpix_per_s']:.4f}"),
+        ("end-to-end Mpx/s, whole slide", f"{e2e['slide_mpix_per_s']:.4f}"),
+        ("tissue fraction processed / glass in slide",
+         f"{e2e['tissue_fraction']:.0%} / {e2e['synthetic_glass_fraction']:.0%}"),
+        ("end-to-end s per processed mm²", "n/a" if per_mm2 is None else f"{per_mm2:.1f}"),
+    ]
+
+
+def latest_figures_path() -> Path:
+    """``bench.json`` in the user's hoverdask folder (``typer.get_app_dir``)."""
+    import typer
+
+    return Path(typer.get_app_dir("hoverdask")) / "bench.json"
+
+
+def remember_figures(results: dict[str, Any]) -> Path:
+    """Keep ``results`` as this machine's latest bench figures (written whole, then renamed)."""
+    path = latest_figures_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(results, indent=2))
+    temporary.replace(path)
+    return path
+
+
+def latest_figures() -> dict[str, Any] | None:
+    """The headline figures of the last ``hoverdask bench`` on this machine, or None.
+
+    Meant for ``run.json``: ``{"measured_at", "device", "model_gflop_per_s",
+    "model_peak_gflop_per_s", "model_mpix_per_s", "postproc_mpix_per_s",
+    "end_to_end_mpix_per_s", "end_to_end_slide_mpix_per_s", "tissue_fraction", "path"}``.
+    An unreadable file counts as no figures: they are informative, never needed.
+    """
+    path = latest_figures_path()
+    try:
+        results = json.loads(path.read_text())
+        model, e2e = results["model"], results.get("end_to_end", {})
+        return {
+            "measured_at": results.get("measured_at"),
+            "device": model["device"],
+            "model_gflop_per_s": model["gflop_per_s"],
+            "model_peak_gflop_per_s": model["peak_gflop_per_s"],
+            "model_mpix_per_s": model["mpix_per_s"],
+            "postproc_mpix_per_s": results["postproc"]["mpix_per_s"],
+            "end_to_end_mpix_per_s": e2e.get("mpix_per_s"),
+            "end_to_end_slide_mpix_per_s": e2e.get("slide_mpix_per_s"),
+            "tissue_fraction": e2e.get("tissue_fraction"),
+            "path": str(path),
+        }
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

@@ -454,7 +454,7 @@ def bench(
 
     from rich.table import Table
 
-    from hoverdask.bench import bench_all
+    from hoverdask.bench import bench_all, bench_rows, latest_figures_path
 
     results = bench_all(
         device,
@@ -466,19 +466,11 @@ def bench(
     table = Table(title=f"hoverdask bench ({m['device']}, {m['threads']} threads)")
     table.add_column("measure")
     table.add_column("value", justify="right")
-    rows = [
-        ("network GFLOP/s", f"{m['gflop_per_s']:.1f}"),
-        ("matmul peak GFLOP/s", f"{m['peak_gflop_per_s']:.1f}"),
-        ("utilisation", f"{m['utilisation']:.1%}"),
-        ("network output Mpx/s", f"{m['mpix_per_s']:.4f}"),
-        ("best batch / layout", f"{m['batch_size']} / {m['memory_format']}"),
-        ("post-processing Mpx/s", f"{results['postproc']['mpix_per_s']:.2f}"),
-    ]
-    e2e = results["end_to_end"].get("mpix_per_s")
-    rows.append(("end-to-end Mpx/s", "skipped" if e2e is None else f"{e2e:.4f}"))
-    for name, value in rows:
+    for name, value in bench_rows(results):
         table.add_row(name, value)
     Console().print(table)
+    typer.echo(f"kept as this machine's latest figures: "
+               f"{latest_figures_path()}")
     if json_path is not None:
         json_path.write_text(json.dumps(results, indent=2))
         typer.echo(f"wrote {json_path}")

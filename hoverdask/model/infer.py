@@ -8,7 +8,10 @@ outputs pasted edge to edge, so a single image gives the reference's map.
 
 from __future__ import annotations
 
+import copy
+import itertools
 import math
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -28,6 +31,57 @@ def use_inference_layout(model: torch.nn.Module) -> None:
     if getattr(model, "_inference_layout", None) != INFERENCE_MEMORY_FORMAT:
         model.to(memory_format=INFERENCE_MEMORY_FORMAT)
         model._inference_layout = INFERENCE_MEMORY_FORMAT
+
+
+def fold_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
+    """An eval-mode copy in which every BatchNorm that directly follows a convolution is folded
+    into that convolution's weights and bias (and replaced by an identity).
+
+    In eval mode BN is a per-channel affine map, so the result is the same function up to fp
+    rounding (~1e-7 on the parity fixtures) with a third fewer passes over the activations;
+    pre-activation BNs (before a ReLU and a conv) cannot be folded and stay. ``model`` is left
+    unchanged: its state dict is the checkpoint format.
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    folded = copy.deepcopy(model).eval()
+    for module in folded.modules():
+        if not isinstance(module, torch.nn.Sequential):
+            continue
+        names = list(module._modules)
+        for first, second in itertools.pairwise(names):
+            conv, norm = module._modules[first], module._modules[second]
+            if isinstance(conv, torch.nn.Conv2d) and isinstance(norm, torch.nn.BatchNorm2d):
+                module._modules[first] = fuse_conv_bn_eval(conv, norm)
+                module._modules[second] = torch.nn.Identity()
+    return folded
+
+
+# one folded copy per model, rebuilt when any of the model's tensors changes (training steps and
+# load_state_dict write in place and bump the version counter; .to() replaces the storage)
+_FOLDED: weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, torch.nn.Module]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _tensors_key(model: torch.nn.Module) -> tuple:
+    return tuple(
+        (t.data_ptr(), t._version, t.device, t.dtype)
+        for t in itertools.chain(model.parameters(), model.buffers())
+    )
+
+
+def cpu_inference_model(model: torch.nn.Module) -> torch.nn.Module:
+    """What ``predict_patches`` runs on CPU: the BN-folded copy of ``model`` in the inference
+    layout (measured a few % faster on the fast network), cached until ``model`` changes."""
+    key = _tensors_key(model)
+    cached = _FOLDED.get(model)
+    if cached is None or cached[0] != key:
+        folded = fold_batchnorm(model)
+        use_inference_layout(folded)
+        cached = (key, folded)
+        _FOLDED[model] = cached
+    return cached[1]
 
 
 def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
@@ -83,21 +137,26 @@ def predict_patches(
 
     ``device`` None uses the model's device (the model is moved if another one is named).
     ``autocast`` runs the network in bfloat16 on CUDA; it has no effect on CPU, where fp32 is
-    kept so that results equal the reference.
+    kept so that results equal the reference (BatchNorm folded into the convolutions, see
+    :func:`cpu_inference_model`: equal up to fp rounding).
     """
     _check_patches(patches_nhwc_uint8)
     target = model_device(model) if device is None else resolve_device(device)
     if model_device(model) != target:
         model.to(target)
     model.eval()
-    use_inference_layout(model)
     use_autocast = autocast and target.type == "cuda"
+    if target.type == "cpu":
+        network = cpu_inference_model(model)
+    else:  # BN folding is validated against fp32 on CPU only (bf16 autocast rounds differently)
+        use_inference_layout(model)
+        network = model
     with torch.inference_mode():
         x = torch.from_numpy(np.ascontiguousarray(patches_nhwc_uint8)).to(target)
         # an NHWC array seen as NCHW is already channels_last in memory
         x = x.permute(0, 3, 1, 2).float().contiguous(memory_format=INFERENCE_MEMORY_FORMAT)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_autocast):
-            logits = model(x)
+            logits = network(x)
         return logits_to_maps(logits).cpu().numpy()
 
 

@@ -1,0 +1,162 @@
+"""Speed work that must not change results, and the bench figures' bookkeeping.
+
+BatchNorm folding (what ``predict_patches`` runs on CPU) is checked against the reference logits
+of the parity fixtures; the end-to-end figures against the slide's known size and tile count.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hoverdask.bench import (
+    bench_end_to_end,
+    bench_model,
+    conv_gflop,
+    latest_figures,
+    latest_figures_path,
+    remember_figures,
+)
+from hoverdask.model import HoVerNet
+from hoverdask.model.infer import cpu_inference_model, fold_batchnorm
+from tests.conftest import PARITY, parity_npz
+from tests.parity_weights import parity_model
+
+# BNs right after a conv in the fast/6-type network: conv0, 2 in each of the 16 encoder units,
+# and 1 in each of the 12 dense units of each of the 3 decoder branches
+FOLDABLE_FAST_T6 = 1 + 16 * 2 + 12 * 3
+
+
+def _count_bn(model: torch.nn.Module) -> int:
+    return sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+
+
+def test_folded_network_matches_reference_logits() -> None:
+    model = parity_model("fast_t6")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    folded = fold_batchnorm(model)
+    assert _count_bn(folded) == _count_bn(model) - FOLDABLE_FAST_T6
+    images = torch.from_numpy(np.load(PARITY / "input_fast_256.npy")).permute(0, 3, 1, 2).float()
+    with torch.inference_mode():
+        got, plain = folded(images), model(images)
+    reference = parity_npz("forward_fast_t6.npz")
+    for head in ("tp", "np", "hv"):
+        error = float(np.abs(got[head].numpy() - reference[f"logits_{head}"]).max())
+        drift = float(np.abs(got[head].numpy() - plain[head].numpy()).max())
+        print(f"folded {head}: max abs error to the reference {error:.2e}, to unfolded {drift:.2e}")
+        assert error < 1e-4, (head, error)  # the parity tolerance; measured ~2e-5, as unfolded
+        assert drift < 1e-4, (head, drift)
+    after = model.state_dict()  # the checkpoint layout is untouched
+    assert list(after) == list(before)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_cpu_inference_model_follows_weight_changes() -> None:
+    torch.manual_seed(0)
+    model, other = HoVerNet("fast", 3).eval(), HoVerNet("fast", 3).eval()
+    with torch.no_grad():
+        for m in (model, other):
+            for bn in (x for x in m.modules() if isinstance(x, torch.nn.BatchNorm2d)):
+                bn.running_mean.uniform_(-0.5, 0.5)
+                bn.running_var.uniform_(0.5, 2.0)
+    x = torch.rand(1, 3, 96, 96) * 255
+    first = cpu_inference_model(model)
+    assert cpu_inference_model(model) is first  # cached while nothing changes
+    model.load_state_dict(other.state_dict())  # in-place copies: a new folded copy is due
+    refreshed = cpu_inference_model(model)
+    assert refreshed is not first
+    with torch.inference_mode():
+        want, got = other(x), refreshed(x)
+    for head in want:
+        np.testing.assert_allclose(got[head].numpy(), want[head].numpy(), atol=1e-4, rtol=1e-4)
+
+
+def test_bench_model_figures_are_consistent() -> None:
+    result = bench_model("cpu", seconds=1.0, batch_sizes=(1, 2), input_size=96)
+    gflop = conv_gflop("fast", 6, 96)
+    assert result["gflop_per_patch"] == pytest.approx(gflop)
+    assert result["batchnorm_folded"] is True
+    timed = [t for t in result["tried"] if "seconds" in t]
+    assert {t["memory_format"] for t in timed} == {"channels_last", "contiguous"}
+    same_layout = {t["batch_size"]: t["seconds"] for t in timed
+                   if t["memory_format"] == result["memory_format"]}
+    assert set(same_layout) == {1, 2}
+    best = min(same_layout, key=lambda b: same_layout[b] / b)
+    assert result["batch_size"] == best
+    assert result["gflop_per_s"] == pytest.approx(gflop * best / same_layout[best])
+    assert result["utilisation"] == pytest.approx(result["gflop_per_s"] / result["peak_gflop_per_s"])
+    assert result["mpix_per_s"] == pytest.approx(best * 4**2 / same_layout[best] / 1e6)
+
+
+def test_latest_figures_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    assert latest_figures_path().is_relative_to(tmp_path)
+    assert latest_figures() is None
+    results = {
+        "measured_at": "2026-01-01T00:00:00+00:00",
+        "model": {"device": "cpu", "gflop_per_s": 120.0, "peak_gflop_per_s": 200.0,
+                  "mpix_per_s": 0.01},
+        "postproc": {"mpix_per_s": 5.0},
+        "end_to_end": {"mpix_per_s": 0.008, "slide_mpix_per_s": 0.006, "tissue_fraction": 0.75},
+    }
+    path = remember_figures(results)
+    assert json.loads(path.read_text()) == results
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary left
+    figures = latest_figures()
+    assert figures is not None
+    assert figures["model_gflop_per_s"] == 120.0
+    assert figures["model_peak_gflop_per_s"] == 200.0
+    assert figures["postproc_mpix_per_s"] == 5.0
+    assert figures["end_to_end_mpix_per_s"] == 0.008
+    assert figures["end_to_end_slide_mpix_per_s"] == 0.006
+    assert figures["tissue_fraction"] == 0.75
+    path.write_text("{not json")
+    assert latest_figures() is None
+
+
+@pytest.fixture(scope="module")
+def client():
+    from hoverdask.cluster import make_client
+
+    client = make_client(workers=1, threads_per_worker=2, device="cpu", quiet=True,
+                         dashboard=False)
+    yield client
+    cluster = client.cluster
+    client.close()
+    cluster.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("glass", [0.0, 0.5])
+def test_end_to_end_counts_processed_and_slide_pixels(client, tmp_path: Path, glass: float):
+    from hoverdask.pipeline.predictors import ArrayPredictorFactory
+    from hoverdask.postproc.synthetic import synthetic_pred_map
+
+    size, chunk = 984, 328  # a 3 x 3 grid of 328-pixel map tiles (2 patch outputs each)
+    np.save(tmp_path / "maps.npy", synthetic_pred_map(size, size, 6, seed=1))
+    factory = ArrayPredictorFactory(str(tmp_path / "maps.npy"), margin=46, output=164, nr_types=6)
+    result = bench_end_to_end(None, "cpu", size, glass_fraction=glass, predictor_factory=factory,
+                              client=client, chunk_size=chunk)
+    assert result["map_tiles"] == 9
+    assert result["slide_megapixels"] == pytest.approx(size * size / 1e6)
+    assert result["processed_megapixels"] == pytest.approx(
+        result["tissue_tiles"] * chunk * chunk / 1e6)
+    assert result["tissue_fraction"] == pytest.approx(result["tissue_tiles"] / 9)
+    assert result["synthetic_glass_fraction"] == glass
+    assert result["random_weights"] is False
+    assert result["mpix_per_s"] * result["seconds"] == pytest.approx(
+        result["processed_megapixels"])
+    assert result["slide_mpix_per_s"] * result["seconds"] == pytest.approx(size * size / 1e6)
+    if glass == 0.0:
+        assert result["tissue_tiles"] == 9
+        assert result["nuclei"] > 100
+    else:
+        assert 0 < result["tissue_tiles"] < 9  # 7 at this seed
+    # the tissue mask sees about as much tissue as the synthetic picture holds
+    assert result["tissue_mask_fraction"] == pytest.approx(1 - glass, abs=0.1)
+    assert result["seconds_per_mm2"] * result["processed_megapixels"] * 0.0625 == pytest.approx(
+        result["seconds"])
