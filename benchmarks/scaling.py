@@ -4,9 +4,11 @@
 
 The network is replaced by a stub that replays a synthetic ``[tp, np, h, v]`` map (periodic, so
 it needs no memory that grows with the slide), so what is timed is the pipeline's own CPU work:
-reading, the three post-processing passes, features and writing. Every measurement runs in a
-fresh Python process with a fresh LocalCluster, so peak RSS (``ru_maxrss``) is that run's alone.
-Prints the speed-up of 2 workers over 1 and the peak RSS of the workers and of the client for
+reading, the three post-processing passes, features and writing. Slides are written first;
+every measurement runs in a fresh Python process (the client) with a fresh LocalCluster, so peak
+RSS (``ru_maxrss``) is that run's alone.
+Prints the speed-up of 2 workers over 1 (with the summed seconds of the Dask tasks per stage,
+from run.json: what is not in them ran on the client) and the peak RSS of the workers and of the client for
 each slide size (flat in slide size is the goal). No assertions: figures only.
 """
 
@@ -21,6 +23,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -59,16 +62,13 @@ def _max_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def measure_once(size: int, workers: int, chunk: int) -> dict[str, float]:
-    """One timed ``run_cohort`` on a fresh ``size``² synthetic slide and a fresh cluster."""
+def measure_once(slide: Path, workers: int, chunk: int) -> dict[str, Any]:
+    """One timed ``run_cohort`` of ``slide`` on a fresh cluster (this process is the client)."""
     from hoverdask.cluster import make_client
     from hoverdask.pipeline.run import RunOptions, run_cohort
-    from hoverdask.synth import write_synthetic_slide
 
     with tempfile.TemporaryDirectory(prefix="hoverdask-scaling-") as scratch_dir:
         scratch = Path(scratch_dir)
-        slide = scratch / "slide.svs"
-        write_synthetic_slide(slide, size, size, mpp=0.25, seed=0, keep_instances=False)
         client = make_client(workers, 1, device="cpu", quiet=True, dashboard=False)
         try:
             client.run(_max_rss_mib)  # workers are up before the clock starts
@@ -78,6 +78,8 @@ def measure_once(size: int, workers: int, chunk: int) -> dict[str, float]:
                                 progress=False)
             seconds = time.perf_counter() - start
             worker_rss = list(client.run(_max_rss_mib).values())
+            (record,) = (scratch / "out").glob("*/run.json")
+            task_seconds = json.loads(record.read_text())["timings_s"]
         finally:
             cluster = client.cluster
             client.close()
@@ -85,12 +87,18 @@ def measure_once(size: int, workers: int, chunk: int) -> dict[str, float]:
     outcome = result.slides[0]
     if outcome.status != "ok":
         raise SystemExit(f"run failed: {outcome.error}")
-    return {"size": size, "workers": workers, "seconds": seconds, "nuclei": outcome.nuclei,
+    task_seconds.pop("wall", None)
+    return {"workers": workers, "seconds": seconds, "nuclei": outcome.nuclei,
+            "task_seconds": task_seconds,
             "worker_peak_rss_mib": max(worker_rss), "client_peak_rss_mib": _max_rss_mib()}
 
 
-def _in_child(size: int, workers: int, chunk: int) -> dict[str, float]:
-    command = [sys.executable, __file__, "--child", str(size), str(workers), str(chunk)]
+def _brief(seconds: dict[str, float]) -> str:
+    return ", ".join(f"{name.removesuffix('_s')} {value:.1f}" for name, value in seconds.items())
+
+
+def _in_child(slide: Path, workers: int, chunk: int) -> dict[str, Any]:
+    command = [sys.executable, __file__, "--child", str(slide), str(workers), str(chunk)]
     out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -101,26 +109,44 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=512, help="pipeline chunk size")
     parser.add_argument("--memory-sizes", type=int, nargs="+", default=[2048, 4096])
     parser.add_argument("--repeats", type=int, default=2, help="best of this many per setting")
-    parser.add_argument("--child", type=int, nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure_once(*args.child)))
+        slide, workers, chunk = args.child
+        print(json.dumps(measure_once(Path(slide), int(workers), int(chunk))))
         return
+    with tempfile.TemporaryDirectory(prefix="hoverdask-scaling-slides-") as folder:
+        run_all(args, Path(folder))
+
+
+def _slide(folder: Path, size: int) -> Path:
+    """The synthetic slide, written here, outside the measured processes."""
+    from hoverdask.synth import write_synthetic_slide
+
+    path = folder / f"slide-{size}.svs"
+    if not path.exists():
+        write_synthetic_slide(path, size, size, mpp=0.25, seed=0, keep_instances=False)
+    return path
+
+
+def run_all(args: argparse.Namespace, folder: Path) -> None:
 
     best: dict[int, float] = {}
     for _ in range(args.repeats):
         for workers in (1, 2):  # interleaved, so that a change in machine load hits both
-            run = _in_child(args.size, workers, args.chunk)
+            run = _in_child(_slide(folder, args.size), workers, args.chunk)
             best[workers] = min(best.get(workers, float("inf")), run["seconds"])
+            tasks = sum(run["task_seconds"].values())
             print(f"{args.size}² slide, {workers} worker(s) x 1 thread: {run['seconds']:.1f} s, "
-                  f"{run['nuclei']} nuclei", flush=True)
+                  f"{run['nuclei']} nuclei; task seconds {tasks:.1f} "
+                  f"({_brief(run['task_seconds'])})", flush=True)
     mpix = args.size**2 / 1e6
     for workers, seconds in sorted(best.items()):
         print(f"best {workers} worker(s): {seconds:.1f} s = {mpix / seconds:.3f} Mpx/s")
     print(f"speed-up 2 workers / 1 worker: {best[1] / best[2]:.2f}x")
 
     for size in args.memory_sizes:
-        run = _in_child(size, 2, args.chunk)
+        run = _in_child(_slide(folder, size), 2, args.chunk)
         print(f"{size}² slide, 2 workers: {run['seconds']:.1f} s; peak RSS worker "
               f"{run['worker_peak_rss_mib']:.0f} MiB, client {run['client_peak_rss_mib']:.0f} MiB",
               flush=True)
