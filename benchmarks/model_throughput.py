@@ -1,23 +1,109 @@
 """HoVer-Net network throughput on this machine: every layout/batch tried, and the best.
 
     python benchmarks/model_throughput.py [--device cpu|cuda|auto] [--seconds 20]
+    python benchmarks/model_throughput.py --variants [--rounds 3] [--batch 1] [--jit]
 
 Prints the analytic GFLOP per patch of each layout, each timed variant, the best GFLOP/s,
 output megapixels/s and the utilisation of the large-matmul peak measured in the same run.
+
+``--variants`` compares, on CPU, what ``predict_patches`` runs (channels_last, BatchNorm folded,
+layout-preserving upsampling, all cores) with the alternatives: the reference upsampling, BN not
+folded, the default layout, one thread, oneDNN off,
+and with ``--jit`` a frozen TorchScript trace (its start-up is printed). The variants are timed
+in turns, ``--rounds`` times, and the best of each is kept, so that changes in machine load
+hit all of them alike; the matmul peak is measured in every round.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import time
+from collections.abc import Callable, Iterator
 
-from hoverdask.bench import bench_model, conv_gflop
+import torch
+
+from hoverdask.bench import MatmulPeak, bench_model, conv_gflop
+from hoverdask.model.infer import cpu_inference_model, fold_batchnorm
+from hoverdask.model.network import HoVerNet
+
+
+@contextlib.contextmanager
+def _threads(count: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _variants(batch: int, jit: bool) -> dict[str, tuple[Callable[[], object], Callable]]:
+    torch.manual_seed(0)
+    plain = HoVerNet("fast", 6).eval()
+    used = cpu_inference_model(plain)
+    folded = fold_batchnorm(plain).to(memory_format=torch.channels_last)
+    contiguous = fold_batchnorm(plain)
+    x = torch.rand(batch, 3, 256, 256) * 255
+    x_last = x.contiguous(memory_format=torch.channels_last)
+    plain = plain.to(memory_format=torch.channels_last)
+    cores = torch.get_num_threads()
+    variants = {
+        "predict_patches": (lambda: used(x_last), contextlib.nullcontext),
+        "reference upsampling": (lambda: folded(x_last), contextlib.nullcontext),
+        "reference upsampling, BN not folded": (lambda: plain(x_last), contextlib.nullcontext),
+        "reference upsampling, contiguous": (lambda: contiguous(x), contextlib.nullcontext),
+        "1 thread": (lambda: used(x_last), lambda: _threads(1)),
+        "oneDNN off": (lambda: used(x_last), lambda: torch.backends.mkldnn.flags(enabled=False)),
+    }
+    if jit:
+        start = time.perf_counter()
+        with torch.no_grad():  # freezing folds the BNs itself
+            frozen = torch.jit.freeze(torch.jit.trace(plain, x_last, strict=False))
+            frozen(x_last)
+            frozen(x_last)  # the profiling executor optimises on the first calls
+        print(f"jit trace + freeze + 2 calls: {time.perf_counter() - start:.1f} s start-up")
+        variants["jit.freeze"] = (lambda: frozen(x_last), contextlib.nullcontext)
+    print(f"{cores} threads by default")
+    return variants
+
+
+def compare_variants(rounds: int, batch: int, jit: bool) -> None:
+    gflop = conv_gflop("fast", 6) * batch
+    variants = _variants(batch, jit)
+    best = dict.fromkeys(variants, float("inf"))
+    peak = MatmulPeak(torch.device("cpu"))
+    with torch.inference_mode():
+        for step, context in variants.values():
+            with context():
+                step()  # warm-up: oneDNN picks kernels on the first call
+        for index in range(rounds):
+            for name, (step, context) in variants.items():
+                with context():
+                    start = time.perf_counter()
+                    step()
+                    best[name] = min(best[name], time.perf_counter() - start)
+            peak.sample()
+            print(f"round {index}: matmul peak {peak.best}")
+    reference = best["predict_patches"]
+    for name, seconds in best.items():
+        print(f"{name:36s} batch {batch}: {gflop / seconds:6.1f} GFLOP/s = "
+              f"{gflop / seconds / peak.gflop_per_s:.0%} of peak, "
+              f"{reference / seconds:.2f}x of predict_patches")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--variants", action="store_true", help="compare CPU alternatives")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--jit", action="store_true", help="also time torch.jit.freeze")
     args = parser.parse_args()
+    if args.variants:
+        compare_variants(args.rounds, args.batch, args.jit)
+        return
 
     for mode, nr_types in (("fast", 6), ("fast", 5), ("original", 5), ("original", None)):
         print(f"{mode:8s} nr_types={nr_types!s:4s} {conv_gflop(mode, nr_types):7.1f} GFLOP/patch")

@@ -22,7 +22,8 @@ from hoverdask.bench import (
     remember_figures,
 )
 from hoverdask.model import HoVerNet
-from hoverdask.model.infer import cpu_inference_model, fold_batchnorm
+from hoverdask.model.infer import NearestUpSample2x, cpu_inference_model
+from hoverdask.model.network import UpSample2x
 from tests.conftest import PARITY, parity_npz
 from tests.parity_weights import parity_model
 
@@ -38,8 +39,9 @@ def _count_bn(model: torch.nn.Module) -> int:
 def test_folded_network_matches_reference_logits() -> None:
     model = parity_model("fast_t6")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    folded = fold_batchnorm(model)
+    folded = cpu_inference_model(model)  # BN folded, nearest upsampling, channels_last
     assert _count_bn(folded) == _count_bn(model) - FOLDABLE_FAST_T6
+    assert isinstance(folded.upsample2x, NearestUpSample2x)
     images = torch.from_numpy(np.load(PARITY / "input_fast_256.npy")).permute(0, 3, 1, 2).float()
     with torch.inference_mode():
         got, plain = folded(images), model(images)
@@ -53,6 +55,14 @@ def test_folded_network_matches_reference_logits() -> None:
     after = model.state_dict()  # the checkpoint layout is untouched
     assert list(after) == list(before)
     assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_nearest_upsampling_equals_the_reference_unpooling() -> None:
+    x = torch.randn(2, 5, 7, 6).contiguous(memory_format=torch.channels_last)
+    want = UpSample2x()(x)
+    got = NearestUpSample2x()(x)
+    assert torch.equal(got, want)
+    assert got.is_contiguous(memory_format=torch.channels_last)  # what makes it faster
 
 
 def test_cpu_inference_model_follows_weight_changes() -> None:
