@@ -130,7 +130,6 @@ class ModelBench:
     batch_size: int
     memory_format: str
     autocast: bool
-    batchnorm_folded: bool
     gflop_per_patch: float
     seconds_per_batch: float
     gflop_per_s: float
@@ -154,7 +153,7 @@ def bench_model(
     """Network throughput (output pixels/s, GFLOP/s) at the best batch size and memory layout.
 
     Times the fast PanNuke-layout network (random weights: speed does not depend on them) as
-    ``predict_patches`` runs it: fp32 with BatchNorm folded on CPU with all cores, bf16
+    ``predict_patches`` runs it: fp32 on CPU with all cores (its inference copy), bf16
     autocast on CUDA. The matmul peak is sampled between the network's runs, so both see the
     same machine load. First the
     two memory layouts are compared at one batch size, then batch sizes with the faster layout.
@@ -213,7 +212,6 @@ def bench_model(
         batch_size=batch,
         memory_format=layout,
         autocast=cuda,
-        batchnorm_folded=not cuda,
         gflop_per_patch=gflop,
         seconds_per_batch=seconds_per_batch,
         gflop_per_s=rate,
