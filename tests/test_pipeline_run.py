@@ -76,7 +76,16 @@ def _assert_same_nuclei(got: gpd.GeoDataFrame, want: gpd.GeoDataFrame) -> None:
 
 
 @pytest.mark.slow
-def test_chunked_cluster_run_equals_untiled_post_processing(client, cohort, expected, tmp_path):
+def test_chunked_cluster_run_equals_untiled_post_processing(client, cohort, expected, tmp_path,
+                                                            monkeypatch):
+    import hoverdask.bench
+
+    figures = {
+        "model": {"device": "cpu", "gflop_per_s": 12.5, "peak_gflop_per_s": 50.0, "mpix_per_s": 0.1},
+        "postproc": {"mpix_per_s": 9.0},
+    }
+    monkeypatch.setattr(hoverdask.bench, "latest_figures_path", lambda: tmp_path / "bench.json")
+    hoverdask.bench.remember_figures(figures)
     out = tmp_path / "out"
     result = run_cohort(
         [cohort["alpha"], cohort["beta"]], out, predictor_factory=_factory(cohort),
@@ -93,6 +102,7 @@ def test_chunked_cluster_run_equals_untiled_post_processing(client, cohort, expe
         assert record["status"] == "ok"
         assert record["counts"]["nuclei"] == len(expected)
         assert record["counts"]["map_tiles"] == 4 * 5
+        assert record["bench"]["model_gflop_per_s"] == 12.5  # the machine's last bench figures
         assert not (out / name / ".work").exists()
     rows = list(csv.DictReader((out / "summary.csv").open()))
     assert [(r["slide"], r["status"], int(r["nuclei"])) for r in rows] == [

@@ -105,8 +105,16 @@ def write_run_record(
             **outcome.get("counts", {}),
         },
         "files": outcome.get("files", []),
+        "bench": latest_bench_figures(),
     }
     atomic_write_json(plan.ledger.run_path, record)
+
+
+def latest_bench_figures() -> dict[str, Any] | None:
+    """This machine's last ``hoverdask bench`` figures (None if never run), to estimate cohorts."""
+    from hoverdask.bench import latest_figures
+
+    return latest_figures()
 
 
 def versions() -> dict[str, str]:
