@@ -175,18 +175,6 @@ def test_a_bad_slide_fails_alone(client, cohort, tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_times_the_whole_pipeline(client, cohort):
-    from hoverdask.pipeline import time_pipeline
-
-    timing = time_pipeline(width=400, height=300, predictor_factory=_factory(cohort),
-                           client=client, options=RunOptions(chunk_size=656, tissue_mask=False))
-    assert timing.megapixels == pytest.approx(400 * 300 / 1e6)
-    maps = _stored(np.load(cohort["maps"]))[:300, :400]
-    assert timing.nuclei == len(nuclei_from_maps(maps, 1024, NR_TYPES)) > 50
-    assert timing.mpix_per_s > 0
-
-
-@pytest.mark.slow
 def test_tiles_without_tissue_are_skipped_exactly(client, cohort, tmp_path):
     out = tmp_path / "out"
     run_cohort([cohort["beta"]], out, predictor_factory=_factory(cohort), client=client,

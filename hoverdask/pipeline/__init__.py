@@ -9,15 +9,11 @@ from hoverdask.pipeline.seams import nuclei_from_maps
 __all__ = ["nuclei_from_maps"]
 
 # --- the distributed run (hoverdask run) ---
-from hoverdask.pipeline.bench import PipelineTiming, end_to_end_mpix_per_s, time_pipeline
 from hoverdask.pipeline.run import CohortResult, RunOptions, SlideResult, run_cohort
 
 __all__ += [
     "CohortResult",
-    "PipelineTiming",
     "RunOptions",
     "SlideResult",
-    "end_to_end_mpix_per_s",
     "run_cohort",
-    "time_pipeline",
 ]

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from hoverdask.nuclei import to_level0
+from hoverdask.nuclei import CORE_COLUMNS, to_level0
 from hoverdask.postproc.stable import (
     CONTEXT_MARGIN,
     SOBEL_REACH,
@@ -53,15 +53,7 @@ if TYPE_CHECKING:
 # are at most ~80 px across; larger touching clusters take the (exact, slower) oversize path.
 DEFAULT_HALO = 128
 
-TABLE_COLUMNS = (
-    "geometry",
-    "centroid_x",
-    "centroid_y",
-    "type",
-    "type_prob",
-    "area_px",
-    "nucleus_id",
-)
+TABLE_COLUMNS = (*CORE_COLUMNS, "nucleus_id")
 
 
 class OversizedClusterWarning(UserWarning):
