@@ -534,4 +534,3 @@ def cluster_slurm(
 
 
 
-_ = (Annotated, Path)  # used by the command sections above
