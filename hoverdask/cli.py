@@ -531,6 +531,3 @@ def cluster_slurm(
         console.print("stopping the cluster and cancelling its jobs")
     finally:
         cluster.close()
-
-
-
