@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from hoverdask.atomic import atomic_write_json
 from hoverdask.errors import HoverdaskError
 from hoverdask.model.infer import INFERENCE_MEMORY_FORMAT, cpu_inference_model, resolve_device
 from hoverdask.model.network import HoVerNet, patch_geometry
@@ -394,12 +395,7 @@ def latest_figures_path() -> Path:
 
 def remember_figures(results: dict[str, Any]) -> Path:
     """Keep ``results`` as this machine's latest bench figures (written whole, then renamed)."""
-    path = latest_figures_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(results, indent=2))
-    temporary.replace(path)
-    return path
+    return atomic_write_json(latest_figures_path(), results)
 
 
 def latest_figures() -> dict[str, Any] | None:

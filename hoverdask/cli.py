@@ -404,8 +404,8 @@ def evaluate(
 
     from rich.table import Table
 
+    from hoverdask.atomic import atomic_write_text
     from hoverdask.evaluate import evaluate_model, format_table
-    from hoverdask.pipeline.ledger import atomic_write_text
 
     report = evaluate_model(
         data, model, limit=limit, device=device, batch_size=batch_size, method=method

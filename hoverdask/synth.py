@@ -26,6 +26,8 @@ from typing import Literal
 
 import numpy as np
 
+from hoverdask.atomic import atomic_write
+
 STAIN_H = np.array([0.650, 0.704, 0.286])  # Ruifrok & Johnston 2001, normalised OD vectors
 STAIN_E = np.array([0.072, 0.990, 0.105])
 TILE = 256
@@ -120,9 +122,7 @@ def write_synthetic_slide(
     nuclei = _place_nuclei(rng, field, width, height, mpp, max(1, n_types), nucleus_fraction)
     renderer = _Renderer(field, nuclei, width, height, rng.integers(1 << 31))
     labels = np.zeros((height, width), np.int32) if keep_instances else None
-    tmp = path.with_name(path.name + ".partial")
-    _write_tiff(tmp, renderer, labels, mpp, flavour, compression)
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: _write_tiff(tmp, renderer, labels, mpp, flavour, compression))
     types = np.array([0, *[n.type for n in nuclei]], dtype=np.int16)
     return SyntheticTruth(path, width, height, mpp, nuclei, types, labels, field)
 

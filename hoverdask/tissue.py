@@ -19,12 +19,12 @@ with ``d = downsample``.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from hoverdask.atomic import atomic_write
 from hoverdask.slide import Slide
 
 MASK_MPP = 8.0
@@ -80,7 +80,7 @@ class TissueMask:
             image = thumbnail[: self.mask.shape[0], : self.mask.shape[1]].copy()
             image[~self.mask] = (image[~self.mask] * 0.35).astype(np.uint8)
             image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
-        _atomic(Path(path), lambda tmp: cv2.imwrite(str(tmp), image) or _fail(tmp))
+        atomic_write(Path(path), lambda tmp: cv2.imwrite(str(tmp), image) or _fail(tmp))
 
     def save(self, path: str | Path) -> None:
         def write(tmp: Path) -> None:
@@ -89,7 +89,7 @@ class TissueMask:
                     handle, mask=self.mask, downsample=self.downsample, mpp=self.mpp
                 )
 
-        _atomic(Path(path), write)
+        atomic_write(Path(path), write)
 
     @classmethod
     def load(cls, path: str | Path) -> TissueMask:
@@ -101,13 +101,6 @@ def _fail(path: Path) -> None:
     raise OSError(f"could not write {path}")
 
 
-def _atomic(path: Path, write: object) -> None:
-    tmp = path.with_name(f".{path.stem}.partial{path.suffix}")  # keeps the extension for cv2
-    try:
-        write(tmp)  # type: ignore[operator]
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def tissue_path(zarr_path: str | Path) -> Path:

@@ -7,9 +7,10 @@ import json
 import numpy as np
 import pytest
 
+from hoverdask.atomic import atomic_write_text
 from hoverdask.pipeline import maps_store
 from hoverdask.pipeline.grid import TileGrid, reflect_indices, window_indices
-from hoverdask.pipeline.ledger import SlideLedger, atomic_write_text
+from hoverdask.pipeline.ledger import SlideLedger
 from hoverdask.pipeline.predictors import (
     ArrayPredictor,
     PatchPredictor,

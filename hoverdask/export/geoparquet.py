@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 import shapely
 
 from hoverdask import __version__
+from hoverdask.atomic import atomic_path
 from hoverdask.export.qupath import nucleus_uuids
 
 ROW_GROUP_SIZE = 100_000
@@ -77,28 +78,24 @@ def write_geoparquet(
         "hoverdask_version": __version__,
         **(metadata or {}),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     writer: pq.ParquetWriter | None = None
-    try:
-        for start in range(0, max(len(order), 1), row_group_size):
-            rows = order[start : start + row_group_size]
-            table = _arrow_chunk(nuclei.iloc[rows][columns], geometry[rows], slide_id)
-            if writer is None:
-                schema = table.schema.with_metadata(
-                    {b"geo": json.dumps(geo).encode(), b"hoverdask": json.dumps(file_meta).encode()}
-                )
-                writer = pq.ParquetWriter(
-                    tmp, schema, compression="zstd", compression_level=compression_level
-                )
-            writer.write_table(table.cast(writer.schema), row_group_size=row_group_size)
-        assert writer is not None
-        writer.close()
-        os.replace(tmp, path)
-    finally:
-        if writer is not None and writer.is_open:
-            writer.close()
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp:
+        try:
+            for start in range(0, max(len(order), 1), row_group_size):
+                rows = order[start : start + row_group_size]
+                table = _arrow_chunk(nuclei.iloc[rows][columns], geometry[rows], slide_id)
+                if writer is None:
+                    schema = table.schema.with_metadata({
+                        b"geo": json.dumps(geo).encode(),
+                        b"hoverdask": json.dumps(file_meta).encode(),
+                    })
+                    writer = pq.ParquetWriter(
+                        tmp, schema, compression="zstd", compression_level=compression_level
+                    )
+                writer.write_table(table.cast(writer.schema), row_group_size=row_group_size)
+        finally:
+            if writer is not None and writer.is_open:
+                writer.close()  # before the rename: the footer must be on disk
     return path
 
 
@@ -162,12 +159,10 @@ def add_to_dataset(
 ) -> Path:
     """Publish a slide's file as ``DATASET/slide=<id>/part-0.parquet`` (hard link, else copy)."""
     target = partition_dir(dataset_dir, slide_id) / "part-0.parquet"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(parquet, tmp)
-    except OSError:
-        shutil.copyfile(parquet, tmp)
-    os.replace(tmp, target)
+    with atomic_path(target) as tmp:
+        tmp.unlink()  # a hard link needs a free name
+        try:
+            os.link(parquet, tmp)
+        except OSError:
+            shutil.copyfile(parquet, tmp)
     return target

@@ -15,6 +15,7 @@ import cv2
 import geopandas as gpd
 import numpy as np
 
+from hoverdask.atomic import atomic_path
 from hoverdask.features import type_info, type_name_and_color
 
 UNCLASSIFIED_COLOR = (160, 160, 160)
@@ -51,14 +52,9 @@ def write_qc_picture(
         )
     _draw_nuclei(picture, nuclei, downsample, type_info(type_table))
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix or '.png'}")
-    try:
+    with atomic_path(path) as tmp:
         if not cv2.imwrite(str(tmp), cv2.cvtColor(picture, cv2.COLOR_RGB2BGR)):
             raise OSError(f"could not write {path}")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -25,6 +25,7 @@ import geopandas as gpd
 import numpy as np
 import shapely
 
+from hoverdask.atomic import atomic_path
 from hoverdask.features import type_info, type_name_and_color
 
 NUCLEUS_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_OID, "hoverdask.nucleus")
@@ -133,18 +134,13 @@ def write_qupath(
 @contextmanager
 def _atomic_text(path: Path) -> Iterator[IO[str]]:
     """A text stream to a temp file that becomes ``path`` only if writing finished."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         if path.suffix == ".gz":
             with gzip.open(tmp, "wt", encoding="utf-8", compresslevel=6) as stream:
                 yield stream
         else:
             with open(tmp, "w", encoding="utf-8") as stream:
                 yield stream
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def qupath_geometry(geoms: np.ndarray) -> np.ndarray:

@@ -29,6 +29,7 @@ from typing import Any
 import geopandas as gpd
 import numpy as np
 
+from hoverdask.atomic import atomic_path, atomic_write_text
 from hoverdask.errors import HoverdaskError
 from hoverdask.export.geoparquet import add_to_dataset, write_geoparquet
 from hoverdask.export.qupath import write_qupath
@@ -95,7 +96,7 @@ def write_slide_outputs(
         )
         written["qupath"] = path
     stats = slide_stats(nuclei, slide_id=slide_id, tissue_mm2=tissue_mm2, type_table=type_table)
-    written["stats"] = _write_text(out_dir / "stats.json", json.dumps(stats, indent=1))
+    written["stats"] = atomic_write_text(out_dir / "stats.json", json.dumps(stats, indent=1))
     return written
 
 
@@ -169,16 +170,15 @@ def write_cohort_summary(
         table.append((flat, outputs.get("qc")))
     columns = list(dict.fromkeys(c for flat, _ in table for c in flat))
     columns = [*PIPELINE_COLUMNS, *(c for c in columns if c not in PIPELINE_COLUMNS)]
-    out_dir.mkdir(parents=True, exist_ok=True)
     summary = out_dir / "summary.csv"
-    tmp = summary.with_name(".summary.csv.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as stream:
+    with atomic_path(summary) as tmp, open(tmp, "w", newline="", encoding="utf-8") as stream:
         writer = csv.DictWriter(stream, fieldnames=columns, restval="")
         writer.writeheader()
         for flat, _ in table:
             writer.writerow({k: _csv_value(v) for k, v in flat.items()})
-    os.replace(tmp, summary)
-    report = _write_text(out_dir / "report.html", _report_html(table, columns, out_dir, timings))
+    report = atomic_write_text(
+        out_dir / "report.html", _report_html(table, columns, out_dir, timings)
+    )
     return {"summary": summary, "dataset": out_dir / "nuclei", "report": report}
 
 
@@ -212,12 +212,6 @@ def _report_html(table, columns, out_dir: Path, timings) -> str:
         "</body></html>\n"
     )
 
-
-def _write_text(path: Path, text: str) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
 
 
 def _csv_value(value: Any) -> str:

@@ -15,16 +15,15 @@ state them: the decoder's first conv is 3x3 in "fast" mode and 5x5 in "original"
 from __future__ import annotations
 
 import hashlib
-import os
 import pickle
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from hoverdask.atomic import atomic_write
 from hoverdask.errors import CheckpointError
 from hoverdask.model.infer import resolve_device
 from hoverdask.model.network import HoVerNet
@@ -208,13 +207,5 @@ def save_checkpoint(
         raise CheckpointError(f"extra may not use the reserved key(s) {sorted(reserved)}")
     state = {key: value.detach().cpu() for key, value in model.state_dict().items()}
     payload = {"desc": state, **extra}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
     return path

@@ -8,15 +8,13 @@ type}}}``, the reference layout), ``<stem>_inst.npy`` (int32 instance map) and `
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from hoverdask.atomic import atomic_write
 from hoverdask.errors import HoverdaskError
 from hoverdask.model.types import TypeTable
 
@@ -57,16 +55,6 @@ def draw_overlay(
     return overlay
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _write_png(path: Path, rgb: np.ndarray) -> None:
@@ -129,10 +117,10 @@ def segment_image(
     json_path = out_dir / f"{stem}.json"
     inst_path = out_dir / f"{stem}_inst.npy"
     overlay_path = out_dir / f"{stem}.png"
-    _atomic_write(json_path, lambda p: p.write_text(json.dumps(doc)))
-    _atomic_write(inst_path, lambda p: _write_npy(p, inst_map.astype(np.int32)))
+    atomic_write(json_path, lambda p: p.write_text(json.dumps(doc)))
+    atomic_write(inst_path, lambda p: _write_npy(p, inst_map.astype(np.int32)))
     overlay = draw_overlay(image, inst_info, table)
-    _atomic_write(overlay_path, lambda p: _write_png(p, overlay))
+    atomic_write(overlay_path, lambda p: _write_png(p, overlay))
 
     counts: dict[str, int] = {}
     for record in inst_info.values():

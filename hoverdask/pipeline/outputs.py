@@ -14,12 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from hoverdask.atomic import atomic_write, atomic_write_json
 from hoverdask.nuclei import PIPELINE_COLUMNS
-from hoverdask.pipeline.ledger import (
-    SlideLedger,
-    atomic_write,
-    atomic_write_json,
-)
+from hoverdask.pipeline.ledger import SlideLedger
 
 if TYPE_CHECKING:
     import geopandas as gpd

@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from hoverdask.atomic import atomic_write, atomic_write_json
 from hoverdask.pipeline import maps_store, seams
-from hoverdask.pipeline.ledger import atomic_write, atomic_write_json
 from hoverdask.postproc.stable import CONTEXT_MARGIN, SOBEL_REACH, Box, NormRanges, merge_ranges
 
 if TYPE_CHECKING:

@@ -16,9 +16,10 @@ from typing import Any
 
 import numpy as np
 
+from hoverdask.atomic import atomic_write_json
 from hoverdask.pipeline import maps_store
 from hoverdask.pipeline.grid import TileGrid, window_indices
-from hoverdask.pipeline.ledger import SlideLedger, atomic_write_json
+from hoverdask.pipeline.ledger import SlideLedger
 from hoverdask.pipeline.predictors import PredictorFactory, current_predictor
 
 

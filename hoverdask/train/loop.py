@@ -26,12 +26,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from hoverdask.atomic import atomic_write
 from hoverdask.errors import CheckpointError, HoverdaskError
 from hoverdask.model import HoVerNet, patch_geometry
 from hoverdask.model.checkpoints import load_model, save_checkpoint
 from hoverdask.model.infer import resolve_device
 from hoverdask.model.network import MODES
-from hoverdask.pipeline.ledger import atomic_write
 from hoverdask.train.augment import Window
 from hoverdask.train.batches import WindowSource, check_types, collate, validation_windows
 from hoverdask.train.datasets import LabelledSet, open_dataset
