@@ -28,21 +28,14 @@ import numpy as np
 
 from hoverdask.pipeline.seams import BlockGrid, nuclei_from_maps, slide_ranges
 from hoverdask.postproc import process
+from hoverdask.postproc.synthetic import dequantised_pred_map
 
 FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "data" / "parity" / "wsi_synth_input.npz"
 
 
 def load_maps(tiles: int) -> np.ndarray:
     with np.load(FIXTURE) as data:
-        maps = np.stack(
-            [
-                data["tp"].astype(np.float32),
-                data["q_np"].astype(np.float32) / np.float32(255),
-                data["q_h"].astype(np.float32) / np.float32(32767),
-                data["q_v"].astype(np.float32) / np.float32(32767),
-            ],
-            axis=-1,
-        )
+        maps = dequantised_pred_map(data)
     return np.tile(maps, (tiles, tiles, 1))
 
 

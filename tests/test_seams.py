@@ -35,6 +35,7 @@ from hoverdask.postproc.stable import (
     sobel_responses,
     value_range,
 )
+from hoverdask.postproc.synthetic import dequantised_pred_map
 
 NR_TYPES = 6
 
@@ -42,15 +43,7 @@ NR_TYPES = 6
 def wsi_maps(with_coverage: bool = False) -> np.ndarray:
     """The parity WSI maps ``[tp, np, h, v]`` dequantised as the fixture README defines them."""
     data = parity_npz("wsi_synth_input.npz")
-    maps = np.stack(
-        [
-            data["tp"].astype(np.float32),
-            data["q_np"].astype(np.float32) / np.float32(255),
-            data["q_h"].astype(np.float32) / np.float32(32767),
-            data["q_v"].astype(np.float32) / np.float32(32767),
-        ],
-        axis=-1,
-    )
+    maps = dequantised_pred_map(data)
     if with_coverage:
         maps = maps * data["coverage"].astype(np.float32)[..., None]
     return maps
