@@ -1,0 +1,150 @@
+"""The post-processing block task (passes 2 and 3, polygons and features) gives the pinned tables.
+
+Oracle: ``tests/data/block_task/*.parquet``, the tables that :func:`block_task_table` built with
+the code of commit 7ef543a (before the block task was optimised), on the parity WSI maps and on a
+synthetic map, each cut into blocks as the pipeline cuts a slide (one case with a small halo, so
+the oversized-cluster path runs too). Every later version must give the same rows: same ids and
+geometry bit for bit, every other column to 1e-9. Regenerate only for a deliberate change of
+definition::
+
+    python tests/test_seams_block_task.py --write
+"""
+
+from __future__ import annotations
+
+import sys
+
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+import pytest
+import shapely
+from conftest import DATA, parity_npz
+
+from hoverdask.features import measure
+from hoverdask.pipeline import seams
+from hoverdask.postproc.stable import CONTEXT_MARGIN, SOBEL_REACH, NormRanges, merge_ranges
+from hoverdask.postproc.synthetic import dequantised_pred_map, synthetic_pred_map
+
+NR_TYPES = 6
+MPP = 0.25
+TYPES = {1: ("Neoplastic", (255, 0, 0)), 3: ("Inflammatory", (0, 255, 0))}
+ORACLES = DATA / "block_task"
+# name -> (maps and oracle, chunk size, halo, level-0 px per map px, offset (x, y) of the map)
+CASES = {
+    "wsi_chunk492": ("wsi", 492, seams.DEFAULT_HALO, 1.0, (0, 0)),
+    "wsi_chunk256_halo40": ("wsi", 256, 40, 1.0, (0, 0)),
+    "synthetic_chunk300_scaled": ("synthetic", 300, seams.DEFAULT_HALO, 0.5, (17, 5)),
+}
+WRITTEN_BY = ("wsi_chunk492", "synthetic_chunk300_scaled")  # chunking never changes a table
+
+
+def case_maps(name: str) -> np.ndarray:
+    if name == "wsi":
+        return dequantised_pred_map(parity_npz("wsi_synth_input.npz"))
+    return synthetic_pred_map(700, 900, NR_TYPES, seed=5)
+
+
+def rgb_of(maps: np.ndarray) -> np.ndarray:
+    """A deterministic RGB image that follows the maps (dark nuclei, class-dependent green)."""
+    tp, prob, h, v = (maps[..., i] for i in range(4))
+    red = 250 - 170 * prob
+    green = (37 * tp + 40 * (1 - prob)) % 256
+    blue = 127.5 * (h + 1) * 0.6 + 60 * (v + 1)
+    return np.stack([red, green, blue], axis=-1).clip(0, 255).astype(np.uint8)
+
+
+def measured(records, image, box, scale, offset) -> gpd.GeoDataFrame:
+    """The pipeline's ``measured_table`` with the RGB read from ``image``."""
+    table = seams.nuclei_table(seams.records_frame(records), scale, offset)
+    if not len(table):
+        return table
+    y0, x0, y1, x1 = box
+    origin = ((x0 + offset[0]) * scale, (y0 + offset[1]) * scale)
+    return measure(table, image[y0:y1, x0:x1], MPP, origin=origin, scale=scale, type_table=TYPES)
+
+
+def block_task_table(name: str) -> gpd.GeoDataFrame:
+    """Passes 1-3 block by block and the oversize refit, as ``pipeline.postprocess`` runs them."""
+    source, chunk, halo, scale, offset = CASES[name]
+    maps = case_maps(source)
+    image = rgb_of(maps)
+    height, width = maps.shape[:2]
+    grid = seams.BlockGrid(height, width, chunk, halo)
+
+    def window(box):
+        return maps[box[0] : box[2], box[1] : box[3]]
+
+    hv = [seams.hv_ranges(window(grid.core(*b))) for b in grid.blocks()]
+    hv_ranges = NormRanges(merge_ranges([r[0] for r in hv]), merge_ranges([r[1] for r in hv]))
+    sobel = []
+    for block in grid.blocks():
+        core = grid.core(*block)
+        context = grid.grow(core, SOBEL_REACH)
+        sobel.append(seams.sobel_ranges(window(context), context, core, hv_ranges))
+    ranges = NormRanges(
+        hv_ranges.h,
+        hv_ranges.v,
+        merge_ranges([s[0] for s in sobel]),
+        merge_ranges([s[1] for s in sobel]),
+    )
+    tables, fragments = [], []
+    for block in grid.blocks():
+        box = grid.window(*block)
+        found = seams.block_nuclei(window(box), box, grid, block, ranges, NR_TYPES)
+        tables.append(measured(found.records, image, box, scale, offset))
+        fragments.extend(found.fragments)
+    pending = [(grid.grow(t, CONTEXT_MARGIN), t) for t in seams.merge_boxes(fragments)]
+    while pending:
+        retry = []
+        for box, target in pending:
+            refit = seams.refit_nuclei(window(box), box, grid, target, ranges, NR_TYPES)
+            if refit.grow_to is not None:
+                retry.append((refit.grow_to, target))
+            else:
+                tables.append(measured(refit.records, image, box, scale, offset))
+        pending = retry
+    table = pd.concat([t for t in tables if len(t)], ignore_index=True)
+    table = table.drop_duplicates("nucleus_id").sort_values("nucleus_id", ignore_index=True)
+    table.attrs = {}
+    return gpd.GeoDataFrame(table, geometry="geometry")
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_block_task_gives_the_pinned_table(name: str) -> None:
+    expected = gpd.read_parquet(ORACLES / f"{CASES[name][0]}.parquet")
+    got = block_task_table(name)
+    assert list(got.columns) == list(expected.columns)
+    assert len(got) == len(expected) > 100
+    np.testing.assert_array_equal(got["nucleus_id"].to_numpy(), expected["nucleus_id"].to_numpy())
+    assert all(shapely.equals_exact(got.geometry.values, expected.geometry.values, tolerance=0))
+    for column in expected.columns:
+        if column == "geometry":
+            continue
+        want, have = expected[column], got[column]
+        assert have.dtype == want.dtype, column
+        if pd.api.types.is_numeric_dtype(want):
+            np.testing.assert_allclose(have, want, rtol=0, atol=1e-9, err_msg=column)
+        else:
+            assert have.equals(want), column
+
+
+def test_the_small_halo_case_exercises_the_oversize_path() -> None:
+    maps = case_maps("wsi")
+    _, chunk, halo, _, _ = CASES["wsi_chunk256_halo40"]
+    table = seams.nuclei_from_maps(maps, chunk, NR_TYPES, halo=halo)
+    assert table.attrs["oversized_clusters"]
+
+
+def write_oracles() -> None:
+    ORACLES.mkdir(parents=True, exist_ok=True)
+    for name in WRITTEN_BY:
+        table = block_task_table(name)
+        table.to_parquet(ORACLES / f"{CASES[name][0]}.parquet", index=False)
+        print(name, len(table), "nuclei")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--write"]:
+        raise SystemExit(__doc__)
+    write_oracles()
