@@ -129,32 +129,30 @@ def predict_patches(
     *,
     device: str | torch.device | None = None,
     autocast: bool = False,
+    autocast_dtype: str = "bfloat16",
 ) -> np.ndarray:
     """Run the network on uint8 NHWC RGB patches; float32 ``(N, out, out, 4 or 3)``.
 
     ``device`` None uses the model's device (the model is moved if another one is named).
-    ``autocast`` runs the network in bfloat16 on CUDA; it has no effect on CPU, where fp32 is
-    kept so that results equal the reference (up to fp rounding; see
-    :func:`cpu_inference_model`).
+    ``autocast`` runs the network in ``autocast_dtype`` (bfloat16 or float16) on CUDA; it has no
+    effect on CPU, where fp32 is kept so that results equal the reference (up to fp rounding; see
+    :func:`cpu_inference_model`). The pipeline runs the same steps staged over CUDA streams
+    (:class:`hoverdask.model.gpu.StagedPatchRunner`).
     """
+    from hoverdask.model.gpu import autocast_dtype as dtype_named
+    from hoverdask.model.gpu import forward_maps, inference_network
+
     _check_patches(patches_nhwc_uint8)
     target = model_device(model) if device is None else resolve_device(device)
     if model_device(model) != target:
         model.to(target)
     model.eval()
-    use_autocast = autocast and target.type == "cuda"
-    if target.type == "cpu":
-        network = cpu_inference_model(model)
-    else:  # the upsampling swap is measured on CPU only
-        use_inference_layout(model)
-        network = model
+    requested = dtype_named(autocast_dtype)
+    dtype = requested if autocast and target.type == "cuda" else None
+    network = inference_network(model, target)
     with torch.inference_mode():
         x = torch.from_numpy(np.ascontiguousarray(patches_nhwc_uint8)).to(target)
-        # an NHWC array seen as NCHW is already channels_last in memory
-        x = x.permute(0, 3, 1, 2).float().contiguous(memory_format=INFERENCE_MEMORY_FORMAT)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_autocast):
-            logits = network(x)
-        return logits_to_maps(logits).cpu().numpy()
+        return forward_maps(network, x, dtype=dtype).cpu().numpy()
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ receives a small picklable *factory* (a checkpoint path and options, never the w
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import re
@@ -23,6 +24,8 @@ from typing import Any, Protocol
 import numpy as np
 
 PLUGIN_NAME = "hoverdask-predictor"
+DEFAULT_BATCH_SIZE = 8  # patches per network call on CPU, and without a way to measure memory
+AUTO_BATCH_SIZE = 0  # batch_size meaning "as many as fit in free GPU memory"
 log = logging.getLogger(__name__)
 
 
@@ -57,55 +60,101 @@ def join_patches(outputs: np.ndarray, rows: int, cols: int) -> np.ndarray:
     return grid.reshape(rows * out, cols * out, channels)
 
 
+class PatchRunner(Protocol):
+    """Runs patch batches in two steps, so that a caller can queue one batch before it waits for
+    the previous one (:class:`hoverdask.model.gpu.StagedPatchRunner` overlaps them on CUDA)."""
+
+    def submit(self, patches: np.ndarray) -> Any: ...
+
+    def collect(self, pending: Any) -> np.ndarray: ...
+
+
+class CallRunner:
+    """A plain patch function as a runner: the work happens in ``submit``, in order."""
+
+    def __init__(self, predict_patches: Callable[[np.ndarray], np.ndarray]) -> None:
+        self.predict_patches = predict_patches
+
+    def submit(self, patches: np.ndarray) -> np.ndarray:
+        return np.asarray(self.predict_patches(patches))
+
+    def collect(self, pending: np.ndarray) -> np.ndarray:
+        return pending
+
+
 class PatchPredictor:
     """Cuts the window into patches, predicts them in batches, joins the outputs edge to edge.
 
-    ``predict_patches`` maps (N, in, in, 3) uint8 to (N, out, out, C) float32. On CUDA out of
-    memory the batch is halved (and stays halved) instead of failing the tile.
+    ``predict_patches`` maps (N, in, in, 3) uint8 to (N, out, out, C) float32; it is a function or
+    a :class:`PatchRunner`, which gets batch i+1 submitted before batch i is collected
+    (``in_flight`` batches at most). ``batch_size`` 0 asks the runner's ``auto_batch_size``
+    (free GPU memory) once, on the first tile, or is :data:`DEFAULT_BATCH_SIZE` without one. On
+    CUDA out of memory the batch is halved (and stays halved) instead of failing the tile.
     """
 
     def __init__(
         self,
-        predict_patches: Callable[[np.ndarray], np.ndarray],
+        predict_patches: Callable[[np.ndarray], np.ndarray] | PatchRunner,
         *,
         margin: int,
         output: int,
         nr_types: int | None,
-        batch_size: int = 8,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        in_flight: int = 2,
     ) -> None:
-        self.predict_patches = predict_patches
+        if batch_size < 0 or in_flight < 1:
+            raise ValueError(f"batch_size must be >= 0 (0: auto) and in_flight >= 1, got "
+                             f"{batch_size}, {in_flight}")
+        is_runner = hasattr(predict_patches, "submit") and hasattr(predict_patches, "collect")
+        self.runner: PatchRunner = (predict_patches if is_runner  # type: ignore[assignment]
+                                    else CallRunner(predict_patches))
         self.margin = margin
         self.output = output
         self.nr_types = nr_types
-        self.batch_size = max(1, batch_size)
+        self.batch_size = batch_size
+        self.in_flight = in_flight
 
     def predict_tile(self, window: np.ndarray, tile_origin_yx: tuple[int, int]) -> np.ndarray:
         rows = (window.shape[0] - 2 * self.margin) // self.output
         cols = (window.shape[1] - 2 * self.margin) // self.output
         patches = split_patches(window, self.margin, self.output)
+        if self.batch_size == AUTO_BATCH_SIZE:
+            self.batch_size = self._auto_batch_size(patches.shape[1])
         return join_patches(self._predict_all(patches), rows, cols).astype(np.float32, copy=False)
 
+    def _auto_batch_size(self, patch_size: int) -> int:
+        choose = getattr(self.runner, "auto_batch_size", None)
+        size = choose(patch_size) if choose is not None else None
+        log.info("batch size %s (auto)", size or f"{DEFAULT_BATCH_SIZE}, the default")
+        return int(size or DEFAULT_BATCH_SIZE)
+
     def _predict_all(self, patches: np.ndarray) -> np.ndarray:
-        outputs = []
+        outputs: list[np.ndarray] = []
+        pending: collections.deque[Any] = collections.deque()
         start = 0
         while start < len(patches):  # the batch size may drop on the way
-            stop = start + self.batch_size
-            outputs.append(self._predict_batch(patches[start:stop]))
-            start = stop
+            batch = patches[start : start + self.batch_size]
+            try:
+                pending.append(self.runner.submit(batch))
+            except Exception as err:
+                if not _is_cuda_oom(err) or len(batch) == 1:
+                    raise
+                while pending:  # what is in flight is fine, and holds memory: finish it first
+                    outputs.append(self.runner.collect(pending.popleft()))
+                self._lower_batch_size(len(batch))
+                continue
+            start += len(batch)
+            if len(pending) >= self.in_flight:
+                outputs.append(self.runner.collect(pending.popleft()))
+        outputs.extend(self.runner.collect(p) for p in pending)
         return np.concatenate(outputs)
 
-    def _predict_batch(self, batch: np.ndarray) -> np.ndarray:
-        try:
-            return np.asarray(self.predict_patches(batch))
-        except Exception as err:
-            if not _is_cuda_oom(err) or len(batch) == 1:
-                raise
-            import torch
+    def _lower_batch_size(self, failed: int) -> None:
+        import torch
 
-            torch.cuda.empty_cache()
-            self.batch_size = max(1, min(self.batch_size, len(batch) // 2))
-            log.warning("GPU out of memory: batch size lowered to %d", self.batch_size)
-            return self._predict_all(batch)
+        torch.cuda.empty_cache()
+        self.batch_size = max(1, min(self.batch_size, failed // 2))
+        log.warning("GPU out of memory: batch size lowered to %d", self.batch_size)
 
 
 def _is_cuda_oom(err: Exception) -> bool:
@@ -118,22 +167,39 @@ def _is_cuda_oom(err: Exception) -> bool:
 
 @dataclass(frozen=True)
 class TorchPredictorFactory:
-    """Everything a worker needs to load the network itself: a path, not the weights."""
+    """Everything a worker needs to load the network itself: a path, not the weights.
+
+    ``batch_size`` 0 fits the batch to the worker's free GPU memory (measured once per worker;
+    :data:`DEFAULT_BATCH_SIZE` on CPU). ``autocast`` runs the network in ``autocast_dtype``
+    (bfloat16 or float16) on CUDA. ``compile`` wraps the network in ``torch.compile`` (slower
+    start-up; off unless measured to help on the hardware at hand).
+    """
 
     model_path: str
     device: str = "cpu"
-    batch_size: int = 8
+    batch_size: int = DEFAULT_BATCH_SIZE
     autocast: bool = False
+    autocast_dtype: str = "bfloat16"
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        from hoverdask.errors import HoverdaskError
+        from hoverdask.model.gpu import autocast_dtype
+
+        if self.batch_size < 0:
+            raise HoverdaskError(f"batch size must be >= 1, or 0 for auto, not {self.batch_size}")
+        autocast_dtype(self.autocast_dtype)  # a clear error on the client, not on every worker
 
     def __call__(self) -> PatchPredictor:
-        from hoverdask.model import load_model, patch_geometry, predict_patches, resolve_device
+        from hoverdask.model import load_model, patch_geometry, resolve_device
+        from hoverdask.model.gpu import StagedPatchRunner, autocast_dtype
 
         device = resolve_device(self.device)  # "auto": this worker's GPU if it has one
         model = load_model(self.model_path, device)
         geometry = patch_geometry(model.mode)
-        predict = functools.partial(predict_patches, model, device=device,
-                                    autocast=self.autocast)
-        return PatchPredictor(predict, margin=geometry.margin, output=geometry.output,
+        dtype = autocast_dtype(self.autocast_dtype) if self.autocast else None
+        runner = StagedPatchRunner(model, device, dtype=dtype, compile=self.compile)
+        return PatchPredictor(runner, margin=geometry.margin, output=geometry.output,
                               nr_types=model.nr_types, batch_size=self.batch_size)
 
 
