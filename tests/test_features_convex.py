@@ -1,0 +1,62 @@
+"""Convex areas counted row by row equal the per-pixel hull test they replace."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import shapely
+from scipy import ndimage
+from skimage.morphology import convex_hull_image
+
+from hoverdask.features import _border_mask, _convex_area
+
+
+def per_pixel_convex_area(mask: np.ndarray) -> int:
+    """Pixel centres of the bounding box inside or on the hull of the border pixels' diamonds,
+    one ``shapely.intersects_xy`` test per pixel (the definition)."""
+    rr, cc = np.nonzero(mask)
+    diamonds = [(c + dx, r + dy) for r, c in zip(rr, cc, strict=True)
+                for dx, dy in ((-0.5, 0), (0.5, 0), (0, -0.5), (0, 0.5))]  # fmt: skip
+    hull = shapely.MultiPoint(diamonds).convex_hull
+    ys, xs = np.mgrid[rr.min() : rr.max() + 1, cc.min() : cc.max() + 1]
+    return int(shapely.intersects_xy(hull, xs.ravel(), ys.ravel()).sum())
+
+
+def random_labels(seed: int, shape=(90, 110)) -> np.ndarray:
+    """Touching blobs of every shape: thin lines, single pixels, holes, concave arms."""
+    rng = np.random.default_rng(seed)
+    noise = ndimage.gaussian_filter(rng.random(shape), rng.uniform(0.8, 3.0))
+    labels, _ = ndimage.label(noise > np.quantile(noise, rng.uniform(0.4, 0.8)))
+    labels[rng.random(shape) < 0.01] = labels.max() + 1  # scattered single pixels, one label
+    return labels.astype(np.int32)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_convex_area_equals_the_per_pixel_test(seed: int) -> None:
+    labels = random_labels(seed)
+    count = int(labels.max())
+    origin = (7, 3)
+    got = _convex_area(labels, _border_mask(labels), count + 1, origin)
+    want = [per_pixel_convex_area(labels == i) if (labels == i).any() else 0
+            for i in range(1, count + 1)]  # fmt: skip
+    np.testing.assert_array_equal(got, want)
+    # and skimage's own convex hull image agrees on solid blobs
+    for i in range(1, min(count, 10) + 1):
+        mask = labels == i
+        if mask.sum() > 3:
+            assert convex_hull_image(mask).sum() == want[i - 1]
+
+
+def test_rasterise_multipolygons_and_empty_rows_as_their_parts() -> None:
+    from hoverdask.features import rasterise
+
+    a = shapely.box(2, 2, 9, 7)
+    b = shapely.Polygon([(12, 3), (20, 4), (15, 12)])
+    c = shapely.box(3, 10, 8, 14)
+    combined = rasterise(np.array([shapely.MultiPolygon([a, b]), None, c, shapely.Polygon()],
+                                  dtype=object), (20, 24))  # fmt: skip
+    parts = rasterise(np.array([a, b, c], dtype=object), (20, 24))
+    expected = np.select([parts == 1, parts == 2, parts == 3], [1, 1, 3], 0)
+    np.testing.assert_array_equal(combined, expected)
+    assert (combined == 1).sum() > 40
+    assert (combined == 3).sum() > 20
