@@ -7,7 +7,6 @@ profiler. The fast PanNuke layout is ~298 GFLOP per 256x256 patch.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable
@@ -19,7 +18,11 @@ from typing import Any
 
 import torch
 
-from hoverdask.atomic import atomic_write_json
+from hoverdask.bench_figures import (  # noqa: F401 - re-exported: the bench figures API
+    latest_figures,
+    latest_figures_path,
+    remember_figures,
+)
 from hoverdask.errors import HoverdaskError
 from hoverdask.model.infer import INFERENCE_MEMORY_FORMAT, cpu_inference_model, resolve_device
 from hoverdask.model.network import HoVerNet, patch_geometry
@@ -384,43 +387,3 @@ def bench_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
          f"{e2e['tissue_fraction']:.0%} / {e2e['synthetic_glass_fraction']:.0%}"),
         ("end-to-end s per processed mm²", "n/a" if per_mm2 is None else f"{per_mm2:.1f}"),
     ]
-
-
-def latest_figures_path() -> Path:
-    """``bench.json`` in the user's hoverdask folder (``typer.get_app_dir``)."""
-    import typer
-
-    return Path(typer.get_app_dir("hoverdask")) / "bench.json"
-
-
-def remember_figures(results: dict[str, Any]) -> Path:
-    """Keep ``results`` as this machine's latest bench figures (written whole, then renamed)."""
-    return atomic_write_json(latest_figures_path(), results)
-
-
-def latest_figures() -> dict[str, Any] | None:
-    """The headline figures of the last ``hoverdask bench`` on this machine, or None.
-
-    Meant for ``run.json``: ``{"measured_at", "device", "model_gflop_per_s",
-    "model_peak_gflop_per_s", "model_mpix_per_s", "postproc_mpix_per_s",
-    "end_to_end_mpix_per_s", "end_to_end_slide_mpix_per_s", "tissue_fraction", "path"}``.
-    An unreadable file counts as no figures: they are informative, never needed.
-    """
-    path = latest_figures_path()
-    try:
-        results = json.loads(path.read_text())
-        model, e2e = results["model"], results.get("end_to_end", {})
-        return {
-            "measured_at": results.get("measured_at"),
-            "device": model["device"],
-            "model_gflop_per_s": model["gflop_per_s"],
-            "model_peak_gflop_per_s": model["peak_gflop_per_s"],
-            "model_mpix_per_s": model["mpix_per_s"],
-            "postproc_mpix_per_s": results["postproc"]["mpix_per_s"],
-            "end_to_end_mpix_per_s": e2e.get("mpix_per_s"),
-            "end_to_end_slide_mpix_per_s": e2e.get("slide_mpix_per_s"),
-            "tissue_fraction": e2e.get("tissue_fraction"),
-            "path": str(path),
-        }
-    except (OSError, ValueError, KeyError, TypeError):
-        return None

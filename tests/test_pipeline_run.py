@@ -78,14 +78,14 @@ def _assert_same_nuclei(got: gpd.GeoDataFrame, want: gpd.GeoDataFrame) -> None:
 @pytest.mark.slow
 def test_chunked_cluster_run_equals_untiled_post_processing(client, cohort, expected, tmp_path,
                                                             monkeypatch):
-    import hoverdask.bench
+    import hoverdask.bench_figures
 
     figures = {
         "model": {"device": "cpu", "gflop_per_s": 12.5, "peak_gflop_per_s": 50.0, "mpix_per_s": 0.1},
         "postproc": {"mpix_per_s": 9.0},
     }
-    monkeypatch.setattr(hoverdask.bench, "latest_figures_path", lambda: tmp_path / "bench.json")
-    hoverdask.bench.remember_figures(figures)
+    monkeypatch.setattr(hoverdask.bench_figures, "latest_figures_path", lambda: tmp_path / "bench.json")
+    hoverdask.bench_figures.remember_figures(figures)
     out = tmp_path / "out"
     result = run_cohort(
         [cohort["alpha"], cohort["beta"]], out, predictor_factory=_factory(cohort),
@@ -172,6 +172,30 @@ def test_a_bad_slide_fails_alone(client, cohort, tmp_path):
     assert rows[3]["error"]
     assert (out / "alpha" / "nuclei.parquet").exists()
     assert not (out / "damaged" / "run.json").exists()
+
+
+@pytest.mark.slow
+def test_slides_are_planned_on_workers_and_the_first_of_two_same_ids_wins(client, cohort,
+                                                                          tmp_path):
+    import shutil
+
+    from distributed import get_task_stream
+
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        shutil.copy(cohort["alpha"], tmp_path / folder / "alpha.svs")
+    out = tmp_path / "out"
+    with get_task_stream(client) as stream:
+        result = run_cohort([tmp_path / "a" / "alpha.svs", tmp_path / "b" / "alpha.svs"], out,
+                            predictor_factory=_factory(cohort), client=client,
+                            options=RunOptions(chunk_size=656, tissue_mask=False),
+                            progress=False)
+    assert [s.status for s in result.slides] == ["ok", "failed"]
+    assert result.slides[0].slide.endswith("a/alpha.svs")
+    assert "also the id" in result.slides[1].error
+    assert sum(r["key"].startswith("plan-") for r in stream.data) == 2  # planned by workers
+    assert json.loads((out / "alpha" / "run.json").read_text())["slide"].endswith("a/alpha.svs")
+    assert not list(out.glob(".plans-*"))  # the staged tissue masks are cleaned up
 
 
 @pytest.mark.slow

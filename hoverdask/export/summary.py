@@ -133,6 +133,9 @@ def slide_stats(
     }
 
 
+SummaryRow = tuple[dict[str, Any], Path | None]  # (flat CSV row, QC picture)
+
+
 def write_cohort_summary(
     rows: Iterable[Mapping[str, Any]],
     out_dir: str | os.PathLike[str],
@@ -146,28 +149,47 @@ def write_cohort_summary(
     default layout ``out_dir/<slide>/`` is used. ``timings`` (stage -> seconds) go to the report.
     """
     out_dir = Path(out_dir)
-    table = []
-    for row in rows:
-        slide = str(row["slide"])
-        outputs = {
-            k: Path(v) for k, v in (row.get("outputs") or {}).items() if isinstance(v, str | Path)
-        }
-        slide_dir = out_dir / _safe_name(slide)
-        for key, name in (("parquet", "nuclei.parquet"), ("stats", "stats.json"), ("qc", "qc.png")):
-            if key not in outputs and (slide_dir / name).exists():
-                outputs[key] = slide_dir / name
-        stats = json.loads(outputs["stats"].read_text()) if "stats" in outputs else {}
-        if "parquet" in outputs and outputs["parquet"].exists():
-            add_to_dataset(outputs["parquet"], out_dir / "nuclei", slide)
-        flat = {column: row.get(column) for column in PIPELINE_COLUMNS}
-        flat["tissue_mm2"] = stats.get("tissue_mm2")
-        for name, n in stats.get("counts", {}).items():
-            flat[f"count_{_slug(name)}"] = n
-        for name, density in stats.get("density_per_mm2", {}).items():
-            flat[f"density_{_slug(name)}_per_mm2"] = density
-        for name, mean in stats.get("means", {}).items():
-            flat[f"mean_{name}"] = mean
-        table.append((flat, outputs.get("qc")))
+    table = [summary_row(row, out_dir) for row in rows]
+    return write_summary_files(table, out_dir, timings=timings)
+
+
+def summary_row(row: Mapping[str, Any], out_dir: str | os.PathLike[str]) -> SummaryRow:
+    """One slide's summary row; publishes its Parquet file into the hive dataset ``nuclei/``.
+
+    A run calls this once per finished slide and keeps the row, so that rewriting the summary
+    after every slide stays cheap however long the cohort is.
+    """
+    out_dir = Path(out_dir)
+    slide = str(row["slide"])
+    outputs = {
+        k: Path(v) for k, v in (row.get("outputs") or {}).items() if isinstance(v, str | Path)
+    }
+    slide_dir = out_dir / _safe_name(slide)
+    for key, name in (("parquet", "nuclei.parquet"), ("stats", "stats.json"), ("qc", "qc.png")):
+        if key not in outputs and (slide_dir / name).exists():
+            outputs[key] = slide_dir / name
+    stats = json.loads(outputs["stats"].read_text()) if "stats" in outputs else {}
+    if "parquet" in outputs and outputs["parquet"].exists():
+        add_to_dataset(outputs["parquet"], out_dir / "nuclei", slide)
+    flat = {column: row.get(column) for column in PIPELINE_COLUMNS}
+    flat["tissue_mm2"] = stats.get("tissue_mm2")
+    for name, n in stats.get("counts", {}).items():
+        flat[f"count_{_slug(name)}"] = n
+    for name, density in stats.get("density_per_mm2", {}).items():
+        flat[f"density_{_slug(name)}_per_mm2"] = density
+    for name, mean in stats.get("means", {}).items():
+        flat[f"mean_{name}"] = mean
+    return flat, outputs.get("qc")
+
+
+def write_summary_files(
+    table: Sequence[SummaryRow],
+    out_dir: str | os.PathLike[str],
+    *,
+    timings: Mapping[str, float] | None = None,
+) -> dict[str, Path]:
+    """``summary.csv`` and ``report.html`` from rows made by :func:`summary_row`."""
+    out_dir = Path(out_dir)
     columns = list(dict.fromkeys(c for flat, _ in table for c in flat))
     columns = [*PIPELINE_COLUMNS, *(c for c in columns if c not in PIPELINE_COLUMNS)]
     summary = out_dir / "summary.csv"

@@ -2,8 +2,11 @@
 
 ::
 
-    infer r_c (GPU, one per tissue tile) ──► post-processing passes (CPU, per block)
-                                              ──► assemble (CPU, one per slide)
+    plan (CPU) ··► infer r_c (GPU, one per tissue tile) ──► post-processing passes (CPU, per
+                   block) ──► assemble (CPU, one per slide: files, run.json)
+
+The plan task's result is what the rest of the graph is built from, so the client submits the
+rest when it arrives (``··►``); everything after it is submitted at once.
 
 Keys name the stage, the slide, the unit and a token drawn per run, so a rerun in the same client
 never picks up the finished futures of an earlier run (resuming goes through the ledger's files)
@@ -14,13 +17,15 @@ those tasks (annotations on array graphs can be merged away by blockwise fusion)
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hoverdask.pipeline import maps_store, tasks
-from hoverdask.pipeline.outputs import save_tissue
-from hoverdask.pipeline.postprocess import assemble_slide, submit_postprocess
+from hoverdask.pipeline.outputs import tissue_file
+from hoverdask.pipeline.postprocess import SlideFinish, assemble_slide, submit_postprocess
 
 if TYPE_CHECKING:
     from distributed import Client, Future
@@ -31,20 +36,24 @@ if TYPE_CHECKING:
 def submit_slide(
     client: Client,
     plan: SlidePlan,
-    tissue: Any,
+    staged_tissue: Path,
     spec: ModelSpec,
     options: RunOptions,
     *,
     priority: int,
     gpu_resources: dict[str, float] | None,
+    started_at: float,
+    bench: dict[str, Any] | None = None,
 ) -> tuple[list[Future], Future]:
     """Submit every task of ``plan``; return all futures and the one that finishes the slide.
 
-    Earlier committed parts are reused when the parameters match (see the ledger).
+    Earlier committed parts are reused when the parameters match (see the ledger); the tissue
+    mask the plan task staged moves into the slide's work folder.
     """
     ledger = plan.ledger
     ledger.prepare(_ledger_params(plan, spec, options), overwrite=options.overwrite)
-    save_tissue(ledger, tissue)
+    if staged_tissue.exists():
+        os.replace(staged_tissue, tissue_file(ledger))
     maps_store.create_store(ledger.maps_store, (plan.grid.height, plan.grid.width),
                             plan.grid.tile, spec.nr_types)
     token = uuid.uuid4().hex[:10]  # fresh per run: never the finished futures of an earlier one
@@ -62,7 +71,8 @@ def submit_slide(
         for row, col in plan.tissue_tiles
     ]
     post = submit_postprocess(submit, plan, spec, tiles)
-    final = submit("assemble", "slide", assemble_slide, plan, options.formats, post[-1])
+    finish = SlideFinish(options, spec.description, started_at, bench)
+    final = submit("assemble", "slide", assemble_slide, plan, finish, post[-1])
     return [*tiles, *post, final], final
 
 

@@ -8,6 +8,7 @@ or the order tasks finished in.
 
 from __future__ import annotations
 
+import functools
 import platform
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,7 +44,7 @@ def finish_slide(
         metadata={"mpp": plan.slide_mpp, "scale": plan.scale, "slide": plan.slide_path},
     )
     files = {key: str(path) for key, path in written.items()}
-    tissue = plan.ledger.work / TISSUE_FILE
+    tissue = tissue_file(plan.ledger)
     if tissue.exists():
         with np.load(tissue) as data:
             qc = write_qc_picture(data["thumbnail"], data["mask"], table,
@@ -61,8 +62,8 @@ def pd_string(value: str, n: int) -> Any:
     return pd.array([value] * n, dtype="string")
 
 
-def save_tissue(ledger: SlideLedger, mask: Any) -> None:
-    """Keep the tissue mask and its thumbnail for the QC picture drawn at the end."""
+def save_tissue(path: Path, mask: Any) -> None:
+    """Keep the tissue mask and its thumbnail (at ``path``) for the QC picture drawn at the end."""
     if mask is None or mask.thumbnail is None:
         return
     thumbnail = mask.thumbnail
@@ -73,7 +74,11 @@ def save_tissue(ledger: SlideLedger, mask: Any) -> None:
             np.savez_compressed(handle, mask=mask.mask, thumbnail=thumbnail,
                                 thumbnail_downsample=downsample)
 
-    atomic_write(ledger.work / TISSUE_FILE, write)
+    atomic_write(path, write)
+
+
+def tissue_file(ledger: SlideLedger) -> Path:
+    return ledger.work / TISSUE_FILE
 
 
 def write_run_record(
@@ -82,6 +87,8 @@ def write_run_record(
     options: RunOptions,
     outcome: dict[str, Any],
     seconds: float,
+    *,
+    bench: dict[str, Any] | None = None,
 ) -> None:
     """run.json, written last: its ``"status": "ok"`` is what marks the slide finished."""
     from dataclasses import asdict
@@ -92,7 +99,7 @@ def write_run_record(
         "slide_id": plan.slide_id,
         "model": model,
         "parameters": {**asdict(options), **plan.params},
-        "versions": versions(),
+        "versions": dict(versions()),
         "timings_s": {key: round(float(value), 3) for key, value in
                       {"wall": seconds, **outcome.get("timings_s", {})}.items()},
         "counts": {
@@ -102,19 +109,14 @@ def write_run_record(
             **outcome.get("counts", {}),
         },
         "files": outcome.get("files", []),
-        "bench": latest_bench_figures(),
+        "bench": bench,
     }
     atomic_write_json(plan.ledger.run_path, record)
 
 
-def latest_bench_figures() -> dict[str, Any] | None:
-    """This machine's last ``hoverdask bench`` figures (None if never run), to estimate cohorts."""
-    from hoverdask.bench import latest_figures
-
-    return latest_figures()
-
-
+@functools.cache
 def versions() -> dict[str, str]:
+    """Versions of the packages that shape results (looked up once: metadata scans are slow)."""
     import importlib.metadata as md
 
     found = {"python": platform.python_version()}
@@ -127,8 +129,25 @@ def versions() -> dict[str, str]:
     return found
 
 
-def write_summary(rows: list[dict[str, Any]], out_dir: Path) -> None:
-    """``summary.csv`` (+ report and hive dataset), rewritten atomically as slides finish."""
-    from hoverdask.export import write_cohort_summary
+class CohortSummary:
+    """``summary.csv`` and ``report.html``, rewritten atomically as slides finish.
 
-    write_cohort_summary(rows, out_dir)
+    Each slide's row is made once (reading its stats, publishing its Parquet file into the hive
+    dataset), so a rewrite costs the same for the thousandth slide as for the first.
+    """
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = out_dir
+        self.rows: dict[str, Any] = {}
+
+    def write(self, rows: list[dict[str, Any]]) -> None:
+        """Rewrite the files for ``rows`` (one per slide with a result, in cohort order)."""
+        from hoverdask.export.summary import summary_row, write_summary_files
+
+        table = []
+        for row in rows:
+            key = f"{row['slide']}\0{row['status']}"
+            if key not in self.rows:
+                self.rows[key] = summary_row(row, self.out_dir)
+            table.append(self.rows[key])
+        write_summary_files(table, self.out_dir)

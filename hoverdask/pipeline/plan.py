@@ -1,8 +1,10 @@
-"""Planning one slide on the client: open it, lay out the map tiles, pick the tissue tiles.
+"""Planning one slide: open it, lay out the map tiles, pick the tissue tiles.
 
 A :class:`SlidePlan` is everything the task graph of one slide needs, all small and picklable.
-Planning happens on the client before any task of the slide is submitted, so a slide that cannot
-be opened fails here, alone, with its :class:`~hoverdask.errors.SlideError`.
+Planning is each slide's first task (:func:`plan_task`, on a worker, so the slides of a cohort
+are planned in parallel and the client stays free); its result decides the rest of the graph,
+and a slide that cannot be opened fails there, alone, with its
+:class:`~hoverdask.errors.SlideError`.
 """
 
 from __future__ import annotations
@@ -150,3 +152,39 @@ def _tissue_mm2(mask: Any, box: tuple[float, float, float, float] | None) -> flo
         return float(mask.area_mm2)
     x0, y0, x1, y1 = box
     return mask.fraction_in_box(x0, y0, x1, y1) * (x1 - x0) * (y1 - y0) * mask.mpp**2 / 1e6
+
+
+@dataclass(frozen=True)
+class PlanFailure:
+    """Why a slide cannot be planned, when the reason is the user's to fix (a bad file, a region
+    outside the slide). Returned rather than raised so that workers do not log a traceback for
+    bad input; the cohort summary gets :attr:`line`."""
+
+    kind: str
+    message: str
+
+    @property
+    def line(self) -> str:
+        return f"{self.kind}: {' '.join(self.message.split())}"
+
+
+def plan_task(
+    slide_path: str, out_dir: str, tissue_path: str, **settings: Any
+) -> SlidePlan | PlanFailure:
+    """:func:`plan_slide` as a Dask task; the tissue mask goes to ``tissue_path`` (for QC).
+
+    The mask's thumbnail is reduced here with dask's synchronous scheduler: a task must not
+    spread nested tasks over the cluster it runs on.
+    """
+    import dask
+
+    from hoverdask.errors import HoverdaskError
+    from hoverdask.pipeline.outputs import save_tissue
+
+    try:
+        with dask.config.set(scheduler="synchronous"):
+            plan, mask = plan_slide(slide_path, Path(out_dir), **settings)
+    except HoverdaskError as err:
+        return PlanFailure(type(err).__name__, str(err))
+    save_tissue(Path(tissue_path), mask)
+    return plan

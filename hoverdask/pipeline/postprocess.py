@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
     from distributed import Future
 
     from hoverdask.pipeline.plan import SlidePlan
-    from hoverdask.pipeline.run import ModelSpec
+    from hoverdask.pipeline.run import ModelSpec, RunOptions
 
 BACKGROUND_RANGE = (0.0, 0.0)
 
@@ -210,17 +211,34 @@ def _concat(tables: list[gpd.GeoDataFrame]) -> gpd.GeoDataFrame:
     return gpd.GeoDataFrame(pd.concat(tables, ignore_index=True), geometry="geometry")
 
 
-def assemble_slide(
-    plan: SlidePlan, formats: tuple[str, ...], refit: dict[str, Any]
-) -> dict[str, Any]:
-    """Concatenate the block parts, give the table its slide id and write the slide's files."""
-    from hoverdask.pipeline.outputs import finish_slide
+def assemble_slide(plan: SlidePlan, finish: SlideFinish, refit: dict[str, Any]) -> dict[str, Any]:
+    """The slide's last task: concatenate the block parts, write its files and ``run.json``.
+
+    ``run.json`` is written last (it marks the slide finished), then the work folder goes
+    unless the run keeps it. All of it runs on a worker, so the client only keeps the score.
+    """
+    from hoverdask.pipeline.outputs import finish_slide, write_run_record
 
     tables = [_read_part(Path(p)) for p in refit["parts"]]
     table = _concat(tables)
-    outcome = finish_slide(plan, table, formats, oversized=refit["oversized"])
+    outcome = finish_slide(plan, table, finish.options.formats, oversized=refit["oversized"])
     outcome["timings_s"] = {**tile_timings(plan), **refit.get("timings_s", {})}
+    write_run_record(plan, finish.model, finish.options, outcome,
+                     time.time() - finish.started_at, bench=finish.bench)
+    if not finish.options.keep_work:
+        plan.ledger.clean_work()
     return outcome
+
+
+@dataclass(frozen=True)
+class SlideFinish:
+    """What the last task needs besides the plan: the run's options and model, the start time
+    and the client machine's last ``hoverdask bench`` figures (for run.json)."""
+
+    options: RunOptions
+    model: dict[str, Any]
+    started_at: float  # time.time() on the client when the slide was taken up
+    bench: dict[str, Any] | None = None
 
 
 def tile_timings(plan: SlidePlan) -> dict[str, float]:

@@ -1,18 +1,22 @@
 """``run_cohort``: every slide of a cohort through one Dask workload, with resume and isolation.
 
-Each slide is planned on the client (opened, tiled, tissue tiles picked) and its whole task graph
-is submitted at once: map-tile inference (GPU workers when there are any), then the
-post-processing passes (CPU), then one task that writes the slide's files. Slides are submitted
-one after another without waiting, so the GPU moves on to the next slide while the CPUs finish
-the previous one; earlier slides get higher priority so they also finish first. A failing task
-fails its slide only: the slide is recorded in ``summary.csv`` and the others go on.
+Each slide is first planned by a task on a worker (opened, tiled, tissue tiles picked); when its
+plan arrives the client submits the rest of its graph at once: map-tile inference (GPU workers
+when there are any), then the post-processing passes (CPU), then one task that writes the
+slide's files and ``run.json``. Slides go on without waiting for each other, so the GPU moves on
+to the next slide while the CPUs finish the previous one; earlier slides get higher priority so
+they also finish first. The client does no per-slide computing of its own, so workers are what
+scale. A failing task fails its slide only: the slide is recorded in ``summary.csv`` and the
+others go on.
 """
 
 from __future__ import annotations
 
 import contextlib
+import shutil
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from hoverdask.errors import HoverdaskError
 from hoverdask.pipeline import outputs
-from hoverdask.pipeline.plan import SlidePlan, plan_slide
+from hoverdask.pipeline.plan import PlanFailure, SlidePlan
 from hoverdask.pipeline.predictors import (
     PLUGIN_NAME,
     PredictorFactory,
@@ -257,7 +261,30 @@ class _SlideState:
     done_tasks: int = 0
 
 
+class _Unplanned(Exception):
+    """A plan task's :class:`PlanFailure`, on its way to the summary."""
+
+
+@dataclass
+class _Pending:
+    """A slide whose plan task has been submitted but whose graph has not."""
+
+    slide: str
+    index: int
+    plan: Future
+    staged_tissue: Path
+    started: float
+    started_at: float
+
+
 class _CohortRunner:
+    """Plans every slide on the workers, then submits each slide's graph as its plan arrives.
+
+    Plans are admitted in cohort order (so that of two slides with the same id, the first one
+    listed wins, whatever order the plans finish in); the client itself only submits, keeps
+    the score and rewrites the cohort summary.
+    """
+
     def __init__(self, client: Client, out: Path, spec: ModelSpec, options: RunOptions,
                  *, progress: bool) -> None:
         from hoverdask.cluster import describe
@@ -274,100 +301,128 @@ class _CohortRunner:
                                name=PLUGIN_NAME)
         self.results: dict[str, SlideResult] = {}
         self.order: list[str] = []
+        self.summary = outputs.CohortSummary(out)
+        self.states: dict[str, _SlideState] = {}
+        from hoverdask.bench_figures import latest_figures
+
+        self.bench = latest_figures()  # quoted in each run.json, to estimate cohort times
+        self.token = uuid.uuid4().hex[:10]
+        self.staging = out / f".plans-{self.token}"
 
     def run(self, slides: list[str]) -> CohortResult:
-        from hoverdask.pipeline.progress import CohortProgress
-
-        states: dict[str, _SlideState] = {}
-        seen_ids: dict[str, str] = {}
-        with CohortProgress(enabled=self.progress) as bar:
-            for index, slide in enumerate(slides):
-                self.order.append(slide)
-                started = time.perf_counter()
-                try:
-                    plan, tissue = self._plan(slide)
-                    if plan.slide_id in seen_ids:
-                        raise HoverdaskError(
-                            f"slide id {plan.slide_id!r} is also the id of {seen_ids[plan.slide_id]}"
-                        )
-                    seen_ids[plan.slide_id] = slide
-                except Exception as err:  # noqa: BLE001 - one bad slide must not stop the cohort
-                    self._record(SlideResult(slide, Path(slide).stem, "failed",
-                                             error=_one_line(err)))
-                    continue
-                if plan.ledger.is_finished() and not self.options.overwrite:
-                    self._record(_finished_result(slide, plan))
-                    bar.skip(plan.slide_id)
-                    continue
-                try:
-                    state = self._submit(plan, tissue, priority=len(slides) - index,
-                                         started=started)
-                except Exception as err:  # noqa: BLE001 - e.g. an unwritable slide folder
-                    self._record(SlideResult(slide, plan.slide_id, "failed",
-                                             error=_one_line(err), out_dir=plan.slide_dir))
-                    continue
-                states[slide] = state
-                bar.add_slide(plan.slide_id, len(state.futures))
-            self._collect(states, bar)
-        return CohortResult(self.out, [self.results[s] for s in self.order])
-
-    def _plan(self, slide: str) -> tuple[SlidePlan, Any]:
-        return plan_slide(
-            slide, self.out, mpp=self.options.mpp, target_mpp=self.options.target_mpp,
-            chunk_size=self.options.chunk_size, output=self.spec.output, margin=self.spec.margin,
-            use_tissue_mask=self.options.tissue_mask, type_table=self.spec.type_table,
-            region=self.options.region,
-        )
-
-    def _submit(self, plan: SlidePlan, tissue: Any, *, priority: int,
-                started: float) -> _SlideState:
-        from hoverdask.pipeline.graph import submit_slide
-
-        futures, final = submit_slide(
-            self.client, plan, tissue, self.spec, self.options, priority=priority,
-            gpu_resources=self.gpu_resources,
-        )
-        return _SlideState(plan, futures, final, started)
-
-    def _collect(self, states: dict[str, _SlideState], bar: Any) -> None:
         from distributed import as_completed
 
-        owner = {f.key: slide for slide, s in states.items() for f in s.futures}
-        pending = set(states)
-        stream = as_completed([f for s in states.values() for f in s.futures])
+        from hoverdask.pipeline.progress import CohortProgress
+
+        self.order = list(slides)
+        self.staging.mkdir(parents=True, exist_ok=True)
+        pending: list[_Pending] = []
         try:
-            for future in stream:
-                slide = owner.get(future.key)
-                if slide not in pending:
-                    continue
-                state = states[slide]
-                if future.status == "error":
-                    pending.discard(slide)
-                    self._fail(state, future.exception())
-                    bar.finish(state.plan.slide_id, ok=False)
-                    continue
-                state.done_tasks += 1
-                bar.advance(state.plan.slide_id)
-                if future.key == state.final.key:
-                    pending.discard(slide)
-                    try:
-                        self._succeed(state, future.result())
-                    except OSError as err:  # run.json could not be written: not finished
-                        self._fail(state, err)
-                        bar.finish(state.plan.slide_id, ok=False)
-                        continue
-                    bar.finish(state.plan.slide_id, ok=True)
+            pending = [self._submit_plan(slide, index, len(slides))
+                       for index, slide in enumerate(slides)]
+            stream = as_completed([p.plan for p in pending])
+            with CohortProgress(enabled=self.progress) as bar:
+                self._drive(pending, stream, bar)
         except KeyboardInterrupt:
-            for state in states.values():
-                self.client.cancel(state.futures)
+            self.client.cancel([p.plan for p in pending]
+                               + [f for s in self.states.values() for f in s.futures])
             raise
+        finally:
+            shutil.rmtree(self.staging, ignore_errors=True)
+        return CohortResult(self.out, [self.results[s] for s in self.order])
+
+    def _submit_plan(self, slide: str, index: int, count: int) -> _Pending:
+        from hoverdask.pipeline.plan import plan_task
+
+        staged = self.staging / f"{index}.npz"
+        started, started_at = time.perf_counter(), time.time()
+        future = self.client.submit(
+            plan_task, slide, str(self.out), str(staged), key=f"plan-{index}-{self.token}",
+            priority=count - index + 1, pure=False, retries=0, **self._plan_settings(),
+        )
+        return _Pending(slide, index, future, staged, started, started_at)
+
+    def _plan_settings(self) -> dict[str, Any]:
+        return {"mpp": self.options.mpp, "target_mpp": self.options.target_mpp,
+                "chunk_size": self.options.chunk_size, "output": self.spec.output,
+                "margin": self.spec.margin, "use_tissue_mask": self.options.tissue_mask,
+                "type_table": self.spec.type_table, "region": self.options.region}
+
+    def _drive(self, pending: list[_Pending], stream: Any, bar: Any) -> None:
+        """Admit plans in cohort order as they arrive; follow each slide's tasks to its end."""
+        states = self.states
+        owner: dict[str, str] = {}
+        seen_ids: dict[str, str] = {}
+        live: set[str] = set()
+        admitted = 0
+        for future in stream:
+            while admitted < len(pending) and pending[admitted].plan.done():
+                state = self._admit(pending[admitted], seen_ids, bar, len(pending))
+                admitted += 1
+                if state is None:
+                    continue
+                slide = state.plan.slide_path
+                states[slide] = state
+                live.add(slide)
+                owner.update({f.key: slide for f in state.futures})
+                stream.update(state.futures)
+            slide = owner.get(future.key)
+            if slide not in live:
+                continue
+            state = states[slide]
+            if future.status == "error":
+                live.discard(slide)
+                self._fail(state, future.exception())
+                bar.finish(state.plan.slide_id, ok=False)
+                continue
+            state.done_tasks += 1
+            bar.advance(state.plan.slide_id)
+            if future.key == state.final.key:
+                live.discard(slide)
+                self._succeed(state, future.result())
+                bar.finish(state.plan.slide_id, ok=True)
+
+    def _admit(self, pending: _Pending, seen_ids: dict[str, str], bar: Any,
+               count: int) -> _SlideState | None:
+        """The slide's planned graph, submitted; None when it failed, is a duplicate or is done."""
+        slide = pending.slide
+        try:
+            plan: SlidePlan | PlanFailure = pending.plan.result()
+            if isinstance(plan, PlanFailure):
+                raise _Unplanned(plan.line)
+            if plan.slide_id in seen_ids:
+                raise HoverdaskError(
+                    f"slide id {plan.slide_id!r} is also the id of {seen_ids[plan.slide_id]}"
+                )
+            seen_ids[plan.slide_id] = slide
+        except Exception as err:  # noqa: BLE001 - one bad slide must not stop the cohort
+            pending.staged_tissue.unlink(missing_ok=True)
+            line = str(err) if isinstance(err, _Unplanned) else _one_line(err)
+            self._record(SlideResult(slide, Path(slide).stem, "failed", error=line))
+            return None
+        if plan.ledger.is_finished() and not self.options.overwrite:
+            pending.staged_tissue.unlink(missing_ok=True)
+            self._record(_finished_result(slide, plan))
+            bar.skip(plan.slide_id)
+            return None
+        from hoverdask.pipeline.graph import submit_slide
+
+        try:
+            futures, final = submit_slide(
+                self.client, plan, pending.staged_tissue, self.spec, self.options,
+                priority=count - pending.index, gpu_resources=self.gpu_resources,
+                started_at=pending.started_at, bench=self.bench,
+            )
+        except Exception as err:  # noqa: BLE001 - e.g. an unwritable slide folder
+            self._record(SlideResult(slide, plan.slide_id, "failed",
+                                     error=_one_line(err), out_dir=plan.slide_dir))
+            return None
+        bar.add_slide(plan.slide_id, len(futures))
+        return _SlideState(plan, futures, final, pending.started)
 
     def _succeed(self, state: _SlideState, outcome: dict[str, Any]) -> None:
         seconds = time.perf_counter() - state.started
         plan = state.plan
-        outputs.write_run_record(plan, self.spec.description, self.options, outcome, seconds)
-        if not self.options.keep_work:
-            plan.ledger.clean_work()
         self._record(SlideResult(plan.slide_path, plan.slide_id, "ok",
                                  nuclei=int(outcome["nuclei"]), seconds=round(seconds, 3),
                                  error=_warning(plan, self.options),
@@ -385,7 +440,7 @@ class _CohortRunner:
         self.results[result.slide] = result
         rows = [self.results[s].row() for s in self.order if s in self.results]
         try:
-            outputs.write_summary(rows, self.out)
+            self.summary.write(rows)
         except OSError as err:
             raise HoverdaskError(f"cannot write the cohort summary in {self.out}: {err}") from None
 
