@@ -148,3 +148,48 @@ if __name__ == "__main__":
     if sys.argv[1:] != ["--write"]:
         raise SystemExit(__doc__)
     write_oracles()
+
+
+# --- the faster steps against the steps they replace, window by window ------------------------
+
+
+@pytest.fixture(scope="module")
+def windows():
+    """(maps window, origin, ranges) of pass-3 windows of a synthetic map: corner, interior, edge."""
+    maps = synthetic_pred_map(1100, 1100, NR_TYPES, seed=11)
+    grid = seams.BlockGrid(1100, 1100, 300, seams.DEFAULT_HALO)
+    ranges = seams.slide_ranges(maps, grid)
+    out = []
+    for block in ((0, 0), (1, 1), (2, 3), (3, 1)):
+        box = grid.window(*block)
+        out.append((maps[box[0] : box[2], box[1] : box[3]], box[:2], ranges))
+    return out
+
+
+def test_window_markers_equal_the_reference_markers(windows) -> None:
+    from hoverdask.postproc.reference import foreground_mask, markers_from_energy
+    from hoverdask.postproc.stable import energy_with_ranges, window_markers
+
+    for window, _, ranges in windows:
+        blb = foreground_mask(window[..., 1])
+        overall = energy_with_ranges(window[..., 2], window[..., 3], blb, ranges)
+        expected = markers_from_energy(overall, blb)
+        assert expected.max() > 50
+        np.testing.assert_array_equal(window_markers(overall, blb), expected)
+
+
+def test_flood_equals_one_skimage_call_on_the_untied_clusters(windows) -> None:
+    from skimage.segmentation import watershed
+
+    from hoverdask.postproc.stable import flood_clusters, seed_ties, segment_window
+
+    for window, origin, ranges in windows:
+        seg = segment_window(window, origin, ranges, NR_TYPES)
+        ties = seed_ties(seg)
+        flooded = flood_clusters(seg, seg.clusters, ties)
+        untied = ~ties
+        untied[0] = False
+        region = np.take(untied, seg.clusters_map) & (seg.blb > 0)
+        expected = watershed(seg.dist, markers=np.where(region, seg.marker, 0), mask=region)
+        assert len(np.unique(expected)) > 100
+        np.testing.assert_array_equal(np.where(region, flooded, 0), expected)
