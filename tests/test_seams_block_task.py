@@ -22,6 +22,7 @@ import shapely
 from conftest import DATA, parity_npz
 
 from hoverdask.features import measure
+from hoverdask.nuclei import to_level0
 from hoverdask.pipeline import seams
 from hoverdask.postproc.stable import CONTEXT_MARGIN, SOBEL_REACH, NormRanges, merge_ranges
 from hoverdask.postproc.synthetic import dequantised_pred_map, synthetic_pred_map
@@ -193,3 +194,22 @@ def test_flood_equals_one_skimage_call_on_the_untied_clusters(windows) -> None:
         expected = watershed(seg.dist, markers=np.where(region, seg.marker, 0), mask=region)
         assert len(np.unique(expected)) > 100
         np.testing.assert_array_equal(np.where(region, flooded, 0), expected)
+
+
+def test_contour_polygons_equal_one_by_one_polygons_repairs_included() -> None:
+    from hoverdask.postproc import process
+    from hoverdask.postproc.instances import crop_record
+
+    _, info = process(synthetic_pred_map(300, 300, NR_TYPES, seed=2), NR_TYPES, method="fast")
+    contours = [record["contour"] for record in info.values()]
+    thin = np.zeros((12, 16), np.uint8)
+    thin[1:5, 1:5] = 1  # two squares joined through one pixel: the ring touches itself
+    thin[5, 5] = 1
+    thin[6:10, 6:10] = 1
+    thin[2, 5:14] = 1  # and a one-pixel-thin arm
+    contours.append(crop_record(thin, 0, 0, 12, 16)["contour"])
+    scale, offset = 0.5, (17.0, 5.0)
+    polygons, repaired = seams.contour_polygons(contours, scale, offset)
+    one_by_one = [seams.contour_polygon(to_level0(c, scale, offset)) for c in contours]
+    assert repaired == sum(fixed for _, fixed in one_by_one) >= 1
+    assert all(shapely.equals_exact(polygons, [p for p, _ in one_by_one], tolerance=0))

@@ -287,17 +287,44 @@ def contour_polygon(contour_xy: np.ndarray) -> tuple[Any, bool]:
     A contour through pixel centres can touch itself where an instance is one pixel thin; such a
     ring is repaired with ``make_valid`` and the largest polygon part is kept.
     """
-    from shapely import make_valid
     from shapely.geometry import Polygon
 
     polygon = Polygon(contour_xy)
     if polygon.is_valid:
         return polygon, False
+    return _repaired(polygon), True
+
+
+def _repaired(polygon: Any) -> Any:
+    from shapely import make_valid
+
     fixed = make_valid(polygon)
     parts = [g for g in getattr(fixed, "geoms", [fixed]) if g.geom_type == "Polygon"]
     if not parts:
-        return polygon, True
-    return max(parts, key=lambda g: g.area), True
+        return polygon
+    return max(parts, key=lambda g: g.area)
+
+
+def contour_polygons(
+    contours: Sequence[np.ndarray], scale: float = 1.0, offset: tuple[float, float] = (0.0, 0.0)
+) -> tuple[np.ndarray, int]:
+    """:func:`contour_polygon` of every pixel-index contour at once; ``(polygons, repaired)``.
+
+    The same coordinates (``to_level0`` is elementwise) and the same closed rings, built and
+    validated in vectorised shapely calls; only invalid rings are repaired one by one.
+    """
+    import shapely
+
+    if not len(contours):
+        return np.empty(0, dtype=object), 0
+    sizes = np.array([len(c) for c in contours])
+    points = to_level0(np.concatenate(contours), scale, offset)
+    rings = shapely.linearrings(points, indices=np.repeat(np.arange(len(contours)), sizes))
+    polygons = shapely.polygons(rings)
+    invalid = np.flatnonzero(~shapely.is_valid(polygons))
+    for index in invalid:
+        polygons[index] = _repaired(polygons[index])
+    return polygons, len(invalid)
 
 
 def nuclei_table(
@@ -306,11 +333,7 @@ def nuclei_table(
     """The nuclei table (``hoverdask.nuclei`` schema, no ``slide_id``) from a pixel-index frame."""
     import geopandas as gpd
 
-    polygons, repaired = [], 0
-    for contour in frame["contour"]:
-        polygon, fixed = contour_polygon(to_level0(contour, scale, offset))
-        polygons.append(polygon)
-        repaired += fixed
+    polygons, repaired = contour_polygons(list(frame["contour"]), scale, offset)
     centroids = to_level0(frame[["centroid_x", "centroid_y"]].to_numpy(), scale, offset)
     table = gpd.GeoDataFrame(
         {
