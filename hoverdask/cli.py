@@ -235,10 +235,26 @@ def run(
     chunk_size: Annotated[
         int, typer.Option(min=1, help="Map tile size in processing pixels (whole patches).")
     ] = 1968,
-    batch_size: Annotated[int, typer.Option(min=1, help="Patches per network call.")] = 8,
+    batch_size: Annotated[
+        int, typer.Option(min=0, help="Patches per network call; 0: fit the GPU's free memory "
+                          "(8 on CPU).")
+    ] = 0,
     autocast: Annotated[
-        bool, typer.Option(help="bfloat16 inference on CUDA (faster; maps differ slightly).")
+        bool, typer.Option(help="Reduced-precision inference on CUDA (faster; maps differ "
+                           "slightly: see `hoverdask bench`).")
     ] = False,
+    autocast_dtype: Annotated[
+        str, typer.Option(help="Precision of --autocast: bfloat16 or float16.")
+    ] = "bfloat16",
+    compile_model: Annotated[
+        bool, typer.Option("--compile/--no-compile",
+                           help="torch.compile the network on each worker (slower start-up).")
+    ] = False,
+    read_ahead: Annotated[
+        int | None,
+        typer.Option(min=0, help="Tiles each inference task reads ahead in the background "
+                     "(default: 2 on GPUs, 0 on CPU)."),
+    ] = None,
     formats: Annotated[
         str, typer.Option("--format", help="Comma-separated outputs: parquet, qupath.")
     ] = "parquet,qupath",
@@ -269,8 +285,9 @@ def run(
     if unknown or not wanted:
         raise HoverdaskError(f"--format takes parquet and/or qupath, not {formats!r}")
     options = RunOptions(mpp=mpp, chunk_size=chunk_size, batch_size=batch_size, device=device,
-                         autocast=autocast, formats=wanted, overwrite=overwrite, keep_work=keep_work,
-                         tissue_mask=tissue_mask,
+                         autocast=autocast, autocast_dtype=autocast_dtype, compile=compile_model,
+                         read_ahead=read_ahead, formats=wanted, overwrite=overwrite,
+                         keep_work=keep_work, tissue_mask=tissue_mask,
                          region=Region.parse(region) if region is not None else None)
     result = run_cohort(
         slides, out, model=model, options=options, workers=workers,

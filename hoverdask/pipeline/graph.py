@@ -65,15 +65,30 @@ def submit_slide(
             resources=resources, retries=options.retries, pure=False,
         )
 
+    ahead = read_ahead_depth(options, gpu_resources)
+    order = plan.tissue_tiles
     tiles = [
         submit("infer", f"{row}_{col}", tasks.infer_tile, plan.source, plan.grid,
-               plan.slide_dir, row, col, spec.factory, spec.nr_types, resources=gpu_resources)
-        for row, col in plan.tissue_tiles
+               plan.slide_dir, row, col, spec.factory, spec.nr_types,
+               tuple(order[index + 1 : index + 1 + ahead]), resources=gpu_resources)
+        for index, (row, col) in enumerate(order)
     ]
     post = submit_postprocess(submit, plan, spec, tiles)
     finish = SlideFinish(options, spec.description, started_at, bench)
     final = submit("assemble", "slide", assemble_slide, plan, finish, post[-1])
     return [*tiles, *post, final], final
+
+
+def read_ahead_depth(options: RunOptions, gpu_resources: dict[str, float] | None) -> int:
+    """How many next tiles an inference task reads in the background (``--read-ahead``).
+
+    By default 2 on GPU workers, where decoding the slide would otherwise leave the GPU idle
+    between tiles, and 0 on CPU, where the network dwarfs the read and threads are better
+    spent on it. Tiles run in submission order, so the next tiles are the likely next tasks.
+    """
+    if options.read_ahead is not None:
+        return max(0, options.read_ahead)
+    return 2 if gpu_resources else 0
 
 
 def _ledger_params(plan: SlidePlan, spec: ModelSpec, options: RunOptions) -> dict[str, Any]:

@@ -55,15 +55,18 @@ class RunOptions:
     target_mpp: float = 0.25
     mpp: float | None = None
     chunk_size: int = 2048
-    batch_size: int = 8
+    batch_size: int = 0  # 0: fit the GPU's free memory (8 on CPU)
     device: str = "auto"
     autocast: bool = False
+    autocast_dtype: str = "bfloat16"
+    compile: bool = False
     formats: tuple[str, ...] = ("parquet", "qupath")
     tissue_mask: bool = True
     overwrite: bool = False
     keep_work: bool = False
     retries: int = 1
     region: Region | None = None  # a level-0 rectangle of the (single) slide, run as the slide
+    read_ahead: int | None = None  # tiles read ahead per inference task; None: 2 on GPU, 0 on CPU
 
 
 @dataclass
@@ -129,6 +132,8 @@ def resolve_model(
             device=options.device,
             batch_size=options.batch_size,
             autocast=options.autocast,
+            autocast_dtype=options.autocast_dtype,
+            compile=options.compile,
         )
         from hoverdask.model import patch_geometry
         from hoverdask.model.types import select_type_table

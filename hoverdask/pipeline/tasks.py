@@ -9,7 +9,11 @@ recomputing, so resubmitting a whole slide after a crash redoes only what is mis
 from __future__ import annotations
 
 import functools
+import threading
 import time
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +61,48 @@ def read_rgb(source: SlideSource, rows: np.ndarray, cols: np.ndarray) -> np.ndar
     return np.ascontiguousarray(box[np.ix_(rows - r0, cols - c0)])
 
 
+class ReadAhead:
+    """Windows read in background threads before their tasks run; at most ``depth`` are held.
+
+    One per worker process. A window nobody takes (its tile went to another worker, or was
+    already committed) is dropped when newer ones push it out, so memory stays bounded; a
+    missed window is read on the spot, so results never depend on what was read ahead.
+    """
+
+    def __init__(self, depth: int = 4) -> None:
+        self.depth = depth
+        self._lock = threading.Lock()
+        self._pending: OrderedDict[Hashable, Future[np.ndarray]] = OrderedDict()
+        self._pool: ThreadPoolExecutor | None = None
+        self.hits = 0
+        self.misses = 0
+
+    def start(self, key: Hashable, load: Callable[[], np.ndarray]) -> None:
+        """Begin reading ``key`` in the background unless it is already held or on its way."""
+        with self._lock:
+            if key in self._pending:
+                return
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.depth, thread_name_prefix="read-ahead")
+            self._pending[key] = self._pool.submit(load)
+            while len(self._pending) > self.depth:
+                _, dropped = self._pending.popitem(last=False)
+                dropped.cancel()
+
+    def take(self, key: Hashable, load: Callable[[], np.ndarray]) -> np.ndarray:
+        """The window for ``key``: the one read ahead (its error, if reading failed) or a new read."""
+        with self._lock:
+            pending = self._pending.pop(key, None)
+        if pending is None or pending.cancelled():
+            self.misses += 1
+            return load()
+        self.hits += 1
+        return pending.result()
+
+
+WINDOWS = ReadAhead()
+
+
 def tile_stats(maps: np.ndarray, nr_types: int | None) -> dict[str, Any]:
     """Per-tile summary kept in the tile's marker: map ranges and foreground pixels."""
     names = maps_store.channel_names(nr_types)
@@ -68,6 +114,12 @@ def tile_stats(maps: np.ndarray, nr_types: int | None) -> dict[str, Any]:
     return stats
 
 
+def read_window(source: SlideSource, grid: TileGrid, row: int, col: int) -> np.ndarray:
+    """The RGB window map tile ``(row, col)`` is predicted from (tile + patch margin)."""
+    rows, cols = window_indices(grid, row, col)
+    return read_rgb(source, rows, cols)
+
+
 def infer_tile(
     source: SlideSource,
     grid: TileGrid,
@@ -76,8 +128,13 @@ def infer_tile(
     col: int,
     factory: PredictorFactory,
     nr_types: int | None,
+    read_ahead: tuple[tuple[int, int], ...] = (),
 ) -> dict[str, Any]:
-    """Predict map tile ``(row, col)``, write it to the cache and commit its marker."""
+    """Predict map tile ``(row, col)``, write it to the cache and commit its marker.
+
+    ``read_ahead`` names the tiles likely to come next to this worker: their windows are read
+    in the background while this tile is predicted, so a GPU does not wait for slide decoding.
+    """
     ledger = SlideLedger(Path(slide_dir))
     marker = ledger.tile_marker(row, col)
     committed = ledger.read_marker(marker)
@@ -87,8 +144,10 @@ def infer_tile(
     if (predictor.margin, predictor.output) != (grid.margin, grid.output):
         raise RuntimeError("the worker's predictor does not use the slide's patch geometry")
     started = time.perf_counter()
-    rows, cols = window_indices(grid, row, col)
-    window = read_rgb(source, rows, cols)
+    reader = functools.partial(read_window, source, grid)
+    window = WINDOWS.take((source, grid, row, col), lambda: reader(row, col))
+    for ahead in read_ahead:
+        WINDOWS.start((source, grid, *ahead), functools.partial(reader, *ahead))
     read = time.perf_counter()
     y0, x0, y1, x1 = grid.extent(row, col)
     maps = predictor.predict_tile(window, (y0, x0))[: y1 - y0, : x1 - x0]
