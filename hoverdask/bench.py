@@ -306,6 +306,7 @@ def bench_end_to_end(
                                 predictor_factory=predictor_factory, client=client,
                                 options=options, progress=False)
             seconds = time.perf_counter() - start
+        busy = _read_busy_fraction(scratch / "out" / plan.slide_id / "run.json")
     outcome = result.slides[0]
     if outcome.status != "ok":
         raise HoverdaskError(f"the end-to-end benchmark run failed: {outcome.error}")
@@ -325,7 +326,17 @@ def bench_end_to_end(
         "seconds": seconds,
         "nuclei": outcome.nuclei,
         "random_weights": random_weights,
+        "inference_busy_fraction": busy,
     }
+
+
+def _read_busy_fraction(run_json: Path) -> float | None:
+    import json
+
+    try:
+        return json.loads(run_json.read_text()).get("inference_busy_fraction")
+    except (OSError, ValueError):
+        return None
 
 
 def _area(extent: tuple[int, int, int, int]) -> int:
@@ -379,6 +390,7 @@ def bench_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
     if e2e.get("mpix_per_s") is None:
         return [*rows, ("end-to-end", "skipped")]
     per_mm2 = e2e["seconds_per_mm2"]
+    busy = e2e.get("inference_busy_fraction")
     return [
         *rows,
         ("end-to-end Mpx/s, processed (tissue tiles)", f"{e2e['mpix_per_s']:.4f}"),
@@ -386,4 +398,5 @@ def bench_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
         ("tissue fraction processed / glass in slide",
          f"{e2e['tissue_fraction']:.0%} / {e2e['synthetic_glass_fraction']:.0%}"),
         ("end-to-end s per processed mm²", "n/a" if per_mm2 is None else f"{per_mm2:.1f}"),
+        ("predictor busy during inference", "n/a" if busy is None else f"{busy:.0%}"),
     ]

@@ -161,3 +161,4 @@ def test_end_to_end_counts_processed_and_slide_pixels(client, tmp_path: Path, gl
     assert result["tissue_mask_fraction"] == pytest.approx(1 - glass, abs=0.1)
     assert result["seconds_per_mm2"] * result["processed_megapixels"] * 0.0625 == pytest.approx(
         result["seconds"])
+    assert 0.0 < result["inference_busy_fraction"] <= 1.0  # one worker: its tiles, back to back

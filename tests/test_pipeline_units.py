@@ -176,3 +176,23 @@ def test_gpu_index_from_worker_name(worker_name: object, devices: int, expected:
     from hoverdask.pipeline.predictors import gpu_index
 
     assert gpu_index(worker_name, devices) == expected
+
+
+def test_inference_busy_fraction_from_the_tile_markers(tmp_path) -> None:
+    from types import SimpleNamespace
+
+    from hoverdask.atomic import atomic_write_json
+    from hoverdask.pipeline.postprocess import inference_busy_fraction
+
+    ledger = SlideLedger(tmp_path)
+    intervals = {  # worker "0": busy 3 of 4 s (a 1 s gap); worker "1": busy 2 of 2 s
+        (0, 0): ("0", 100.0, 101.0), (0, 1): ("0", 101.0, 102.0), (0, 2): ("0", 103.0, 104.0),
+        (1, 0): ("1", 100.5, 102.5),
+        (1, 1): ("0", 10.0, 11.0),  # from an earlier run: resumed, not counted
+    }
+    for (row, col), (worker, start, end) in intervals.items():
+        atomic_write_json(ledger.tile_marker(row, col),
+                          {"worker": worker, "predict_start": start, "predict_end": end})
+    plan = SimpleNamespace(ledger=ledger, tissue_tiles=tuple(intervals))
+    assert inference_busy_fraction(plan, since=50.0) == pytest.approx(5.0 / 6.0)
+    assert inference_busy_fraction(plan, since=200.0) is None

@@ -108,6 +108,7 @@ def write_run_record(
             "tissue_tiles": len(plan.tissue_tiles),
             **outcome.get("counts", {}),
         },
+        "inference_busy_fraction": outcome.get("inference_busy_fraction"),
         "files": outcome.get("files", []),
         "bench": bench,
     }

@@ -223,6 +223,7 @@ def assemble_slide(plan: SlidePlan, finish: SlideFinish, refit: dict[str, Any]) 
     table = _concat(tables)
     outcome = finish_slide(plan, table, finish.options.formats, oversized=refit["oversized"])
     outcome["timings_s"] = {**tile_timings(plan), **refit.get("timings_s", {})}
+    outcome["inference_busy_fraction"] = inference_busy_fraction(plan, finish.started_at)
     write_run_record(plan, finish.model, finish.options, outcome,
                      time.time() - finish.started_at, bench=finish.bench)
     if not finish.options.keep_work:
@@ -246,6 +247,24 @@ def tile_timings(plan: SlidePlan) -> dict[str, float]:
     markers = [plan.ledger.read_marker(plan.ledger.tile_marker(*t)) for t in plan.tissue_tiles]
     return {key: sum((m or {}).get(key, 0.0) for m in markers)
             for key in ("read_s", "predict_s", "write_s")}
+
+
+def inference_busy_fraction(plan: SlidePlan, since: float) -> float | None:
+    """Of the time each worker spent on this slide's inference (first prediction started to last
+    ended; tiles of this run only: those ended after ``since``), the part its predictor worked.
+
+    On a GPU worker this is how busy the GPU was kept; below 1 it waited for reads, writes or
+    the scheduler. None when no tile was predicted in this run.
+    """
+    markers = [plan.ledger.read_marker(plan.ledger.tile_marker(*t)) for t in plan.tissue_tiles]
+    fresh = [m for m in markers if m and m.get("predict_end", 0.0) > since and "worker" in m]
+    spans: dict[str, list[float]] = {}
+    for m in fresh:
+        span = spans.setdefault(m["worker"], [m["predict_start"], m["predict_end"]])
+        span[0], span[1] = min(span[0], m["predict_start"]), max(span[1], m["predict_end"])
+    busy = sum(m["predict_end"] - m["predict_start"] for m in fresh)
+    total = sum(end - start for start, end in spans.values())
+    return min(1.0, busy / total) if total > 0 else None
 
 
 def _read_part(path: Path) -> gpd.GeoDataFrame:

@@ -61,6 +61,15 @@ def read_rgb(source: SlideSource, rows: np.ndarray, cols: np.ndarray) -> np.ndar
     return np.ascontiguousarray(box[np.ix_(rows - r0, cols - c0)])
 
 
+def _worker_name() -> str:
+    try:
+        from distributed import get_worker
+
+        return str(get_worker().name)
+    except (ImportError, ValueError):
+        return "local"
+
+
 class ReadAhead:
     """Windows read in background threads before their tasks run; at most ``depth`` are held.
 
@@ -151,10 +160,12 @@ def infer_tile(
     read = time.perf_counter()
     y0, x0, y1, x1 = grid.extent(row, col)
     maps = predictor.predict_tile(window, (y0, x0))[: y1 - y0, : x1 - x0]
-    predicted = time.perf_counter()
+    predicted, predicted_at = time.perf_counter(), time.time()
     stored = maps_store.write_tile(ledger.maps_store, y0, x0, maps, nr_types)
     seconds = {"read_s": read - started, "predict_s": predicted - read,
                "write_s": time.perf_counter() - predicted}
-    stats = {"row": row, "col": col, **tile_stats(stored, nr_types), **seconds}
+    clock = {"worker": _worker_name(), "predict_start": predicted_at - seconds["predict_s"],
+             "predict_end": predicted_at}  # for the busy fraction of the predictor
+    stats = {"row": row, "col": col, **tile_stats(stored, nr_types), **seconds, **clock}
     atomic_write_json(marker, stats)
     return stats
