@@ -24,7 +24,13 @@ from conftest import DATA, parity_npz
 from hoverdask.features import measure
 from hoverdask.nuclei import to_level0
 from hoverdask.pipeline import seams
-from hoverdask.postproc.stable import CONTEXT_MARGIN, SOBEL_REACH, NormRanges, merge_ranges
+from hoverdask.postproc.stable import (
+    CONTEXT_MARGIN,
+    SOBEL_REACH,
+    NormRanges,
+    merge_ranges,
+    value_range,
+)
 from hoverdask.postproc.synthetic import dequantised_pred_map, synthetic_pred_map
 
 NR_TYPES = 6
@@ -55,26 +61,30 @@ def rgb_of(maps: np.ndarray) -> np.ndarray:
     return np.stack([red, green, blue], axis=-1).clip(0, 255).astype(np.uint8)
 
 
-def measured(records, image, box, scale, offset) -> gpd.GeoDataFrame:
-    """The pipeline's ``measured_table`` with the RGB read from ``image``."""
-    table = seams.nuclei_table(seams.records_frame(records), scale, offset)
-    if not len(table):
-        return table
-    y0, x0, y1, x1 = box
-    origin = ((x0 + offset[0]) * scale, (y0 + offset[1]) * scale)
-    return measure(table, image[y0:y1, x0:x1], MPP, origin=origin, scale=scale, type_table=TYPES)
-
-
 def block_task_table(name: str) -> gpd.GeoDataFrame:
-    """Passes 1-3 block by block and the oversize refit, as ``pipeline.postprocess`` runs them."""
     source, chunk, halo, scale, offset = CASES[name]
     maps = case_maps(source)
-    image = rgb_of(maps)
+    return composed_table(maps, rgb_of(maps), chunk, halo, scale, offset, MPP)
+
+
+def composed_table(maps, image, chunk, halo, scale, offset, mpp) -> gpd.GeoDataFrame:
+    """Passes 1-3 block by block and the oversize refit, as ``pipeline.postprocess`` runs them,
+    composed from the pure functions (no map cache, no slide)."""
     height, width = maps.shape[:2]
     grid = seams.BlockGrid(height, width, chunk, halo)
 
     def window(box):
         return maps[box[0] : box[2], box[1] : box[3]]
+
+    def measured(records, box) -> gpd.GeoDataFrame:
+        """The pipeline's ``measured_table`` with the RGB read from ``image``."""
+        table = seams.nuclei_table(seams.records_frame(records), scale, offset)
+        if not len(table):
+            return table
+        y0, x0, y1, x1 = box
+        origin = ((x0 + offset[0]) * scale, (y0 + offset[1]) * scale)
+        return measure(table, image[y0:y1, x0:x1], mpp, origin=origin, scale=scale,
+                       type_table=TYPES)  # fmt: skip
 
     hv = [seams.hv_ranges(window(grid.core(*b))) for b in grid.blocks()]
     hv_ranges = NormRanges(merge_ranges([r[0] for r in hv]), merge_ranges([r[1] for r in hv]))
@@ -93,7 +103,7 @@ def block_task_table(name: str) -> gpd.GeoDataFrame:
     for block in grid.blocks():
         box = grid.window(*block)
         found = seams.block_nuclei(window(box), box, grid, block, ranges, NR_TYPES)
-        tables.append(measured(found.records, image, box, scale, offset))
+        tables.append(measured(found.records, box))
         fragments.extend(found.fragments)
     pending = [(grid.grow(t, CONTEXT_MARGIN), t) for t in seams.merge_boxes(fragments)]
     while pending:
@@ -103,18 +113,20 @@ def block_task_table(name: str) -> gpd.GeoDataFrame:
             if refit.grow_to is not None:
                 retry.append((refit.grow_to, target))
             else:
-                tables.append(measured(refit.records, image, box, scale, offset))
+                tables.append(measured(refit.records, box))
         pending = retry
+    return sorted_table(tables)
+
+
+def sorted_table(tables) -> gpd.GeoDataFrame:
     table = pd.concat([t for t in tables if len(t)], ignore_index=True)
     table = table.drop_duplicates("nucleus_id").sort_values("nucleus_id", ignore_index=True)
     table.attrs = {}
     return gpd.GeoDataFrame(table, geometry="geometry")
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_block_task_gives_the_pinned_table(name: str) -> None:
-    expected = gpd.read_parquet(ORACLES / f"{CASES[name][0]}.parquet")
-    got = block_task_table(name)
+def assert_same_table(got: gpd.GeoDataFrame, expected: gpd.GeoDataFrame) -> None:
+    """Same ids and polygons bit for bit, every other column to 1e-9 (NaN where NaN)."""
     assert list(got.columns) == list(expected.columns)
     assert len(got) == len(expected) > 100
     np.testing.assert_array_equal(got["nucleus_id"].to_numpy(), expected["nucleus_id"].to_numpy())
@@ -128,6 +140,12 @@ def test_block_task_gives_the_pinned_table(name: str) -> None:
             np.testing.assert_allclose(have, want, rtol=0, atol=1e-9, err_msg=column)
         else:
             assert have.equals(want), column
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_block_task_gives_the_pinned_table(name: str) -> None:
+    expected = gpd.read_parquet(ORACLES / f"{CASES[name][0]}.parquet")
+    assert_same_table(block_task_table(name), expected)
 
 
 def test_the_small_halo_case_exercises_the_oversize_path() -> None:
@@ -213,3 +231,41 @@ def test_contour_polygons_equal_one_by_one_polygons_repairs_included() -> None:
     one_by_one = [seams.contour_polygon(to_level0(c, scale, offset)) for c in contours]
     assert repaired == sum(fixed for _, fixed in one_by_one) >= 1
     assert all(shapely.equals_exact(polygons, [p for p, _ in one_by_one], tolerance=0))
+
+
+@pytest.mark.slow
+def test_pipeline_tasks_equal_the_pure_composition(tmp_path) -> None:
+    """``sobel_block``, ``nuclei_block`` and ``oversized_nuclei`` on a real map cache and slide
+    give the composition of the pure functions pinned above (with the slide's RGB)."""
+    from hoverdask.pipeline import maps_store, postprocess
+    from hoverdask.pipeline.plan import plan_slide
+    from hoverdask.pipeline.tasks import read_rgb
+    from hoverdask.synth import write_synthetic_slide
+
+    maps = case_maps("wsi")
+    height, width = maps.shape[:2]
+    slide = tmp_path / "wsi.svs"
+    write_synthetic_slide(slide, width, height, mpp=0.25, seed=1, keep_instances=False)
+    plan, _ = plan_slide(str(slide), tmp_path / "out", mpp=None, target_mpp=0.25, chunk_size=300,
+                         output=164, margin=46, use_tissue_mask=False, type_table=TYPES)  # fmt: skip
+    store, tile = plan.ledger.maps_store, plan.grid.tile
+    maps_store.create_store(store, (height, width), tile, NR_TYPES)
+    for y in range(0, height, tile):
+        for x in range(0, width, tile):
+            maps_store.write_tile(store, y, x, maps[y : y + tile, x : x + tile], NR_TYPES)
+    stored = maps_store.read_window(store, 0, 0, height, width, NR_TYPES)
+    grid = postprocess.block_grid(plan)
+    hv = (value_range(stored[..., -2]), value_range(stored[..., -1]))
+    sobel = [postprocess.sobel_block(plan, b, hv, NR_TYPES) for b in grid.blocks()]
+    for block, got in zip(grid.blocks(), sobel, strict=True):
+        context = grid.grow(grid.core(*block), SOBEL_REACH)
+        window = stored[context[0] : context[2], context[1] : context[3]]
+        assert got == seams.sobel_ranges(window, context, grid.core(*block), NormRanges(*hv))
+    ranges = postprocess.slide_norm_ranges(hv, sobel, False)
+    parts = [postprocess.nuclei_block(plan, b, ranges, NR_TYPES) for b in grid.blocks()]
+    refit = postprocess.oversized_nuclei(plan, parts, ranges, NR_TYPES)
+    got = sorted_table([gpd.read_parquet(p) for p in refit["parts"]])
+    image = read_rgb(plan.source, np.arange(height), np.arange(width))
+    expected = composed_table(stored, image, grid.chunk_size, grid.halo, plan.scale, plan.offset,
+                              plan.slide_mpp)  # fmt: skip
+    assert_same_table(got, expected)

@@ -98,10 +98,18 @@ def sobel_block(
     committed = ledger.read_marker(marker)
     if committed is not None:
         return tuple(tuple(r) for r in committed)  # type: ignore[return-value]
+    import zarr
+
     grid = block_grid(plan)
     core = grid.core(*block)
     context = grid.grow(core, SOBEL_REACH)
-    window = maps_store.read_window(ledger.maps_store, *context, nr_types)
+    # pass 2 reads h and v only (``sobel_ranges`` takes the last two channels), half the maps
+    # ``read_window`` would decode; ``nr_types`` does not matter here
+    y0, x0, y1, x1 = context
+    group = zarr.open_group(str(ledger.maps_store), mode="r")
+    window = np.stack(
+        [maps_store.dequantise(name, group[name][y0:y1, x0:x1]) for name in ("h", "v")], axis=-1
+    )
     result = seams.sobel_ranges(window, context, core, NormRanges(*hv))
     atomic_write_json(marker, [list(r) for r in result])
     return result

@@ -42,6 +42,7 @@ from hoverdask.postproc.stable import (
     segment_window,
     sobel_responses,
     value_range,
+    window_clusters,
     window_nuclei,
 )
 
@@ -178,18 +179,32 @@ def block_nuclei(
     ranges: NormRanges,
     nr_types: int | None = None,
 ) -> BlockNuclei:
-    """Pass 3 on one block window (``grid.window(*block)``): the nuclei this block reports."""
-    seg = segment_window(window, window_box[:2], ranges, nr_types)
-    in_core = set(np.unique(seg.clusters_map[_slices(grid.core(*block), window_box[:2])]).tolist())
+    """Pass 3 on one block window (``grid.window(*block)``): the nuclei this block reports.
+
+    Which clusters the block owns needs only the foreground of the whole window; the rest of the
+    reference steps run on the part of the window that holds the owned clusters with
+    :data:`CONTEXT_MARGIN` to spare (about the core, instead of core plus halo). That part is a
+    window in which every owned cluster is decided exactly, so its nuclei are the same ones.
+    """
+    clusters_map, clusters = window_clusters(window, window_box[:2])
+    in_core = set(np.unique(clusters_map[_slices(grid.core(*block), window_box[:2])]).tolist())
     out = BlockNuclei()
     owned = []
-    for cluster in seg.clusters:
+    for cluster in clusters:
         if grid.can_decide(window_box, cluster.box):
             if grid.reporter(cluster) == block:
                 owned.append(cluster)
         elif cluster.label in in_core:
             out.fragments.append(cluster.box)
-    out.records, out.seed_ties = window_nuclei(seg, owned, grid.width)
+    if not owned:
+        return out
+    part = _intersection(grid.grow(_union([c.box for c in owned]), CONTEXT_MARGIN), window_box)
+    seg = segment_window(window[_slices(part, window_box[:2])], part[:2], ranges, nr_types)
+    wanted = {(c.box, c.anchor) for c in owned}
+    found = [c for c in seg.clusters if (c.box, c.anchor) in wanted]
+    if len(found) != len(owned):
+        raise RuntimeError(f"block {block}: owned clusters changed on the part {part} of the window")
+    out.records, out.seed_ties = window_nuclei(seg, found, grid.width)
     return out
 
 
@@ -230,6 +245,10 @@ def refit_nuclei(
 
 def _intersects(a: Box, b: Box) -> bool:
     return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def _intersection(a: Box, b: Box) -> Box:
+    return max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])
 
 
 def _union(boxes: Sequence[Box]) -> Box:

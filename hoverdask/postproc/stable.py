@@ -163,6 +163,14 @@ def segment_window(
     return WindowSegmentation(origin, blb, dist, marker, clusters_map, clusters, type_map)
 
 
+def window_clusters(
+    window: np.ndarray, origin: tuple[int, int]
+) -> tuple[np.ndarray, tuple[Cluster, ...]]:
+    """:func:`find_clusters` of a window's foreground: the first steps of :func:`segment_window`
+    (its np channel is third from last in both layouts)."""
+    return find_clusters(foreground_mask(np.asarray(window[..., -3], dtype=np.float32)), origin)
+
+
 def window_markers(overall: np.ndarray, blb: np.ndarray) -> np.ndarray:
     """The reference ``markers_from_energy``, with holes filled by labelling the background
     (:func:`~hoverdask.postproc.fast.fill_holes`, equal to ``binary_fill_holes``, faster).
