@@ -217,11 +217,12 @@ def run(
     ] = None,
     workers: Annotated[
         int | None,
-        typer.Option(min=1, help="Local CPU workers (default: one per core; GPUs: one per GPU)."),
+        typer.Option(min=0, help="Local CPU worker processes (default: one per core; with GPUs, "
+                     "one per core left beside the one worker per GPU)."),
     ] = None,
     threads_per_worker: Annotated[
         int | None,
-        typer.Option(min=1, help="Threads per worker (default: 1; GPUs: cores per GPU)."),
+        typer.Option(min=1, help="Threads per worker (default: 1; GPU workers: 2)."),
     ] = None,
     scheduler: Annotated[
         str | None,

@@ -3,7 +3,9 @@
 Both paths hand back a plain ``distributed.Client`` so the pipeline code never knows which one it
 got. Local workers are processes bound to 127.0.0.1 (nothing is exposed to the network); when
 this machine has GPUs there is one single-GPU worker per device, advertising the ``GPU`` resource
-that inference tasks ask for, and the model plugin pins each worker to its own device.
+that inference tasks ask for (the model plugin pins each to its own device), and the cores left
+over become single-threaded CPU workers for planning and post-processing: separate processes, so
+their Python work never holds the GIL that the thread feeding a GPU needs.
 """
 
 from __future__ import annotations
@@ -55,6 +57,39 @@ def resolve_device(device: Device) -> Literal["cpu", "cuda"]:
     return device
 
 
+@dataclass(frozen=True)
+class LocalLayout:
+    """Worker processes of a local cluster: GPU workers (``GPU=1`` each) and CPU workers."""
+
+    gpu_workers: int
+    gpu_threads: int
+    cpu_workers: int
+    cpu_threads: int
+
+    @property
+    def n_workers(self) -> int:
+        return self.gpu_workers + self.cpu_workers
+
+
+GPU_WORKER_THREADS = 2  # one feeds the GPU; one plans slides and post-processes beside it
+
+
+def local_layout(
+    n_gpus: int, cores: int, workers: int | None = None, threads_per_worker: int | None = None
+) -> LocalLayout:
+    """The default worker layout for this machine.
+
+    Without GPUs: ``workers`` CPU workers (default one per core) of ``threads_per_worker``
+    threads (default 1). With GPUs: one worker per GPU with ``threads_per_worker`` threads
+    (default 2) and ``workers`` single-threaded CPU workers (default: the cores left over).
+    """
+    if n_gpus <= 0:
+        return LocalLayout(0, 0, cores if workers is None else workers, threads_per_worker or 1)
+    gpu_threads = threads_per_worker or GPU_WORKER_THREADS
+    spare = workers if workers is not None else max(0, cores - n_gpus * gpu_threads)
+    return LocalLayout(n_gpus, gpu_threads, spare, 1)
+
+
 def make_client(
     workers: int | None = None,
     threads_per_worker: int | None = None,
@@ -66,43 +101,65 @@ def make_client(
     quiet: bool = False,
     connect_timeout: str = "30s",
 ) -> Client:
-    """Connect to ``scheduler`` (an address or a scheduler file), or start a LocalCluster.
+    """Connect to ``scheduler`` (an address or a scheduler file), or start a local cluster.
 
-    The local cluster gets one worker per GPU when ``device`` resolves to ``cuda`` (each with
-    the ``GPU=1`` resource and by default this machine's cores shared out as threads, so CPU
-    post-processing runs beside inference), else ``workers`` CPU workers (default: one per core,
-    one thread each). The dashboard link is printed unless ``quiet``.
+    The local cluster's workers follow :func:`local_layout` (GPU workers when ``device``
+    resolves to ``cuda``). The dashboard link is printed unless ``quiet``.
     """
-    from distributed import Client, LocalCluster
-
     if scheduler is not None:
         client = _connect(scheduler, security, connect_timeout)
     else:
-        if (workers is not None and workers < 1) or (
-            threads_per_worker is not None and threads_per_worker < 1
-        ):
-            raise ClusterError("--workers and --threads-per-worker must be at least 1")
         resolved = resolve_device(device)
         n_gpus = local_gpu_count() if resolved == "cuda" else 0
-        if n_gpus:
-            n_workers = n_gpus
-            threads = threads_per_worker or max(1, cpu_count() // n_gpus)
-        else:
-            n_workers = workers or cpu_count()
-            threads = threads_per_worker or 1
-        cluster = LocalCluster(
-            n_workers=n_workers,
-            threads_per_worker=threads,
-            processes=True,
-            host="127.0.0.1",
-            dashboard_address="127.0.0.1:8787" if dashboard else "127.0.0.1:0",
-            resources={GPU_RESOURCE: 1} if n_gpus else None,
-            security=security,
-            protocol="tls://" if security is not None else None,
-        )
-        client = Client(cluster, security=security)
+        if (workers is not None and workers < (0 if n_gpus else 1)) or (
+            threads_per_worker is not None and threads_per_worker < 1
+        ):
+            raise ClusterError("--workers and --threads-per-worker must be at least 1 (--workers "
+                               "may be 0 beside GPU workers)")
+        layout = local_layout(n_gpus, cpu_count(), workers, threads_per_worker)
+        client = start_local_cluster(layout, dashboard=dashboard, security=security)
     if not quiet:
         print(f"Dask dashboard: {client.dashboard_link}", flush=True)
+    return client
+
+
+def start_local_cluster(
+    layout: LocalLayout, *, dashboard: bool = True, security: object | None = None
+) -> Client:
+    """Worker processes on 127.0.0.1 as ``layout`` says, and a client of them.
+
+    Workers are named 0..N-1, GPU workers first, so that GPU worker ``i`` uses device ``i``.
+    Memory limits share this machine's memory out evenly, as LocalCluster does.
+    """
+    from distributed import Client, LocalCluster, Nanny, Scheduler, SpecCluster
+    from distributed.system import MEMORY_LIMIT
+
+    protocol = "tls://" if security is not None else None
+    dashboard_address = "127.0.0.1:8787" if dashboard else "127.0.0.1:0"
+    if layout.gpu_workers == 0 or layout.cpu_workers == 0:
+        n_gpus = layout.gpu_workers
+        cluster = LocalCluster(
+            n_workers=layout.n_workers,
+            threads_per_worker=layout.gpu_threads if n_gpus else layout.cpu_threads,
+            processes=True, host="127.0.0.1", dashboard_address=dashboard_address,
+            resources={GPU_RESOURCE: 1} if n_gpus else None,
+            security=security, protocol=protocol,
+        )
+        return Client(cluster, security=security)
+    common = {"host": "127.0.0.1", "memory_limit": int(MEMORY_LIMIT / layout.n_workers),
+              "security": security, "protocol": protocol}
+    workers: dict[int, dict[str, object]] = {}
+    for index in range(layout.n_workers):
+        gpu = index < layout.gpu_workers
+        options = {**common, "nthreads": layout.gpu_threads if gpu else layout.cpu_threads,
+                   "resources": {GPU_RESOURCE: 1} if gpu else {}}
+        workers[index] = {"cls": Nanny, "options": options}
+    scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "security": security,
+                                               "protocol": protocol,
+                                               "dashboard_address": dashboard_address}}
+    cluster = SpecCluster(workers=workers, scheduler=scheduler, security=security)
+    client = Client(cluster, security=security)
+    client.wait_for_workers(layout.n_workers)
     return client
 
 

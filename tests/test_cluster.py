@@ -87,3 +87,67 @@ def test_describe_waits_for_late_workers_then_gives_up() -> None:
     finally:
         client.close()
         cluster.close()
+
+
+@pytest.mark.parametrize(
+    ("gpus", "cores", "workers", "threads", "expected"),
+    [
+        (0, 8, None, None, (0, 0, 8, 1)),  # CPU: a worker per core
+        (0, 8, 3, 2, (0, 0, 3, 2)),
+        (1, 16, None, None, (1, 2, 14, 1)),  # GPU: 2 threads feed it, the other cores post-process
+        (2, 16, None, None, (2, 2, 12, 1)),
+        (4, 4, None, None, (4, 2, 0, 1)),  # no core left over: GPU workers only
+        (1, 16, 0, 4, (1, 4, 0, 1)),
+    ],
+)
+def test_local_layout(gpus, cores, workers, threads, expected) -> None:
+    from hoverdask.cluster import local_layout
+
+    layout = local_layout(gpus, cores, workers, threads)
+    got = (layout.gpu_workers, layout.gpu_threads, layout.cpu_workers, layout.cpu_threads)
+    assert got == expected
+
+
+@pytest.mark.slow
+def test_gpu_layout_puts_inference_on_gpu_workers_only_and_loads_no_model_elsewhere(
+        tmp_path) -> None:
+    """The GPU layout, tried on CPU: one worker advertising GPU=1 beside two CPU workers."""
+    import numpy as np
+    from distributed import get_task_stream
+
+    from hoverdask.cluster import LocalLayout, start_local_cluster
+    from hoverdask.pipeline.predictors import PLUGIN_NAME, ArrayPredictorFactory
+    from hoverdask.pipeline.run import RunOptions, run_cohort
+    from hoverdask.postproc.synthetic import synthetic_pred_map
+    from hoverdask.synth import write_synthetic_slide
+
+    slide = tmp_path / "s.svs"
+    write_synthetic_slide(slide, 656, 492, mpp=0.25, seed=1, compression="lossless",
+                          keep_instances=False)
+    np.save(tmp_path / "maps.npy", synthetic_pred_map(492, 656, 6, seed=3))
+    factory = ArrayPredictorFactory(str(tmp_path / "maps.npy"), margin=46, output=164, nr_types=6)
+    client = start_local_cluster(LocalLayout(1, 2, 2, 1), dashboard=False)
+    try:
+        info = describe(client)
+        assert (info.n_workers, info.gpu_workers) == (3, 1)
+        names = {w["name"]: a for a, w in client.scheduler_info(n_workers=-1)["workers"].items()}
+        assert client.run(lambda dask_worker: dask_worker.state.total_resources,
+                          workers=[names[0]])[names[0]] == {"GPU": 1}  # GPU workers come first
+        with get_task_stream(client) as stream:
+            result = run_cohort([slide], tmp_path / "out", predictor_factory=factory,
+                                client=client, options=RunOptions(chunk_size=164,
+                                                                  tissue_mask=False),
+                                progress=False)
+        loaded = client.run(lambda dask_worker:
+                            dask_worker.plugins[PLUGIN_NAME].predictor is not None)
+    finally:
+        cluster = client.cluster
+        client.close()
+        cluster.close()
+    assert result.exit_code == 0
+    assert result.slides[0].nuclei > 0
+    placed: dict[str, set[str]] = {}
+    for record in stream.data:
+        placed.setdefault(record["key"].split("-")[0], set()).add(record["worker"])
+    assert placed["infer"] == {names[0]}
+    assert loaded == {names[0]: True, names[1]: False, names[2]: False}

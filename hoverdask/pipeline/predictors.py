@@ -252,17 +252,23 @@ class PredictorPlugin(_plugin_base()):  # type: ignore[misc]
 
     On CUDA workers it pins the worker to GPU ``name % device_count`` (LocalCluster names workers
     0..N-1); on CPU workers it gives torch the worker's threads back, since the nanny sets
-    ``OMP_NUM_THREADS=1``.
+    ``OMP_NUM_THREADS=1``. When the cluster has GPU workers (``gpu_cluster``), workers without
+    the ``GPU`` resource never run inference: they neither load the network nor touch CUDA.
     """
 
     idempotent = False
 
-    def __init__(self, factory: PredictorFactory, *, torch_threads: int | None = None) -> None:
+    def __init__(self, factory: PredictorFactory, *, torch_threads: int | None = None,
+                 gpu_cluster: bool = False) -> None:
         self.factory = factory
         self.torch_threads = torch_threads
+        self.gpu_cluster = gpu_cluster
         self.predictor: TilePredictor | None = None
 
     def setup(self, worker: Any) -> None:
+        resources = getattr(getattr(worker, "state", None), "total_resources", None) or {}
+        if self.gpu_cluster and resources.get("GPU", 0) < 1:
+            return  # a CPU worker beside GPU workers: post-processing only
         configure_torch(getattr(self.factory, "device", "cpu"), self.torch_threads,
                         worker_name=worker.name)
         self.predictor = self.factory()

@@ -302,7 +302,8 @@ class _CohortRunner:
         info = describe(client)
         self.gpu_resources = {"GPU": 1} if info.has_gpus else None
         threads = max(info.threads.values())
-        client.register_plugin(PredictorPlugin(spec.factory, torch_threads=threads),
+        client.register_plugin(PredictorPlugin(spec.factory, torch_threads=threads,
+                                               gpu_cluster=info.has_gpus),
                                name=PLUGIN_NAME)
         self.results: dict[str, SlideResult] = {}
         self.order: list[str] = []
