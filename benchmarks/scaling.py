@@ -1,10 +1,13 @@
 """CPU scaling and memory of the pipeline: 1 vs 2 Dask workers, peak RSS against slide size.
 
     python benchmarks/scaling.py [--size 2048] [--slides 3] [--chunk 512] [--memory-sizes 2048 4096]
+    python benchmarks/scaling.py --network [--size 656] [--chunk 328]
 
 The network is replaced by a stub that replays a synthetic ``[tp, np, h, v]`` map (periodic, so
 it needs no memory that grows with the slide), so what is timed is the pipeline's own CPU work:
-reading, the three post-processing passes, features and writing. Slides are written first;
+reading, the three post-processing passes, features and writing. With ``--network`` the real
+fast HoVer-Net (random weights, every tile processed) runs instead, on a small slide: the CPU
+work of a real CPU run, which the network dominates. Slides are written first;
 every measurement runs in a fresh Python process (the client) with a fresh LocalCluster. Peak RSS
 is Linux's ``VmHWM`` of each process image: ``ru_maxrss`` would also count the parent that wrote
 the slides, since it survives fork and exec.
@@ -67,7 +70,8 @@ def _max_rss_mib() -> float:
     return int(match.group(1)) / 1024 if match else float("nan")
 
 
-def measure_once(slides: list[Path], workers: int, chunk: int) -> dict[str, Any]:
+def measure_once(slides: list[Path], workers: int, chunk: int, model: str | None = None
+                 ) -> dict[str, Any]:
     """One timed ``run_cohort`` of ``slides`` on a fresh cluster (this process is the client)."""
     from hoverdask.cluster import make_client
     from hoverdask.pipeline.run import RunOptions, run_cohort
@@ -78,9 +82,10 @@ def measure_once(slides: list[Path], workers: int, chunk: int) -> dict[str, Any]
         try:
             client.run(_max_rss_mib)  # workers are up before the clock starts
             start = time.perf_counter()
-            result = run_cohort(slides, scratch / "out", predictor_factory=PeriodicMapFactory(),
-                                client=client, options=RunOptions(device="cpu", chunk_size=chunk),
-                                progress=False)
+            options = RunOptions(device="cpu", chunk_size=chunk, tissue_mask=model is None)
+            result = run_cohort(slides, scratch / "out", model=model,
+                                predictor_factory=None if model else PeriodicMapFactory(),
+                                client=client, options=options, progress=False)
             seconds = time.perf_counter() - start
             worker_rss = list(client.run(_max_rss_mib).values())
             task_seconds: dict[str, float] = {}
@@ -105,24 +110,32 @@ def _brief(seconds: dict[str, float]) -> str:
     return ", ".join(f"{name.removesuffix('_s')} {value:.1f}" for name, value in seconds.items())
 
 
-def _in_child(slides: list[Path], workers: int, chunk: int) -> dict[str, Any]:
-    command = [sys.executable, __file__, "--child", str(workers), str(chunk), *map(str, slides)]
+def _in_child(slides: list[Path], workers: int, chunk: int, model: str | None = None
+              ) -> dict[str, Any]:
+    command = [sys.executable, __file__, "--child", str(workers), str(chunk), model or "-",
+               *map(str, slides)]
     out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=2048, help="slide side for the speed-up")
+    parser.add_argument("--size", type=int, help="slide side for the speed-up (2048; 656 with "
+                        "--network)")
     parser.add_argument("--slides", type=int, default=3, help="slides in the cohort speed-up")
-    parser.add_argument("--chunk", type=int, default=512, help="pipeline chunk size")
+    parser.add_argument("--network", action="store_true",
+                        help="run the real fast network (random weights) instead of the stub")
+    parser.add_argument("--chunk", type=int, help="pipeline chunk size (512; 328 with --network)")
     parser.add_argument("--memory-sizes", type=int, nargs="+", default=[2048, 4096])
     parser.add_argument("--repeats", type=int, default=2, help="best of this many per setting")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.size = args.size or (656 if args.network else 2048)
+    args.chunk = args.chunk or (328 if args.network else 512)
     if args.child:
-        workers, chunk, *slides = args.child
-        print(json.dumps(measure_once([Path(s) for s in slides], int(workers), int(chunk))))
+        workers, chunk, model, *slides = args.child
+        print(json.dumps(measure_once([Path(s) for s in slides], int(workers), int(chunk),
+                                      None if model == "-" else model)))
         return
     with tempfile.TemporaryDirectory(prefix="hoverdask-scaling-slides-") as folder:
         run_all(args, Path(folder))
@@ -138,7 +151,30 @@ def _slide(folder: Path, size: int, seed: int = 0) -> Path:
     return path
 
 
+def run_network(args: argparse.Namespace, folder: Path) -> None:
+    """1 vs 2 workers on one slide with the real network: the CPU work of a CPU run."""
+    import torch
+
+    from hoverdask.model.checkpoints import save_checkpoint
+    from hoverdask.model.network import HoVerNet
+
+    torch.manual_seed(0)
+    model = str(save_checkpoint(HoVerNet("fast", NR_TYPES), folder / "net.tar"))
+    slide = [_slide(folder, args.size)]
+    best: dict[int, float] = {}
+    for _ in range(args.repeats):
+        for workers in (1, 2):
+            run = _in_child(slide, workers, args.chunk, model)
+            best[workers] = min(best.get(workers, float("inf")), run["seconds"])
+            print(f"network, {args.size}² slide, {workers} worker(s) x 1 thread: "
+                  f"{run['seconds']:.1f} s ({_brief(run['task_seconds'])})", flush=True)
+    print(f"network: speed-up 2 workers / 1 worker: {best[1] / best[2]:.2f}x", flush=True)
+
+
 def run_all(args: argparse.Namespace, folder: Path) -> None:
+    if args.network:
+        run_network(args, folder)
+        return
     single = [_slide(folder, args.size)]
     cohort = [_slide(folder, args.size, seed) for seed in range(args.slides)]
     mpix = args.size**2 / 1e6
