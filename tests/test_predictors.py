@@ -158,3 +158,9 @@ def test_factory_builds_the_staged_predictor_with_auto_batch(tmp_path, model: Ho
     # autocast has no effect on CPU: fp32, the maps of predict_patches
     expected = predict_patches(model, split_patches(window, 46, 164))
     np.testing.assert_array_equal(got, join_patches(expected, 1, 2))
+
+
+def test_compile_is_for_cuda_only(model: HoVerNet, caplog: pytest.LogCaptureFixture) -> None:
+    runner = StagedPatchRunner(model, "cpu", compile=True)
+    assert runner.network is runner.eager
+    assert "CUDA only" in caplog.text

@@ -10,6 +10,7 @@ steps run in order, which is what makes the staging testable without a GPU.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from hoverdask.model.infer import (
     use_inference_layout,
 )
 
+log = logging.getLogger(__name__)
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -188,6 +190,12 @@ class StagedPatchRunner:
     waits for that download and returns the maps as a new float32 array. Batch i+1's upload thus
     overlaps batch i's compute, and batch i-1's download overlaps both. On CPU the streams are
     absent and the same steps run in order, giving exactly :func:`predict_patches`'s maps.
+
+    ``compile`` wraps the network in ``torch.compile`` on CUDA only. On CPU it was measured on the
+    plain network (2 cores): ~3 min of start-up for each new batch shape against ~10 % per batch,
+    and the fused CPU form (oneDNN operators called per layer shape) exceeds dynamo's recompile
+    limit. On CUDA the first batch shape compiles, the next one recompiles with a dynamic batch
+    dimension (batch 1 is specialised); ``benchmarks/gpu_inference.py --compile`` measures both.
     """
 
     def __init__(
@@ -204,8 +212,10 @@ class StagedPatchRunner:
             model.to(self.device)
         model.eval()
         self.eager = inference_network(model, self.device)
-        self.network = torch.compile(self.eager) if compile else self.eager
         cuda = self.device.type == "cuda"
+        if compile and not cuda:  # results are the same either way
+            log.warning("torch.compile is used on CUDA only: the CPU inference form runs eager")
+        self.network = torch.compile(self.eager) if compile and cuda else self.eager
         self.dtype = dtype if cuda else None  # CPU keeps fp32, as predict_patches does
         self.upload_stream = torch.cuda.Stream(self.device) if cuda else None
         self.download_stream = torch.cuda.Stream(self.device) if cuda else None
@@ -255,7 +265,12 @@ class StagedPatchRunner:
             with torch.inference_mode():
                 forward_maps(self.eager, x, dtype=self.dtype)
 
-        return probe_batch_size(run, self.device, **limits)
+        try:
+            return probe_batch_size(run, self.device, **limits)
+        except torch.cuda.OutOfMemoryError:  # not even the probe fits: start small, halving stays
+            torch.cuda.empty_cache()
+            log.warning("GPU out of memory while measuring the batch size: starting at 1")
+            return 1
 
     @staticmethod
     def _wait(
@@ -330,14 +345,20 @@ def precision_drift(
     dtype: str = "bfloat16",
     batch_size: int = 8,
 ) -> PrecisionDrift:
-    """Run uint8 NHWC ``patches`` at fp32 and under ``dtype`` autocast on ``device`` (CPU too:
-    there autocast supports bfloat16) and measure the drift of the reduced-precision outputs."""
+    """Run uint8 NHWC ``patches`` at fp32 and under ``dtype`` autocast on ``device`` and measure
+    the drift of the reduced-precision outputs.
+
+    The network is the form CUDA runs (the model in the inference layout) on every device, so
+    that CPU autocast (bfloat16) can exercise it; CPU inference proper runs fp32 in a fused form
+    that autocast does not reach.
+    """
     _check_patches(patches)
     target = resolve_device(device)
     low = autocast_dtype(dtype)
     if model_device(model) != target:
         model.to(target)
-    network = inference_network(model.eval(), target)
+    network = model.eval()
+    use_inference_layout(network)
     heads: dict[str | None, list[dict[str, np.ndarray]]] = {None: [], dtype: []}
     for batch in _chunks(patches, batch_size):
         x = network_input(torch.from_numpy(np.ascontiguousarray(batch)).to(target))
