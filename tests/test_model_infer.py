@@ -21,6 +21,9 @@ from hoverdask.model import (
     save_checkpoint,
     tile_layout,
 )
+from hoverdask.model.fused import FusedConv, FusedHoVerNet, NearestUpSample2x, can_fuse
+from hoverdask.model.infer import cpu_inference_model
+from hoverdask.model.network import TFSamePad, UpSample2x
 from tests.conftest import PARITY, parity_json, parity_npz
 from tests.parity_weights import parity_model
 
@@ -181,3 +184,103 @@ def test_cuda_matches_reference_without_tf32() -> None:
     fast = predict_patches(model, images, device="cuda", autocast=True)  # bf16: approximate
     assert fast.shape == expected.shape
     assert np.abs(fast[..., 1] - expected[..., 1]).mean() < 0.05
+
+
+# --- the fused CPU form (hoverdask.model.fused) against the plain network ------------------------
+
+
+@pytest.mark.parametrize("config", INFER_CONFIGS)
+def test_fused_cpu_form_matches_the_model_and_the_reference(config: str) -> None:
+    model = parity_model(config)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fused = cpu_inference_model(model)
+    assert isinstance(fused, FusedHoVerNet)  # what predict_patches runs on CPU
+    images = torch.from_numpy(np.load(PARITY / INFER_CONFIGS[config])).permute(0, 3, 1, 2).float()
+    with torch.inference_mode():
+        got, plain = fused(images), model(images)
+    reference = parity_npz(f"forward_{config}.npz")
+    assert list(got) == list(plain)
+    for head in plain:
+        drift = float((got[head] - plain[head]).abs().max())
+        error = float(np.abs(got[head].numpy() - reference[f"logits_{head}"]).max())
+        print(f"{config} {head}: max abs difference to the model {drift:.2e}, reference {error:.2e}")
+        assert drift < 1e-4, (head, drift)
+        assert error < 1e-4, (head, error)
+    after = model.state_dict()  # the checkpoint layout and values are untouched
+    assert list(after) == list(before)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+def _random_norm(channels: int) -> torch.nn.BatchNorm2d:
+    norm = torch.nn.BatchNorm2d(channels).eval()
+    with torch.no_grad():
+        norm.weight.uniform_(-1.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+        norm.running_mean.uniform_(-0.5, 0.5)
+        norm.running_var.uniform_(0.3, 2.0)
+    return norm
+
+
+@pytest.mark.parametrize(
+    ("ksize", "stride", "size"), [(3, 2, 16), (3, 2, 15), (3, 1, 9), (5, 1, 12), (7, 1, 10)]
+)
+def test_fused_conv_equals_pad_conv_batchnorm_relu(ksize: int, stride: int, size: int) -> None:
+    torch.manual_seed(ksize * 100 + size)
+    conv = torch.nn.Conv2d(6, 8, ksize, stride=stride, bias=False)
+    norm = _random_norm(8)
+    x = torch.randn(2, 6, size, size).contiguous(memory_format=torch.channels_last)
+    fused = FusedConv(conv, norm, relu=True, same=True)
+    total = torch.randn(2, 8, *conv(TFSamePad(ksize, stride)(x)).shape[2:])
+    total = total.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        convolved = conv(TFSamePad(ksize, stride)(x))
+        want = torch.relu(norm(convolved))
+        got = fused(x)
+        want_sum = total + FusedConv(conv, same=True)(x)
+        summed = FusedConv(conv, same=True).add_into(x, total)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert summed.data_ptr() == total.data_ptr()  # accumulated in place
+    torch.testing.assert_close(summed, want_sum, atol=1e-5, rtol=1e-5)
+
+
+def test_upsample_add_equals_reference_unpooling_plus_skip() -> None:
+    small = torch.randn(2, 5, 6, 7).contiguous(memory_format=torch.channels_last)
+    big = torch.randn(2, 5, 20, 22).contiguous(memory_format=torch.channels_last)
+    skip = big[:, :, 3:15, 4:18]  # a centre crop: a strided view, as the skip features are
+    got = NearestUpSample2x().add_to(small, skip)
+    assert torch.equal(got, UpSample2x()(small) + skip)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_fused_form_uses_running_statistics_and_leaves_the_model_alone() -> None:
+    torch.manual_seed(1)
+    model = HoVerNet("fast", 3).train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.load_state_dict(_random_norm(module.num_features).state_dict())
+    fused = FusedHoVerNet(model)
+    assert model.training  # building the fused form does not switch the model to eval
+    x = torch.rand(1, 3, 96, 96) * 255
+    with torch.inference_mode():
+        got, want = fused(x), model.eval()(x)
+    for head in want:
+        torch.testing.assert_close(got[head], want[head], atol=1e-4, rtol=1e-4)
+
+
+def test_unusual_unpooling_is_not_fused() -> None:
+    torch.manual_seed(2)
+    model = HoVerNet("fast", None).eval()
+    with torch.no_grad():
+        model.upsample2x.unpool_mat.fill_(0.5)  # not the nearest upsampling any more
+    assert not can_fuse(model)
+    with pytest.raises(ValueError, match="unpool_mat"):
+        FusedHoVerNet(model)
+    used = cpu_inference_model(model)
+    assert isinstance(used, HoVerNet)
+    assert used is not model
+    x = torch.rand(1, 3, 96, 96) * 255
+    with torch.inference_mode():
+        got, want = used(x), model(x)
+    for head in want:
+        torch.testing.assert_close(got[head], want[head])
