@@ -269,3 +269,23 @@ def test_pipeline_tasks_equal_the_pure_composition(tmp_path) -> None:
     expected = composed_table(stored, image, grid.chunk_size, grid.halo, plan.scale, plan.offset,
                               plan.slide_mpp)  # fmt: skip
     assert_same_table(got, expected)
+
+
+def test_ownership_shortcut_equals_the_reporter_rule() -> None:
+    from hoverdask.postproc.stable import window_clusters
+
+    maps = synthetic_pred_map(600, 600, NR_TYPES, seed=9)
+    checked = owned = 0
+    for chunk, halo in ((100, 40), (256, 128)):
+        grid = seams.BlockGrid(600, 600, chunk, halo)
+        for block in grid.blocks():
+            box = grid.window(*block)
+            _, clusters = window_clusters(maps[box[0] : box[2], box[1] : box[3]], box[:2])
+            for cluster in clusters:
+                if grid.can_decide(box, cluster.box):
+                    mine = seams._reported_by(grid, cluster, block)
+                    assert mine == (grid.reporter(cluster) == block)
+                    checked += 1
+                    owned += mine
+    assert checked > 1000
+    assert 100 < owned < checked

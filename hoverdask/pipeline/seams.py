@@ -192,7 +192,7 @@ def block_nuclei(
     owned = []
     for cluster in clusters:
         if grid.can_decide(window_box, cluster.box):
-            if grid.reporter(cluster) == block:
+            if _reported_by(grid, cluster, block):
                 owned.append(cluster)
         elif cluster.label in in_core:
             out.fragments.append(cluster.box)
@@ -206,6 +206,17 @@ def block_nuclei(
         raise RuntimeError(f"block {block}: owned clusters changed on the part {part} of the window")
     out.records, out.seed_ties = window_nuclei(seg, found, grid.width)
     return out
+
+
+def _reported_by(grid: BlockGrid, cluster: Cluster, block: tuple[int, int]) -> bool:
+    """``grid.reporter(cluster) == block`` for a cluster this block's window can decide, without
+    building windows for the clusters of the halo, which other blocks report."""
+    by_centroid = grid.block_of(*cluster.centroid)
+    if by_centroid == block:
+        return True
+    return grid.block_of(*cluster.anchor) == block and not grid.can_decide(
+        grid.window(*by_centroid), cluster.box
+    )
 
 
 @dataclass
@@ -353,21 +364,26 @@ def nuclei_table(
     import geopandas as gpd
 
     polygons, repaired = contour_polygons(list(frame["contour"]), scale, offset)
-    centroids = to_level0(frame[["centroid_x", "centroid_y"]].to_numpy(), scale, offset)
+    centroids = to_level0(
+        np.stack([frame["centroid_x"].to_numpy(), frame["centroid_y"].to_numpy()], axis=1),
+        scale,
+        offset,
+    )
     table = gpd.GeoDataFrame(
         {
-            "centroid_x": centroids[:, 0] if len(frame) else np.zeros(0),
-            "centroid_y": centroids[:, 1] if len(frame) else np.zeros(0),
+            "geometry": gpd.GeoSeries(polygons, dtype="geometry"),
+            "centroid_x": centroids[:, 0],
+            "centroid_y": centroids[:, 1],
             "type": frame["type"].to_numpy(np.int16),
             "type_prob": frame["type_prob"].to_numpy(np.float32),
             "area_px": frame["area_px"].to_numpy(np.int32),
             "nucleus_id": frame["nucleus_id"].to_numpy(np.int64),
         },
-        geometry=gpd.GeoSeries(polygons, dtype="geometry"),
+        geometry="geometry",
         crs=None,
     )
     table.attrs["polygons_repaired"] = int(repaired)
-    return table[list(TABLE_COLUMNS)]
+    return table
 
 
 def _as_array(maps: Any) -> Any:
