@@ -14,8 +14,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 from urllib.parse import quote
 
 import geopandas as gpd
@@ -60,55 +61,102 @@ def write_geoparquet(
     metadata
         Extra JSON-able values stored under the file's ``hoverdask`` key (mpp, model, ...).
     """
-    path = Path(path)
-    if "bbox" in nuclei.columns:
-        raise ValueError("a column named 'bbox' would clash with the GeoParquet covering column")
-    if "nucleus_id" not in nuclei.columns:
-        raise ValueError("nuclei table needs a 'nucleus_id' column for deterministic ids")
-    if slide_id is None and "slide_id" not in nuclei.columns:
-        raise ValueError("pass slide_id= or give the table a 'slide_id' column")
-    columns = [c for c in nuclei.columns if c != nuclei.geometry.name]
+    check_columns(nuclei.columns, slide_id)
     geometry = np.asarray(nuclei.geometry.values, dtype=object)
-
     order = _hilbert_order(geometry, extent)
-    geo = _geo_metadata(geometry)
-    file_meta = {
-        "id_column": ID_COLUMN,
-        "coordinates": "level-0 pixels, origin top-left of the top-left pixel, y down",
-        "hoverdask_version": __version__,
-        **(metadata or {}),
-    }
-    writer: pq.ParquetWriter | None = None
-    with atomic_path(path) as tmp:
-        try:
-            for start in range(0, max(len(order), 1), row_group_size):
-                rows = order[start : start + row_group_size]
-                table = _arrow_chunk(nuclei.iloc[rows][columns], geometry[rows], slide_id)
-                if writer is None:
-                    schema = table.schema.with_metadata({
-                        b"geo": json.dumps(geo).encode(),
-                        b"hoverdask": json.dumps(file_meta).encode(),
-                    })
-                    writer = pq.ParquetWriter(
-                        tmp, schema, compression="zstd", compression_level=compression_level
-                    )
-                writer.write_table(table.cast(writer.schema), row_group_size=row_group_size)
-        finally:
-            if writer is not None and writer.is_open:
-                writer.close()  # before the rename: the footer must be on disk
-    return path
+    geo = geo_metadata(
+        set(shapely.get_type_id(geometry).tolist()),
+        shapely.total_bounds(geometry) if len(geometry) else None,
+    )
+    columns = [c for c in nuclei.columns if c != nuclei.geometry.name]
+    with GeoParquetStream(path, geo=geo, slide_id=slide_id, metadata=metadata,
+                          compression_level=compression_level) as stream:  # fmt: skip
+        for start in range(0, max(len(order), 1), row_group_size):
+            rows = order[start : start + row_group_size]
+            stream.write(nuclei.iloc[rows][columns], geometry[rows])
+    return Path(path)
+
+
+def check_columns(columns: Any, slide_id: str | None) -> None:
+    """The columns a file needs (ids) and must not have (a clash with the covering column)."""
+    if "bbox" in columns:
+        raise ValueError("a column named 'bbox' would clash with the GeoParquet covering column")
+    if "nucleus_id" not in columns:
+        raise ValueError("nuclei table needs a 'nucleus_id' column for deterministic ids")
+    if slide_id is None and "slide_id" not in columns:
+        raise ValueError("pass slide_id= or give the table a 'slide_id' column")
+
+
+class GeoParquetStream:
+    """A GeoParquet file written one row group per :meth:`write` (temp name, renamed on success).
+
+    The ``geo`` metadata (geometry types, file bbox) goes into the schema before the first row
+    group, so callers that stream a slide compute it from a first, cheap pass over their parts.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        geo: dict[str, Any],
+        slide_id: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        compression_level: int = 6,
+    ) -> None:
+        self.path = Path(path)
+        self.slide_id = slide_id
+        self.compression_level = compression_level
+        self.file_metadata = {
+            b"geo": json.dumps(geo).encode(),
+            b"hoverdask": json.dumps({
+                "id_column": ID_COLUMN,
+                "coordinates": "level-0 pixels, origin top-left of the top-left pixel, y down",
+                "hoverdask_version": __version__,
+                **(metadata or {}),
+            }).encode(),
+        }  # fmt: skip
+        self._stack = ExitStack()
+        self._tmp: Path | None = None
+        self._writer: pq.ParquetWriter | None = None
+
+    def __enter__(self) -> Self:
+        self._tmp = self._stack.enter_context(atomic_path(self.path))
+        return self
+
+    def write(self, frame: Any, geometry: np.ndarray) -> None:
+        """One row group: ``frame``'s columns (no geometry) and ``geometry`` (shapely array)."""
+        table = _arrow_chunk(frame, geometry, self.slide_id)
+        if self._writer is None:
+            self._writer = pq.ParquetWriter(
+                self._tmp, table.schema.with_metadata(self.file_metadata), compression="zstd",
+                compression_level=self.compression_level,
+            )  # fmt: skip
+            self._stack.callback(self._writer.close)  # before the rename: the footer goes first
+        self._writer.write_table(table.cast(self._writer.schema), row_group_size=max(len(table), 1))
+
+    def __exit__(self, *exc: object) -> bool | None:
+        return self._stack.__exit__(*exc)
 
 
 def _hilbert_order(geometry: np.ndarray, extent: tuple[float, ...] | None) -> np.ndarray:
     if len(geometry) == 0:
         return np.arange(0)
+    bounds = extent if extent is not None else tuple(gpd.GeoSeries(geometry).total_bounds)
+    return np.argsort(hilbert_distances(geometry, bounds), kind="stable")
+
+
+def hilbert_distances(geometry: np.ndarray, bounds: tuple[float, ...]) -> np.ndarray:
+    """Each geometry's distance along the Hilbert curve spanning ``bounds`` (geopandas' key).
+
+    One geometry's distance depends on itself and ``bounds`` only, so parts of a slide get the
+    distances the whole table would."""
     series = gpd.GeoSeries(geometry, crs=None)
-    bounds = extent if extent is not None else tuple(series.total_bounds)
-    return np.argsort(series.hilbert_distance(total_bounds=bounds).to_numpy(), kind="stable")
+    return series.hilbert_distance(total_bounds=bounds).to_numpy()
 
 
-def _geo_metadata(geometry: np.ndarray) -> dict[str, Any]:
-    type_ids = set(shapely.get_type_id(geometry).tolist()) - {-1}
+def geo_metadata(type_ids: set[int], bounds: Any) -> dict[str, Any]:
+    """The ``geo`` key: GeoParquet 1.1 with a bbox covering; ``bounds`` None for no rows."""
+    type_ids = set(type_ids) - {-1}
     column: dict[str, Any] = {
         "encoding": "WKB",
         "geometry_types": sorted(_GEOMETRY_NAMES[t] for t in type_ids),
@@ -116,8 +164,8 @@ def _geo_metadata(geometry: np.ndarray) -> dict[str, Any]:
         "edges": "planar",
         "covering": {"bbox": _COVERING},
     }
-    if len(geometry):
-        column["bbox"] = [float(v) for v in shapely.total_bounds(geometry)]
+    if bounds is not None:
+        column["bbox"] = [float(v) for v in bounds]
     return {
         "version": "1.1.0",
         "primary_column": "geometry",

@@ -17,9 +17,9 @@ import os
 import uuid
 import warnings
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Self
 
 import geopandas as gpd
 import numpy as np
@@ -96,39 +96,84 @@ def write_qupath(
         raise ValueError("nuclei table needs a 'nucleus_id' column for deterministic ids")
     if slide_id is None and "slide_id" not in nuclei.columns:
         raise ValueError("pass slide_id= or give the table a 'slide_id' column")
-    path = Path(path)
-    info = type_info(type_table)
-    nuclei_geoms = np.asarray(nuclei.geometry.values, dtype=object)
-    if any(offset):
-        nuclei_geoms = shapely.transform(nuclei_geoms, lambda xy: xy - np.asarray(offset))
-    cells = _expand_cells(nuclei_geoms, cell_expansion_px) if as_cells else None
-    written = dropped = 0
-    with _atomic_text(path) as stream:
-        stream.write('{"type":"FeatureCollection","features":[')
-        for start in range(0, len(nuclei), chunk_size):
-            stop = start + chunk_size
-            chunk = nuclei.iloc[start:stop]
+    cells = None
+    if as_cells:
+        shifted = _shifted(np.asarray(nuclei.geometry.values, dtype=object), offset)
+        cells = _expand_cells(shifted, cell_expansion_px)
+    with QuPathStream(path, slide_id=slide_id, type_table=type_table, offset=offset,
+                      chunk_size=chunk_size) as stream:  # fmt: skip
+        stream.write(nuclei, cells)
+    return stream.written
+
+
+class QuPathStream:
+    """A QuPath FeatureCollection written table chunk by table chunk (temp name, then rename).
+
+    Each feature depends on its own row only, so a slide written part by part gives the same
+    features as the whole table; a warning at the end counts the nuclei rounding removed.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        slide_id: str | None = None,
+        type_table: Any = None,
+        offset: tuple[float, float] = (0.0, 0.0),
+        chunk_size: int = CHUNK_SIZE,
+    ) -> None:
+        self.path = Path(path)
+        self.slide_id = slide_id
+        self.info = type_info(type_table)
+        self.offset = offset
+        self.chunk_size = chunk_size
+        self.written = self.dropped = 0
+        self._stack = ExitStack()
+        self._stream: IO[str] | None = None
+
+    def __enter__(self) -> Self:
+        self._stream = self._stack.enter_context(_atomic_text(self.path))
+        self._stream.write('{"type":"FeatureCollection","features":[')
+        return self
+
+    def write(self, nuclei: gpd.GeoDataFrame, cells: np.ndarray | None = None) -> None:
+        """Append the features of ``nuclei`` (``cells``: their cell outlines, for cell objects)."""
+        assert self._stream is not None, "use QuPathStream as a context manager"
+        geoms = _shifted(np.asarray(nuclei.geometry.values, dtype=object), self.offset)
+        for start in range(0, len(nuclei), self.chunk_size):
+            stop = start + self.chunk_size
             features = _chunk_features(
-                chunk,
-                nuclei_geoms[start:stop],
+                nuclei.iloc[start:stop],
+                geoms[start:stop],
                 None if cells is None else cells[start:stop],
-                slide_id,
-                info,
+                self.slide_id,
+                self.info,
             )
             for text in features:
                 if text is None:
-                    dropped += 1
+                    self.dropped += 1
                     continue
-                stream.write("," if written else "")
-                stream.write(text)
-                written += 1
-        stream.write("]}\n")
-    if dropped:
-        warnings.warn(
-            f"{dropped} nuclei vanished when rounded to 0.01 px and were not written to {path}",
-            stacklevel=2,
-        )
-    return written
+                self._stream.write("," if self.written else "")
+                self._stream.write(text)
+                self.written += 1
+
+    def __exit__(self, *exc: object) -> bool | None:
+        if exc[0] is None and self._stream is not None:
+            self._stream.write("]}\n")
+        suppressed = self._stack.__exit__(*exc)
+        if exc[0] is None and self.dropped:
+            warnings.warn(
+                f"{self.dropped} nuclei vanished when rounded to 0.01 px and were not written to "
+                f"{self.path}",
+                stacklevel=2,
+            )
+        return suppressed
+
+
+def _shifted(geoms: np.ndarray, offset: tuple[float, float]) -> np.ndarray:
+    if any(offset):
+        return shapely.transform(geoms, lambda xy: xy - np.asarray(offset))
+    return geoms
 
 
 @contextmanager

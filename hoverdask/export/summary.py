@@ -22,7 +22,8 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +32,15 @@ import numpy as np
 
 from hoverdask.atomic import atomic_path, atomic_write_text
 from hoverdask.errors import HoverdaskError
-from hoverdask.export.geoparquet import add_to_dataset, write_geoparquet
-from hoverdask.export.qupath import write_qupath
+from hoverdask.export.geoparquet import (
+    ROW_GROUP_SIZE,
+    GeoParquetStream,
+    add_to_dataset,
+    check_columns,
+    write_geoparquet,
+)
+from hoverdask.export.parts import SlideParts
+from hoverdask.export.qupath import QuPathStream, write_qupath
 from hoverdask.features import FEATURE_COLUMNS, type_info, type_name_and_color
 
 FORMATS = ("parquet", "qupath")
@@ -100,6 +108,70 @@ def write_slide_outputs(
     return written
 
 
+def write_slide_outputs_from_parts(
+    parts: SlideParts,
+    out_dir: str | os.PathLike[str],
+    *,
+    slide_id: str,
+    formats: Sequence[str] = FORMATS,
+    type_table: Any = None,
+    tissue_mm2: float | None = None,
+    metadata: dict[str, Any] | None = None,
+    offset: tuple[float, float] = (0.0, 0.0),
+    prepare: Callable[[gpd.GeoDataFrame], gpd.GeoDataFrame] | None = None,
+    also: Sequence[Callable[[gpd.GeoDataFrame], None]] = (),
+    row_group_size: int = ROW_GROUP_SIZE,
+) -> dict[str, Path]:
+    """:func:`write_slide_outputs` for a slide kept as parts, one row group in memory at a time.
+
+    The Parquet file and ``stats.json`` are those of the whole table (the parts were ordered
+    with the slide extent by :func:`~hoverdask.export.parts.index_parts`); the GeoJSON holds the
+    same features in the Parquet file's row order. ``prepare`` turns each row group into the rows
+    the whole table would have (the pipeline adds ``slide_id`` and orders columns); ``also`` are
+    called with every prepared row group (the QC picture's dots). Cell objects need every
+    nucleus's neighbours, so ``as_cells`` stays with :func:`write_slide_outputs`.
+    """
+    formats = parse_formats(formats)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stats = SlideStats()
+    with ExitStack() as stack:
+        sinks: list[Callable[[gpd.GeoDataFrame], None]] = [stats.add, *also]
+        if "parquet" in formats:
+            parquet = stack.enter_context(GeoParquetStream(
+                out_dir / "nuclei.parquet", geo=parts.geo_metadata(), slide_id=slide_id,
+                metadata=metadata,
+            ))  # fmt: skip
+            sinks.append(lambda chunk: parquet.write(_non_geometry(chunk), _geometry(chunk)))
+        if "qupath" in formats:
+            qupath = stack.enter_context(QuPathStream(
+                out_dir / "nuclei.geojson.gz", slide_id=slide_id, type_table=type_table,
+                offset=offset,
+            ))  # fmt: skip
+            sinks.append(qupath.write)
+        for chunk in parts.chunks(row_group_size):
+            chunk = prepare(chunk) if prepare is not None else chunk
+            if not stats.count:  # the first row group shows the columns
+                check_columns(chunk.columns, slide_id)
+            for sink in sinks:
+                sink(chunk)
+    written = {name: out_dir / file for name, file in _FILES.items() if name in formats}
+    summary = stats.result(slide_id=slide_id, tissue_mm2=tissue_mm2, type_table=type_table)
+    written["stats"] = atomic_write_text(out_dir / "stats.json", json.dumps(summary, indent=1))
+    return written
+
+
+_FILES = {"parquet": "nuclei.parquet", "qupath": "nuclei.geojson.gz"}
+
+
+def _non_geometry(chunk: gpd.GeoDataFrame) -> Any:
+    return chunk[[c for c in chunk.columns if c != chunk.geometry.name]]
+
+
+def _geometry(chunk: gpd.GeoDataFrame) -> np.ndarray:
+    return np.asarray(chunk.geometry.values, dtype=object)
+
+
 def slide_stats(
     nuclei: gpd.GeoDataFrame,
     *,
@@ -108,29 +180,60 @@ def slide_stats(
     type_table: Any = None,
 ) -> dict[str, Any]:
     """Counts and densities per type (per mm² of tissue) and mean features of one slide."""
-    info = type_info(type_table)
-    types = nuclei["type"].to_numpy() if "type" in nuclei else np.zeros(len(nuclei), int)
-    counts: dict[str, int] = {}
-    for type_id in sorted(info):
-        if type_id != 0:
-            counts[info[type_id][0]] = 0
-    for type_id, n in zip(*np.unique(types, return_counts=True), strict=True):
-        name = UNCLASSIFIED if type_id == 0 else type_name_and_color(int(type_id), info)[0]
-        counts[name] = counts.get(name, 0) + int(n)
-    area = tissue_mm2 if tissue_mm2 and tissue_mm2 > 0 else None
-    means = {
-        column: _finite_or_none(float(np.nanmean(nuclei[column].to_numpy(dtype=float))))
-        for column in FEATURE_COLUMNS
-        if column in nuclei and nuclei[column].notna().any()
-    }
-    return {
-        "slide": slide_id,
-        "nuclei": len(nuclei),
-        "tissue_mm2": tissue_mm2,
-        "counts": counts,
-        "density_per_mm2": {k: (v / area if area else None) for k, v in counts.items()},
-        "means": means,
-    }
+    stats = SlideStats()
+    stats.add(nuclei)
+    return stats.result(slide_id=slide_id, tissue_mm2=tissue_mm2, type_table=type_table)
+
+
+class SlideStats:
+    """What :func:`slide_stats` reports, summed chunk by chunk: counts per type, and per feature
+    column the sum and count of its non-NaN values (a mean of one chunk is numpy's nanmean)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.type_counts: dict[int, int] = {}
+        self.sums: dict[str, float] = {}
+        self.finite: dict[str, int] = {}
+
+    def add(self, nuclei: gpd.GeoDataFrame) -> None:
+        self.count += len(nuclei)
+        types = nuclei["type"].to_numpy() if "type" in nuclei else np.zeros(len(nuclei), int)
+        for type_id, n in zip(*np.unique(types, return_counts=True), strict=True):
+            self.type_counts[int(type_id)] = self.type_counts.get(int(type_id), 0) + int(n)
+        for column in FEATURE_COLUMNS:
+            if column not in nuclei:
+                continue
+            values = nuclei[column].to_numpy(dtype=float)
+            present = ~np.isnan(values)
+            total = np.sum(np.where(present, values, 0.0))  # numpy's nanmean sums the same way
+            self.sums[column] = self.sums.get(column, 0.0) + total
+            self.finite[column] = self.finite.get(column, 0) + int(present.sum())
+
+    def result(
+        self, *, slide_id: str, tissue_mm2: float | None = None, type_table: Any = None
+    ) -> dict[str, Any]:
+        info = type_info(type_table)
+        counts: dict[str, int] = {}
+        for type_id in sorted(info):
+            if type_id != 0:
+                counts[info[type_id][0]] = 0
+        for type_id in sorted(self.type_counts):
+            name = UNCLASSIFIED if type_id == 0 else type_name_and_color(type_id, info)[0]
+            counts[name] = counts.get(name, 0) + self.type_counts[type_id]
+        area = tissue_mm2 if tissue_mm2 and tissue_mm2 > 0 else None
+        means = {
+            column: _finite_or_none(float(self.sums[column] / self.finite[column]))
+            for column in FEATURE_COLUMNS
+            if self.finite.get(column)
+        }
+        return {
+            "slide": slide_id,
+            "nuclei": self.count,
+            "tissue_mm2": tissue_mm2,
+            "counts": counts,
+            "density_per_mm2": {k: (v / area if area else None) for k, v in counts.items()},
+            "means": means,
+        }
 
 
 SummaryRow = tuple[dict[str, Any], Path | None]  # (flat CSV row, QC picture)

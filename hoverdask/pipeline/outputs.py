@@ -22,6 +22,7 @@ from hoverdask.pipeline.ledger import SlideLedger
 if TYPE_CHECKING:
     import geopandas as gpd
 
+    from hoverdask.export.parts import SlideParts
     from hoverdask.pipeline.plan import SlidePlan
     from hoverdask.pipeline.run import RunOptions
 
@@ -31,17 +32,18 @@ TISSUE_FILE = "tissue.npz"
 def finish_slide(
     plan: SlidePlan, table: gpd.GeoDataFrame, formats: tuple[str, ...], *, oversized: list[Any]
 ) -> dict[str, Any]:
-    """Order the slide's nuclei, write its files (Parquet, QuPath, stats, QC picture)."""
+    """Order the slide's nuclei, write its files (Parquet, QuPath, stats, QC picture).
+
+    The whole table in memory: :func:`finish_slide_parts` writes the same files from the parts.
+    """
     from hoverdask.export import write_qc_picture, write_slide_outputs
 
     table = table.sort_values("nucleus_id", kind="stable").reset_index(drop=True)
-    table["slide_id"] = pd_string(plan.slide_id, len(table))
-    front = [c for c in PIPELINE_COLUMNS if c in table.columns]
-    table = table[front + [c for c in table.columns if c not in front]]
+    table = slide_rows(table, plan.slide_id)
     written = write_slide_outputs(
         table, plan.slide_dir, slide_id=plan.slide_id, formats=formats,
         type_table=plan.type_table, tissue_mm2=plan.tissue_mm2, extent=plan.extent,
-        metadata={"mpp": plan.slide_mpp, "scale": plan.scale, "slide": plan.slide_path},
+        metadata=_file_metadata(plan),
     )
     files = {key: str(path) for key, path in written.items()}
     tissue = tissue_file(plan.ledger)
@@ -54,6 +56,53 @@ def finish_slide(
         files["qc"] = str(qc)
     return {"nuclei": len(table), "files": files,
             "counts": {"oversized_clusters": len(oversized)}}
+
+
+def finish_slide_parts(
+    plan: SlidePlan, parts: SlideParts, formats: tuple[str, ...], *, oversized: list[Any]
+) -> dict[str, Any]:
+    """:func:`finish_slide` from the slide's block parts, one row group in memory at a time.
+
+    ``parts`` comes from :func:`hoverdask.export.parts.index_parts` with the plan's extent. The
+    Parquet file, ``stats.json`` and ``qc.png`` are those of :func:`finish_slide`; the QuPath
+    file has the same features in the Parquet file's row order.
+    """
+    from hoverdask.export.qc import QcDots, write_qc_picture_dots
+    from hoverdask.export.summary import write_slide_outputs_from_parts
+
+    tissue = tissue_file(plan.ledger)
+    qc_inputs = None
+    if tissue.exists():
+        with np.load(tissue) as data:
+            qc_inputs = dict(data)
+    dots = None
+    if qc_inputs is not None:
+        dots = QcDots(qc_inputs["thumbnail"].shape[:2], median_area=parts.median_area,
+                      downsample=float(qc_inputs["thumbnail_downsample"]))
+    written = write_slide_outputs_from_parts(
+        parts, plan.slide_dir, slide_id=plan.slide_id, formats=formats,
+        type_table=plan.type_table, tissue_mm2=plan.tissue_mm2, metadata=_file_metadata(plan),
+        prepare=functools.partial(slide_rows, slide_id=plan.slide_id),
+        also=[dots.add] if dots is not None else [],
+    )
+    files = {key: str(path) for key, path in written.items()}
+    if qc_inputs is not None and dots is not None:
+        qc = write_qc_picture_dots(qc_inputs["thumbnail"], qc_inputs["mask"], dots,
+                                   Path(plan.slide_dir) / "qc.png", type_table=plan.type_table)
+        files["qc"] = str(qc)
+    return {"nuclei": len(parts), "files": files,
+            "counts": {"oversized_clusters": len(oversized)}}
+
+
+def slide_rows(table: gpd.GeoDataFrame, slide_id: str) -> gpd.GeoDataFrame:
+    """The slide's id on every row, the pipeline's columns first (rows as they are)."""
+    table["slide_id"] = pd_string(slide_id, len(table))
+    front = [c for c in PIPELINE_COLUMNS if c in table.columns]
+    return table[front + [c for c in table.columns if c not in front]]
+
+
+def _file_metadata(plan: SlidePlan) -> dict[str, Any]:
+    return {"mpp": plan.slide_mpp, "scale": plan.scale, "slide": plan.slide_path}
 
 
 def pd_string(value: str, n: int) -> Any:
