@@ -18,7 +18,7 @@ from test_features import TYPES, synthetic_block
 from typer.testing import CliRunner
 
 from hoverdask.cli import app
-from hoverdask.export import write_geoparquet, write_qc_picture, write_slide_outputs
+from hoverdask.export import summary, write_geoparquet, write_qc_picture, write_slide_outputs
 from hoverdask.export.parts import index_parts
 from hoverdask.export.qc import QcDots, write_qc_picture_dots
 from hoverdask.export.summary import write_slide_outputs_from_parts
@@ -80,8 +80,12 @@ def _features(path: Path) -> list[dict]:
         return json.load(stream)["features"]
 
 
-@pytest.mark.parametrize("row_group_size", [100_000, 70])
-def test_parquet_qupath_and_stats_equal_the_whole_table_files(measured, tmp_path, row_group_size):
+@pytest.mark.parametrize(("row_group_size", "gather_rows"), [(100_000, 10_000), (70, 16)])
+def test_parquet_qupath_and_stats_equal_the_whole_table_files(
+    measured, tmp_path, monkeypatch, row_group_size, gather_rows
+):
+    """Row groups made of several gathered chunks, and chunks cut across row groups."""
+    monkeypatch.setattr(summary, "GATHER_ROWS", gather_rows)
     paths = _write_parts(measured, tmp_path)
     whole = _whole_table(paths, "S-1")
     old, new = tmp_path / "old", tmp_path / "new"

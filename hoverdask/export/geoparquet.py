@@ -70,6 +70,7 @@ def write_geoparquet(
     )
     columns = [c for c in nuclei.columns if c != nuclei.geometry.name]
     with GeoParquetStream(path, geo=geo, slide_id=slide_id, metadata=metadata,
+                          row_group_size=row_group_size,
                           compression_level=compression_level) as stream:  # fmt: skip
         for start in range(0, max(len(order), 1), row_group_size):
             rows = order[start : start + row_group_size]
@@ -88,10 +89,12 @@ def check_columns(columns: Any, slide_id: str | None) -> None:
 
 
 class GeoParquetStream:
-    """A GeoParquet file written one row group per :meth:`write` (temp name, renamed on success).
+    """A GeoParquet file written from row chunks of any size (temp name, renamed on success).
 
-    The ``geo`` metadata (geometry types, file bbox) goes into the schema before the first row
-    group, so callers that stream a slide compute it from a first, cheap pass over their parts.
+    Chunks are converted to Arrow as they come and written as row groups of ``row_group_size``
+    rows, so a caller streaming a slide holds one row group in Arrow form, not in pandas. The
+    ``geo`` metadata (geometry types, file bbox) is in the schema before the first row group:
+    callers that stream a slide compute it in a first, cheap pass over their parts.
     """
 
     def __init__(
@@ -101,10 +104,12 @@ class GeoParquetStream:
         geo: dict[str, Any],
         slide_id: str | None = None,
         metadata: dict[str, Any] | None = None,
+        row_group_size: int = ROW_GROUP_SIZE,
         compression_level: int = 6,
     ) -> None:
         self.path = Path(path)
         self.slide_id = slide_id
+        self.row_group_size = row_group_size
         self.compression_level = compression_level
         self.file_metadata = {
             b"geo": json.dumps(geo).encode(),
@@ -118,13 +123,15 @@ class GeoParquetStream:
         self._stack = ExitStack()
         self._tmp: Path | None = None
         self._writer: pq.ParquetWriter | None = None
+        self._pending: list[pa.Table] = []
+        self._pending_rows = 0
 
     def __enter__(self) -> Self:
         self._tmp = self._stack.enter_context(atomic_path(self.path))
         return self
 
     def write(self, frame: Any, geometry: np.ndarray) -> None:
-        """One row group: ``frame``'s columns (no geometry) and ``geometry`` (shapely array)."""
+        """Append rows: ``frame``'s columns (no geometry) and ``geometry`` (shapely array)."""
         table = _arrow_chunk(frame, geometry, self.slide_id)
         if self._writer is None:
             self._writer = pq.ParquetWriter(
@@ -132,9 +139,25 @@ class GeoParquetStream:
                 compression_level=self.compression_level,
             )  # fmt: skip
             self._stack.callback(self._writer.close)  # before the rename: the footer goes first
-        self._writer.write_table(table.cast(self._writer.schema), row_group_size=max(len(table), 1))
+        self._pending.append(table.cast(self._writer.schema))
+        self._pending_rows += len(table)
+        while self._pending_rows >= self.row_group_size:
+            self._write_row_group(self.row_group_size)
+
+    def _write_row_group(self, rows: int) -> None:
+        assert self._writer is not None
+        pending = pa.concat_tables(self._pending)
+        self._writer.write_table(pending.slice(0, rows), row_group_size=max(rows, 1))
+        rest = pending.slice(rows)
+        self._pending, self._pending_rows = ([rest] if len(rest) else []), len(rest)
 
     def __exit__(self, *exc: object) -> bool | None:
+        if exc[0] is None and self._pending:  # the last, partial row group
+            try:
+                self._write_row_group(self._pending_rows)
+            except BaseException as error:
+                self._stack.__exit__(type(error), error, error.__traceback__)
+                raise
         return self._stack.__exit__(*exc)
 
 

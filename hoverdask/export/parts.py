@@ -27,7 +27,7 @@ import shapely
 from hoverdask.export.geoparquet import ROW_GROUP_SIZE, geo_metadata, hilbert_distances
 
 GEOMETRY = "geometry"
-CACHE_ROWS = ROW_GROUP_SIZE
+CACHE_ROWS = 30_000  # a few blocks around the rows being gathered
 
 
 @dataclass(frozen=True)
@@ -53,16 +53,7 @@ class SlideParts:
         """The table in file order, ``size`` rows at a time, as the whole table's rows would be."""
         cache = _PartCache(self.paths, cache_rows)
         for start in range(0, len(self), size):
-            part = self.part[start : start + size]
-            row = self.row[start : start + size]
-            pieces, positions = [], []
-            for index in np.unique(part):
-                here = np.flatnonzero(part == index)
-                pieces.append(cache.get(int(index)).take(pa.array(row[here])))
-                positions.append(here)
-            gathered = pa.concat_tables(pieces)
-            in_file_order = np.argsort(np.concatenate(positions), kind="stable")
-            yield _to_geodataframe(gathered.take(pa.array(in_file_order)))
+            yield _gather(cache, self.part[start : start + size], self.row[start : start + size])
 
 
 def index_parts(
@@ -142,6 +133,17 @@ class _PartCache:
         while len(self.tables) > 1 and sum(t.num_rows for t in self.tables.values()) > self.max_rows:
             self.tables.popitem(last=False)
         return table
+
+
+def _gather(cache: _PartCache, part: np.ndarray, row: np.ndarray) -> gpd.GeoDataFrame:
+    """Rows ``row`` of parts ``part`` in the given order (a function: its temporaries go)."""
+    pieces, positions = [], []
+    for index in np.unique(part):
+        here = np.flatnonzero(part == index)
+        pieces.append(cache.get(int(index)).take(pa.array(row[here])))
+        positions.append(here)
+    in_order = np.argsort(np.concatenate(positions), kind="stable")
+    return _to_geodataframe(pa.concat_tables(pieces).take(pa.array(in_order)))
 
 
 def _to_geodataframe(table: pa.Table) -> gpd.GeoDataFrame:

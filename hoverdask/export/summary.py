@@ -46,6 +46,7 @@ from hoverdask.features import FEATURE_COLUMNS, type_info, type_name_and_color
 FORMATS = ("parquet", "qupath")
 PIPELINE_COLUMNS = ("slide", "status", "nuclei", "seconds", "error")
 UNCLASSIFIED = "unclassified"
+GATHER_ROWS = 10_000  # rows of a slide in pandas/shapely form at a time when streaming
 
 
 class OutputFormatError(HoverdaskError):
@@ -140,7 +141,7 @@ def write_slide_outputs_from_parts(
         if "parquet" in formats:
             parquet = stack.enter_context(GeoParquetStream(
                 out_dir / "nuclei.parquet", geo=parts.geo_metadata(), slide_id=slide_id,
-                metadata=metadata,
+                metadata=metadata, row_group_size=row_group_size,
             ))  # fmt: skip
             sinks.append(lambda chunk: parquet.write(_non_geometry(chunk), _geometry(chunk)))
         if "qupath" in formats:
@@ -149,7 +150,7 @@ def write_slide_outputs_from_parts(
                 offset=offset,
             ))  # fmt: skip
             sinks.append(qupath.write)
-        for chunk in parts.chunks(row_group_size):
+        for chunk in parts.chunks(GATHER_ROWS):
             chunk = prepare(chunk) if prepare is not None else chunk
             if not stats.count:  # the first row group shows the columns
                 check_columns(chunk.columns, slide_id)
