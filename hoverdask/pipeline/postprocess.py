@@ -220,16 +220,25 @@ def _concat(tables: list[gpd.GeoDataFrame]) -> gpd.GeoDataFrame:
 
 
 def assemble_slide(plan: SlidePlan, finish: SlideFinish, refit: dict[str, Any]) -> dict[str, Any]:
-    """The slide's last task: concatenate the block parts, write its files and ``run.json``.
+    """The slide's last task: write its files from the block parts, then ``run.json``.
 
-    ``run.json`` is written last (it marks the slide finished), then the work folder goes
-    unless the run keeps it. All of it runs on a worker, so the client only keeps the score.
+    The files are written one row group at a time from the parts (memory does not grow with
+    the slide); only a slide without nuclei, or with parts whose columns differ, is
+    concatenated into one table first (same files). ``run.json`` is written last (it marks the
+    slide finished), then the work folder goes unless the run keeps it. All of it runs on a
+    worker, so the client only keeps the score.
     """
-    from hoverdask.pipeline.outputs import finish_slide, write_run_record
+    from hoverdask.export.parts import index_parts
+    from hoverdask.pipeline.outputs import finish_slide, finish_slide_parts, write_run_record
 
-    tables = [_read_part(Path(p)) for p in refit["parts"]]
-    table = _concat(tables)
-    outcome = finish_slide(plan, table, finish.options.formats, oversized=refit["oversized"])
+    paths = [Path(p) for p in refit["parts"]]
+    formats, oversized = finish.options.formats, refit["oversized"]
+    parts = index_parts(paths, extent=plan.extent)
+    if parts is not None:
+        outcome = finish_slide_parts(plan, parts, formats, oversized=oversized)
+    else:
+        table = _concat([_read_part(p) for p in paths])
+        outcome = finish_slide(plan, table, formats, oversized=oversized)
     outcome["timings_s"] = {**tile_timings(plan), **refit.get("timings_s", {})}
     outcome["inference_busy_fraction"] = inference_busy_fraction(plan, finish.started_at)
     write_run_record(plan, finish.model, finish.options, outcome,
