@@ -234,8 +234,9 @@ def _fixed_point_rings(
     pixel[:, 0] = (ring[:, 0] - origin[0]) / scale - 0.5
     pixel[:, 1] = (ring[:, 1] - origin[1]) / scale - 0.5
     points = np.round(pixel * float(1 << _SUBPIXEL_BITS)).astype(np.int32)
-    cuts = np.flatnonzero(np.diff(owner)) + 1
-    return dict(zip(simple.tolist(), np.split(points, cuts), strict=True))
+    bounds = [0, *(np.flatnonzero(np.diff(owner)) + 1).tolist(), len(points)]
+    rings = [points[lo:hi] for lo, hi in itertools.pairwise(bounds)]
+    return dict(zip(simple.tolist(), rings, strict=True))
 
 
 def _relabel(labels: np.ndarray, label_ids: np.ndarray) -> np.ndarray:
@@ -374,18 +375,22 @@ def _border_mask(label_map: np.ndarray) -> np.ndarray:
 
 
 def _perimeter(label_map: np.ndarray, border: np.ndarray, size: int) -> np.ndarray:
-    """skimage's 4-connectivity perimeter estimate, per label."""
-    border_labels = np.where(border, label_map, 0)
-    padded = np.pad(border_labels, 1)
-    centre = padded[1:-1, 1:-1]
-    height, width = label_map.shape
-    code = border.astype(np.int64)
+    """skimage's 4-connectivity perimeter estimate, per label.
+
+    Each border pixel's neighbour code counts the 8 neighbours that are border pixels of the
+    same label, read at the border pixels only (flat offsets into a padded copy).
+    """
+    width = label_map.shape[1]
+    border_labels = np.pad(np.where(border, label_map, 0), 1)
+    rr, cc = np.nonzero(border)
+    at = (rr + 1) * (width + 2) + (cc + 1)
+    flat = border_labels.ravel()
+    own = flat[at]
+    code = np.ones(at.size, dtype=np.int64)
     for dr, dc, weight in _NEIGHBOUR_CODES:
-        neighbour = padded[1 + dr : 1 + dr + height, 1 + dc : 1 + dc + width]
-        code += weight * ((neighbour == centre) & border)
-    sel = border.ravel()
-    weights = _PERIMETER_WEIGHTS[code.ravel()[sel]]
-    return np.bincount(label_map.ravel()[sel], weights=weights, minlength=size)[1:]
+        code += weight * (flat[at + dr * (width + 2) + dc] == own)
+    weights = _PERIMETER_WEIGHTS[code]
+    return np.bincount(own, weights=weights, minlength=size)[1:]
 
 
 def _convex_area(

@@ -200,10 +200,13 @@ def measured_table(plan: SlidePlan, records: list[Any], box: Box) -> gpd.GeoData
     if not len(table):
         return table
     from hoverdask.features import measure
-    from hoverdask.pipeline.tasks import read_rgb
+    from hoverdask.pipeline.tasks import processing_view
 
+    # the box's pixels as one slice (``read_rgb`` gathers arbitrary rows and columns: a copy)
     y0, x0, y1, x1 = box
-    image = read_rgb(plan.source, np.arange(y0, y1), np.arange(x0, x1))
+    r0, c0 = plan.source.origin
+    view = processing_view(plan.source).array[r0 + y0 : r0 + y1, c0 + x0 : c0 + x1, :3]
+    image = np.ascontiguousarray(view.compute(scheduler="synchronous"))
     origin = ((x0 + ox) * plan.scale, (y0 + oy) * plan.scale)
     return measure(table, image, plan.slide_mpp, origin=origin, scale=plan.scale,
                    type_table=plan.type_table)

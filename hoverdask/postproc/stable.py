@@ -205,23 +205,19 @@ def find_clusters(
     first = np.full(count + 1, index.size, dtype=np.int64)
     np.minimum.at(first, label_of, np.arange(index.size))
     oy, ox = origin
-    clusters = []
-    for i, box in enumerate(ndimage.find_objects(labels)):
-        label = i + 1
-        rows_s, cols_s = box
-        anchor = first[label]
-        clusters.append(
-            Cluster(
-                label=label,
-                box=(oy + rows_s.start, ox + cols_s.start, oy + rows_s.stop, ox + cols_s.stop),
-                anchor=(oy + int(rows[anchor]), ox + int(cols[anchor])),
-                centroid=(
-                    oy + int(sum_y[label] // n_px[label]),
-                    ox + int(sum_x[label] // n_px[label]),
-                ),
-            )
+    slices = ndimage.find_objects(labels)
+    boxes = np.array([(b[0].start, b[1].start, b[0].stop, b[1].stop) for b in slices])
+    boxes = boxes.reshape(-1, 4) + np.array([oy, ox, oy, ox])
+    first = first[1:]
+    anchors = np.stack([rows[first] + oy, cols[first] + ox], axis=1)
+    centroids = np.stack([sum_y[1:] // n_px[1:] + oy, sum_x[1:] // n_px[1:] + ox], axis=1)
+    clusters = tuple(
+        Cluster(label=label, box=tuple(box), anchor=tuple(anchor), centroid=tuple(centroid))
+        for label, box, anchor, centroid in zip(
+            range(1, count + 1), boxes.tolist(), anchors.tolist(), centroids.tolist(), strict=True
         )
-    return labels, tuple(clusters)
+    )
+    return labels, clusters
 
 
 @dataclass(frozen=True)
