@@ -226,6 +226,9 @@ def test_parts_that_cannot_be_streamed_are_reported(measured, tmp_path):
     first = tmp_path / "first.parquet"
     measured.iloc[5:9].to_parquet(first, index=False)
     assert index_parts([first, other]) is None  # columns differ: concatenation aligns them
+    no_ids = tmp_path / "no_ids.parquet"
+    measured.iloc[:3].drop(columns=["nucleus_id"]).to_parquet(no_ids, index=False)
+    assert index_parts([no_ids]) is None  # the whole-table writer explains what is missing
     parts = index_parts([empty, first, empty])
     assert parts is not None
     assert len(parts) == 4

@@ -63,8 +63,9 @@ def index_parts(
 ) -> SlideParts | None:
     """Order the rows of the parts as the whole-table writers would (``extent`` as theirs).
 
-    Returns None when only the whole table can reproduce the files: no nuclei at all, or parts
-    whose columns differ (concatenating them would align and upcast columns).
+    Returns None when only the whole table can reproduce the files: no nuclei at all, parts
+    whose columns differ (concatenating them would align and upcast columns) or that lack the
+    geometry or ``nucleus_id`` (the whole-table writers say what is wrong).
     """
     paths = tuple(Path(p) for p in paths)
     lengths = np.array([pq.ParquetFile(p).metadata.num_rows for p in paths], dtype=np.int64)
@@ -85,6 +86,8 @@ def index_parts(
             distances.append(hilbert_distances(geometry, extent))
     if extent is None:  # the curve spans the data: a second pass once the bounds are known
         distances = [hilbert_distances(_geometry(path), tuple(bounds)) for path in used]
+    median_area = float(np.median(np.concatenate(areas)))  # the QC picture's dot size
+    del areas
     # stable sorts by nucleus_id, then distance == lexsort (ties keep the concatenation order)
     order = np.lexsort((np.concatenate(ids), np.concatenate(distances)))
     del ids, distances
@@ -97,7 +100,7 @@ def index_parts(
         row=row,
         geometry_types=frozenset(geometry_types),
         bounds=tuple(float(v) for v in bounds),  # type: ignore[arg-type]
-        median_area=float(np.median(np.concatenate(areas))),
+        median_area=median_area,
     )
 
 
@@ -113,7 +116,8 @@ def _union_bounds(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def _same_columns(paths: Sequence[Path]) -> bool:
     schemas = [pq.read_schema(p).remove_metadata() for p in paths]
     first = schemas[0]
-    return GEOMETRY in first.names and all(s.equals(first) for s in schemas[1:])
+    keys = {GEOMETRY, "nucleus_id"} <= set(first.names)  # else the writers' own errors
+    return keys and all(s.equals(first) for s in schemas[1:])
 
 
 class _PartCache:
