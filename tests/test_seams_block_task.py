@@ -272,7 +272,7 @@ def test_pipeline_tasks_equal_the_pure_composition(tmp_path) -> None:
 
 
 def test_ownership_shortcut_equals_the_reporter_rule() -> None:
-    from hoverdask.postproc.stable import window_clusters
+    from hoverdask.postproc.stable import window_foreground
 
     maps = synthetic_pred_map(600, 600, NR_TYPES, seed=9)
     checked = owned = 0
@@ -280,8 +280,8 @@ def test_ownership_shortcut_equals_the_reporter_rule() -> None:
         grid = seams.BlockGrid(600, 600, chunk, halo)
         for block in grid.blocks():
             box = grid.window(*block)
-            _, clusters = window_clusters(maps[box[0] : box[2], box[1] : box[3]], box[:2])
-            for cluster in clusters:
+            foreground = window_foreground(maps[box[0] : box[2], box[1] : box[3], 1], box[:2])
+            for cluster in foreground.clusters:
                 if grid.can_decide(box, cluster.box):
                     mine = seams._reported_by(grid, cluster, block)
                     assert mine == (grid.reporter(cluster) == block)

@@ -42,7 +42,7 @@ from hoverdask.postproc.stable import (
     segment_window,
     sobel_responses,
     value_range,
-    window_clusters,
+    window_foreground,
     window_nuclei,
 )
 
@@ -183,14 +183,15 @@ def block_nuclei(
 
     Which clusters the block owns needs only the foreground of the whole window; the rest of the
     reference steps run on the part of the window that holds the owned clusters with
-    :data:`CONTEXT_MARGIN` to spare (about the core, instead of core plus halo). That part is a
-    window in which every owned cluster is decided exactly, so its nuclei are the same ones.
+    :data:`CONTEXT_MARGIN` to spare (about the core, instead of core plus halo), reusing that
+    foreground: exact for the owned clusters (see ``segment_window``).
     """
-    clusters_map, clusters = window_clusters(window, window_box[:2])
+    foreground = window_foreground(window[..., -3], window_box[:2])
+    clusters_map = foreground.clusters_map
     in_core = set(np.unique(clusters_map[_slices(grid.core(*block), window_box[:2])]).tolist())
     out = BlockNuclei()
     owned = []
-    for cluster in clusters:
+    for cluster in foreground.clusters:
         if grid.can_decide(window_box, cluster.box):
             if _reported_by(grid, cluster, block):
                 owned.append(cluster)
@@ -199,12 +200,9 @@ def block_nuclei(
     if not owned:
         return out
     part = _intersection(grid.grow(_union([c.box for c in owned]), CONTEXT_MARGIN), window_box)
-    seg = segment_window(window[_slices(part, window_box[:2])], part[:2], ranges, nr_types)
-    wanted = {(c.box, c.anchor) for c in owned}
-    found = [c for c in seg.clusters if (c.box, c.anchor) in wanted]
-    if len(found) != len(owned):
-        raise RuntimeError(f"block {block}: owned clusters changed on the part {part} of the window")
-    out.records, out.seed_ties = window_nuclei(seg, found, grid.width)
+    seg = segment_window(window[_slices(part, window_box[:2])], part[:2], ranges, nr_types,
+                         foreground)  # fmt: skip
+    out.records, out.seed_ties = window_nuclei(seg, owned, grid.width)
     return out
 
 

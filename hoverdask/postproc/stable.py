@@ -144,31 +144,58 @@ class WindowSegmentation:
     type_map: np.ndarray | None
 
 
+@dataclass(frozen=True)
+class WindowForeground:
+    """The foreground of a window and its clusters (the first steps of :func:`segment_window`)."""
+
+    origin: tuple[int, int]
+    blb: np.ndarray
+    clusters_map: np.ndarray
+    clusters: tuple[Cluster, ...]
+
+
+def window_foreground(np_prob: np.ndarray, origin: tuple[int, int]) -> WindowForeground:
+    """``blb`` and :func:`find_clusters` of a window's np map (the channel third from last in
+    both map layouts), compared in float32 as ``split_channels`` hands it to the reference."""
+    blb = foreground_mask(np.asarray(np_prob, dtype=np.float32))
+    return WindowForeground(origin, blb, *find_clusters(blb, origin))
+
+
 def segment_window(
-    window: np.ndarray, origin: tuple[int, int], ranges: NormRanges, nr_types: int | None
+    window: np.ndarray,
+    origin: tuple[int, int],
+    ranges: NormRanges,
+    nr_types: int | None,
+    foreground: WindowForeground | None = None,
 ) -> WindowSegmentation:
     """Run the reference steps up to the markers on one window of the maps.
 
     ``window`` is ``(h, w, 4)`` ``[tp, np, h, v]`` or ``(h, w, 3)`` ``[np, h, v]``; with
     ``nr_types`` None a tp channel, if present, is ignored.
+
+    ``foreground``, that of a larger window holding this one, is cropped instead of being found
+    again. That is exact for every cluster of it that lies :data:`CONTEXT_MARGIN` px inside this
+    window's edges (other than slide edges), the only ones a caller may use: the energy there is
+    exact, and the markers of such a cluster depend only on its own pixels (an opened pixel's
+    5x5 ellipse lies in the hole-filled core, hence in the pixel's cluster; a core hole touching
+    a cluster either reaches the window's edge, and so this one's, or lies inside the cluster).
     """
     if nr_types is None and window.shape[-1] == 4:
         window = window[..., 1:]
     type_map, np_prob, h, v = split_channels(window, nr_types)
-    blb = foreground_mask(np_prob)
+    if foreground is None:
+        foreground = window_foreground(np_prob, origin)
+        blb, clusters_map = foreground.blb, foreground.clusters_map
+    else:
+        top, left = origin[0] - foreground.origin[0], origin[1] - foreground.origin[1]
+        inside = slice(top, top + window.shape[0]), slice(left, left + window.shape[1])
+        blb, clusters_map = foreground.blb[inside], foreground.clusters_map[inside]
     overall = energy_with_ranges(h, v, blb, ranges)
     dist = watershed_surface(overall, blb)
     marker = window_markers(overall, blb)
-    clusters_map, clusters = find_clusters(blb, origin)
-    return WindowSegmentation(origin, blb, dist, marker, clusters_map, clusters, type_map)
-
-
-def window_clusters(
-    window: np.ndarray, origin: tuple[int, int]
-) -> tuple[np.ndarray, tuple[Cluster, ...]]:
-    """:func:`find_clusters` of a window's foreground: the first steps of :func:`segment_window`
-    (its np channel is third from last in both layouts)."""
-    return find_clusters(foreground_mask(np.asarray(window[..., -3], dtype=np.float32)), origin)
+    return WindowSegmentation(
+        origin, blb, dist, marker, clusters_map, foreground.clusters, type_map
+    )
 
 
 def window_markers(overall: np.ndarray, blb: np.ndarray) -> np.ndarray:
