@@ -188,14 +188,15 @@ def block_nuclei(
     """
     foreground = window_foreground(window[..., -3], window_box[:2])
     clusters_map = foreground.clusters_map
-    in_core = set(np.unique(clusters_map[_slices(grid.core(*block), window_box[:2])]).tolist())
+    core = clusters_map[_slices(grid.core(*block), window_box[:2])]
+    in_core = np.bincount(core.ravel(), minlength=len(foreground.clusters) + 1) > 0
     out = BlockNuclei()
     owned = []
     for cluster in foreground.clusters:
         if grid.can_decide(window_box, cluster.box):
             if _reported_by(grid, cluster, block):
                 owned.append(cluster)
-        elif cluster.label in in_core:
+        elif in_core[cluster.label]:
             out.fragments.append(cluster.box)
     if not owned:
         return out

@@ -342,6 +342,7 @@ def flooded_nuclei(
     votes = None
     if seg.type_map is not None:
         votes = vote_types(type_votes(flooded, seg.type_map))
+    area = np.bincount(flooded.ravel())
     records = []
     for index, box in enumerate(ndimage.find_objects(flooded)):
         if box is None:
@@ -358,7 +359,7 @@ def flooded_nuclei(
                 nucleus_id=y0 * slide_width + x0 + int(np.argmax(mask[0])),
                 centroid=(float(record["centroid"][0]), float(record["centroid"][1])),
                 contour=record["contour"],
-                area_px=int(mask.sum()),
+                area_px=int(area[label]),
                 type=int(votes[0][label]) if votes else 0,
                 type_prob=float(votes[1][label]) if votes else float("nan"),
             )
