@@ -14,7 +14,7 @@ pipeline's default 1968 px tile is 12 x 12), through ``PatchPredictor.predict_ti
 pipeline calls it. Variants, timed in turns and best of --rounds: ``sequential`` (predict_patches
 batch by batch, as before the staged runner), ``staged x1`` (pinned buffers and side streams, one
 batch in flight: no overlap) and ``staged x2`` (batch i+1 uploaded while batch i computes);
---compile adds ``compiled x2`` and prints its start-up (first tile minus a steady tile). For each
+--compile adds ``compiled x2`` and prints its first (compiling) and a steady tile's seconds. For each
 precision the batch size that "auto" picks is printed and timed too. Needs CUDA.
 """
 
@@ -46,7 +46,7 @@ PRECISIONS = {"fp32": None, "bfloat16": torch.bfloat16, "float16": torch.float16
 def drift_report(checkpoint: Path | None) -> None:
     print("== precision drift vs fp32 on CUDA (parity fixture inputs) ==")
     print(f"{'network':<16}{'dtype':<10}{'np max':>9}{'np mean':>10}{'hv max':>9}{'hv mean':>10}"
-          f"{'tp max':>9}{'tp mean':>10}{'np flip':>9}{'tp flip':>9}")
+          f"{'tp max':>9}{'tp mean':>10}{'np flip':>9}{'tp flip':>9}{'inf/nan':>9}")
     networks: dict[str, tuple[torch.nn.Module, str]] = {}
     if checkpoint is not None:
         model = load_model(checkpoint, "cuda")
@@ -69,7 +69,7 @@ def drift_report(checkpoint: Path | None) -> None:
                   else f"{'-':>9}{'-':>10}")
             tp_flip = f"{d.tp_changed:>9.3%}" if d.tp_changed is not None else f"{'-':>9}"
             print(f"{name:<16}{dtype:<10}{d.np_max:>9.4f}{d.np_mean:>10.5f}{d.hv_max:>9.4f}"
-                  f"{d.hv_mean:>10.5f}{tp}{d.np_changed:>9.3%}{tp_flip}")
+                  f"{d.hv_mean:>10.5f}{tp}{d.np_changed:>9.3%}{tp_flip}{d.nonfinite:>9}")
 
 
 def timed(run: Callable[[], object]) -> float:
@@ -92,11 +92,14 @@ def throughput(args: argparse.Namespace) -> None:
     print(f"{'precision':<10}{'batch':>7}  {'variant':<13}{'patches/s':>10}{'peak GiB':>10}")
     for label, dtype in PRECISIONS.items():
         runner = StagedPatchRunner(model, "cuda", dtype=dtype)
+        # one compiled runner per precision: later batch sizes show what recompiling costs
+        compiled = (StagedPatchRunner(model, "cuda", dtype=dtype, compile=True)
+                    if args.compile else None)
         auto = runner.auto_batch_size(geometry.input)
         print(f"{label:<10}auto batch size: {auto}")
         batches = sorted({*args.batches, auto})
         for batch in batches:
-            variants = _variants(model, dtype, label, batch, runner, args.compile)
+            variants = _variants(model, dtype, label, batch, runner, compiled)
             best = dict.fromkeys(variants, float("inf"))
             peaks: dict[str, float] = {}
             for name, predictor in variants.items():  # warm-up, compile, peak memory
@@ -105,7 +108,8 @@ def throughput(args: argparse.Namespace) -> None:
                 peaks[name] = torch.cuda.max_memory_allocated() / 2**30
                 if name.startswith("compiled"):
                     steady = timed(lambda p=predictor: p.predict_tile(window, (0, 0)))
-                    print(f"{label:<10}{batch:>7}  {name:<13}start-up {first - steady:.1f} s")
+                    print(f"{label:<10}{batch:>7}  {name:<13}first tile {first:.1f} s, "
+                          f"then {steady:.2f} s")
             for _ in range(args.rounds):
                 for name, predictor in variants.items():
                     best[name] = min(best[name],
@@ -122,7 +126,7 @@ def _variants(
     label: str,
     batch: int,
     runner: StagedPatchRunner,
-    compile_too: bool,
+    compiled: StagedPatchRunner | None,
 ) -> dict[str, PatchPredictor]:
     geometry = patch_geometry(model.mode)
     make = functools.partial(PatchPredictor, margin=geometry.margin, output=geometry.output,
@@ -135,8 +139,7 @@ def _variants(
         "staged x1": make(runner, in_flight=1),
         "staged x2": make(runner, in_flight=2),
     }
-    if compile_too:
-        compiled = StagedPatchRunner(model, "cuda", dtype=dtype, compile=True)
+    if compiled is not None:
         variants["compiled x2"] = make(compiled, in_flight=2)
     return variants
 

@@ -108,6 +108,10 @@ def test_compare_heads_on_known_differences() -> None:
     assert (drift.hv_max, drift.hv_mean) == (0.25, 0.25)
     assert (drift.tp_max, drift.tp_mean) == pytest.approx((0.25, 0.125))
     assert drift.tp_changed == 0.5
+    assert drift.nonfinite == 0
+    reduced["hv"][0, 0, 0, 0] = np.inf
+    reduced["np"][0, 0, 0] = np.nan
+    assert compare_heads(reference, reduced, dtype="float16", device="cpu").nonfinite == 2
     untyped = compare_heads({k: reference[k] for k in ("np", "hv")},
                             {k: reduced[k] for k in ("np", "hv")}, dtype="float16", device="cpu")
     assert untyped.tp_max is untyped.tp_changed is None
@@ -119,6 +123,7 @@ def test_cpu_bfloat16_drift_on_the_parity_inputs_is_small_but_real() -> None:
     drift = precision_drift(model, patches, device="cpu", dtype="bfloat16")
     print(drift)
     assert drift.pixels == 164 * 164
+    assert drift.nonfinite == 0
     assert 0 < drift.np_mean < drift.np_max < 0.25
     assert 0 < drift.hv_mean < drift.hv_max < 0.25
     assert 0 < drift.tp_mean < drift.tp_max < 0.25
@@ -152,7 +157,8 @@ def test_staged_runner_on_cuda_equals_predict_patches(dtype: torch.dtype | None)
         predict_patches(model, patches[:4], autocast=dtype is not None, autocast_dtype=name),
         predict_patches(model, patches[4:], autocast=dtype is not None, autocast_dtype=name),
     ])
-    np.testing.assert_allclose(got[..., 1:], expected[..., 1:], atol=1e-5)
+    # a stream ordering fault gives stale or unfinished maps: far beyond these tolerances
+    np.testing.assert_allclose(got[..., 1:], expected[..., 1:], atol=1e-4 if dtype is None else 2e-3)
     assert (got[..., 0] != expected[..., 0]).mean() < 1e-3  # argmax ties may fall either way
     assert all(b.is_pinned() for b in runner.inputs.free + runner.outputs.free)
 
@@ -165,3 +171,17 @@ def test_auto_batch_size_on_cuda_fits_the_free_memory() -> None:
     assert 1 <= batch <= 512
     patches = np.zeros((batch, 256, 256, 3), np.uint8)
     assert runner.collect(runner.submit(patches)).shape == (batch, 164, 164, 4)  # it fits
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_cuda_drift_on_the_parity_inputs_is_small_but_real(dtype: str) -> None:
+    model = parity_model("original_t5").cuda()
+    drift = precision_drift(model, np.load(PARITY / "input_original_270.npy"), device="cuda",
+                            dtype=dtype)
+    print(drift)
+    assert 0 < drift.np_mean < drift.np_max < 0.25
+    assert 0 < drift.hv_mean < drift.hv_max < 0.25
+    assert drift.np_changed < 0.01
+    assert drift.tp_changed is not None
+    assert drift.tp_changed < 0.02

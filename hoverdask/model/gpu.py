@@ -293,7 +293,8 @@ class PrecisionDrift:
 
     ``*_max``/``*_mean`` are |difference| of the np foreground probability, the raw hv maps and the
     tp class probabilities; ``*_changed`` the fraction of pixels whose np >= 0.5 decision or tp
-    argmax differs. The tp fields are None for a network without a type branch.
+    argmax differs; ``nonfinite`` counts reduced-precision values that are inf or NaN (float16
+    overflow). The tp fields are None for a network without a type branch.
     """
 
     dtype: str
@@ -307,6 +308,7 @@ class PrecisionDrift:
     tp_max: float | None = None
     tp_mean: float | None = None
     tp_changed: float | None = None
+    nonfinite: int = 0
 
 
 def head_probabilities(logits: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
@@ -334,6 +336,7 @@ def compare_heads(
         np_max=float(diff["np"].max()), np_mean=float(diff["np"].mean()),
         hv_max=float(diff["hv"].max()), hv_mean=float(diff["hv"].mean()),
         np_changed=float(np_flips.mean()), **typed,
+        nonfinite=sum(int((~np.isfinite(value)).sum()) for value in reduced.values()),
     )
 
 
