@@ -1,17 +1,22 @@
 """HoVer-Net network throughput on this machine: every layout/batch tried, and the best.
 
     python benchmarks/model_throughput.py [--device cpu|cuda|auto] [--seconds 20]
-    python benchmarks/model_throughput.py --variants [--rounds 3] [--batch 1] [--jit]
+    python benchmarks/model_throughput.py --variants [--rounds 3] [--batch 1] [--jit] [--compile]
+                                          [--pair]
 
 Prints the analytic GFLOP per patch of each layout, each timed variant, the best GFLOP/s,
 output megapixels/s and the utilisation of the large-matmul peak measured in the same run.
 
-``--variants`` compares, on CPU, what ``predict_patches`` runs (channels_last, layout-preserving
-upsampling, all cores) with the alternatives: BatchNorm folded into the convolutions, the
-reference upsampling (also in the default layout), one thread, oneDNN off,
-and with ``--jit`` a frozen TorchScript trace (its start-up is printed). The variants are timed
-in turns, ``--rounds`` times, and the best of each is kept, so that changes in machine load
-hit all of them alike; the matmul peak is measured in every round.
+``--variants`` compares, on CPU, what ``predict_patches`` runs (the fused form of
+:mod:`hoverdask.model.fused`, all cores) with the alternatives: the inference copy used before it
+(channels_last, layout-preserving upsampling), that copy with BatchNorm folded by
+``fuse_conv_bn_eval``, the reference upsampling (also in the default layout), one thread, oneDNN
+off, with ``--jit`` a frozen TorchScript trace and with ``--compile`` ``torch.compile`` (their
+start-up is printed). The variants are timed in turns, ``--rounds`` times, and the best of each
+is kept, so that changes in machine load hit all of them alike; the matmul peak is measured in
+every round. The load average is printed before and after. ``--pair`` times only
+predict_patches and the copy used before it (a short before/after run; with ``--jit`` and
+``--compile`` those too).
 """
 
 from __future__ import annotations
@@ -20,12 +25,14 @@ import argparse
 import contextlib
 import copy
 import itertools
+import os
 import time
 from collections.abc import Callable, Iterator
 
 import torch
 
 from hoverdask.bench import MatmulPeak, bench_model, conv_gflop
+from hoverdask.model.fused import NearestUpSample2x
 from hoverdask.model.infer import cpu_inference_model
 from hoverdask.model.network import HoVerNet
 
@@ -55,40 +62,77 @@ def fold_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
     return folded
 
 
-def _variants(batch: int, jit: bool) -> dict[str, tuple[Callable[[], object], Callable]]:
+def _layout_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """The CPU inference copy before the fused form: layout-preserving upsampling, channels_last."""
+    copied = copy.deepcopy(model).eval()
+    copied.upsample2x = NearestUpSample2x()
+    return copied.to(memory_format=torch.channels_last)
+
+
+def _compiled(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    import torch._inductor.config as inductor_config
+
+    inductor_config.freezing = True  # folds BN and prepacks weights for oneDNN
+    start = time.perf_counter()
+    compiled = torch.compile(model)
+    with torch.no_grad():
+        compiled(x)
+        compiled(x)
+    print(f"torch.compile (inductor, freezing) + 2 calls: {time.perf_counter() - start:.1f} s start-up")
+    return lambda: compiled(x)
+
+
+def _variants(
+    batch: int, jit: bool, compile_: bool
+) -> dict[str, tuple[Callable[[], object], Callable]]:
     torch.manual_seed(0)
     plain = HoVerNet("fast", 6).eval()
     used = cpu_inference_model(plain)
-    folded = fold_batchnorm(used)
+    before = _layout_copy(plain)
+    folded = fold_batchnorm(before)
     reference_up = copy.deepcopy(plain).to(memory_format=torch.channels_last)
     contiguous = copy.deepcopy(plain)
     x = torch.rand(batch, 3, 256, 256) * 255
     x_last = x.contiguous(memory_format=torch.channels_last)
-    plain = plain.to(memory_format=torch.channels_last)
     cores = torch.get_num_threads()
     variants = {
         "predict_patches": (lambda: used(x_last), contextlib.nullcontext),
-        "BN folded into the convs": (lambda: folded(x_last), contextlib.nullcontext),
+        "before: layout copy": (lambda: before(x_last), contextlib.nullcontext),
+        "before, BN folded into the convs": (lambda: folded(x_last), contextlib.nullcontext),
         "reference upsampling": (lambda: reference_up(x_last), contextlib.nullcontext),
         "reference upsampling, contiguous": (lambda: contiguous(x), contextlib.nullcontext),
         "1 thread": (lambda: used(x_last), lambda: _threads(1)),
-        "oneDNN off": (lambda: used(x_last), lambda: torch.backends.mkldnn.flags(enabled=False)),
+        "before, oneDNN off": (
+            lambda: before(x_last), lambda: torch.backends.mkldnn.flags(enabled=False)
+        ),
     }
     if jit:
         start = time.perf_counter()
+        traced_model = copy.deepcopy(plain).to(memory_format=torch.channels_last)
         with torch.no_grad():  # freezing folds the BNs itself
-            frozen = torch.jit.freeze(torch.jit.trace(plain, x_last, strict=False))
+            frozen = torch.jit.freeze(torch.jit.trace(traced_model, x_last, strict=False))
             frozen(x_last)
             frozen(x_last)  # the profiling executor optimises on the first calls
         print(f"jit trace + freeze + 2 calls: {time.perf_counter() - start:.1f} s start-up")
         variants["jit.freeze"] = (lambda: frozen(x_last), contextlib.nullcontext)
+    if compile_:
+        variants["torch.compile"] = (_compiled(before, x_last), contextlib.nullcontext)
     print(f"{cores} threads by default")
     return variants
 
 
-def compare_variants(rounds: int, batch: int, jit: bool) -> None:
+_PAIR = ("predict_patches", "before: layout copy")
+_OPTIONAL = ("jit.freeze", "torch.compile")  # only there when asked for
+
+
+def compare_variants(
+    rounds: int, batch: int, jit: bool, compile_: bool = False, pair: bool = False
+) -> None:
     gflop = conv_gflop("fast", 6) * batch
-    variants = _variants(batch, jit)
+    print("load average before: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
+    variants = _variants(batch, jit, compile_)
+    if pair:
+        variants = {k: v for k, v in variants.items() if k in (*_PAIR, *_OPTIONAL)}
     best = dict.fromkeys(variants, float("inf"))
     peak = MatmulPeak(torch.device("cpu"))
     with torch.inference_mode():
@@ -108,6 +152,7 @@ def compare_variants(rounds: int, batch: int, jit: bool) -> None:
         print(f"{name:36s} batch {batch}: {gflop / seconds:6.1f} GFLOP/s = "
               f"{gflop / seconds / peak.gflop_per_s:.0%} of peak, "
               f"{reference / seconds:.2f}x of predict_patches")
+    print("load average after: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
 
 
 def main() -> None:
@@ -118,9 +163,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--jit", action="store_true", help="also time torch.jit.freeze")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile")
+    parser.add_argument("--pair", action="store_true", help=f"time only {' and '.join(_PAIR)}")
     args = parser.parse_args()
     if args.variants:
-        compare_variants(args.rounds, args.batch, args.jit)
+        compare_variants(args.rounds, args.batch, args.jit, args.compile, args.pair)
         return
 
     for mode, nr_types in (("fast", 6), ("fast", 5), ("original", 5), ("original", None)):
