@@ -72,7 +72,9 @@ def run_one(folder: Path, path_kind: str, formats: tuple[str, ...]) -> dict:
     import geopandas as gpd
     import pandas as pd
 
+    import hoverdask.export.summary  # noqa: F401  (imported before the baseline, as in a worker)
     from hoverdask.export.parts import index_parts
+    from hoverdask.export.qc import QcDots  # noqa: F401
     from hoverdask.pipeline.outputs import finish_slide, finish_slide_parts
 
     layout = json.loads((folder / "layout.json").read_text())

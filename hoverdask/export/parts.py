@@ -52,7 +52,10 @@ class SlideParts:
     ) -> Iterator[gpd.GeoDataFrame]:
         """The table in file order, ``size`` rows at a time, as the whole table's rows would be."""
         cache = _PartCache(self.paths, cache_rows)
+        pool = pa.default_memory_pool()
         for start in range(0, len(self), size):
+            # Arrow's allocator keeps freed pages; handing them back keeps the RSS flat too
+            pool.release_unused()
             yield _gather(cache, self.part[start : start + size], self.row[start : start + size])
 
 
@@ -73,31 +76,40 @@ def index_parts(
     if not used or not _same_columns(used):
         return None
     lengths = lengths[lengths > 0]
+    ends = np.cumsum(lengths)
+    ids = np.empty(ends[-1], np.int64)
+    distances = np.empty(ends[-1], np.uint32)  # geopandas' level-16 curve: 32 bits
+    areas = np.empty(ends[-1], np.float64)
     geometry_types: set[int] = set()
     bounds = np.full(4, np.nan)
-    ids, distances, areas = [], [], []
-    for path in used:
+    pool = pa.default_memory_pool()
+    for path, stop, n in zip(used, ends, lengths, strict=True):
+        rows = slice(stop - n, stop)
         geometry = _geometry(path)
         geometry_types |= set(shapely.get_type_id(geometry).tolist())
         bounds = _union_bounds(bounds, shapely.total_bounds(geometry))
-        ids.append(pq.read_table(path, columns=["nucleus_id"])["nucleus_id"].to_numpy())
-        areas.append(shapely.area(geometry))
+        np.copyto(ids[rows], pq.read_table(path, columns=["nucleus_id"])["nucleus_id"].to_numpy(),
+                  casting="safe")  # fmt: skip
+        areas[rows] = shapely.area(geometry)
         if extent is not None:
-            distances.append(hilbert_distances(geometry, extent))
+            np.copyto(distances[rows], hilbert_distances(geometry, extent), casting="safe")
+        del geometry
+        pool.release_unused()  # Arrow's allocator would keep every part's pages
     if extent is None:  # the curve spans the data: a second pass once the bounds are known
-        distances = [hilbert_distances(_geometry(path), tuple(bounds)) for path in used]
-    median_area = float(np.median(np.concatenate(areas)))  # the QC picture's dot size
+        for path, stop, n in zip(used, ends, lengths, strict=True):
+            np.copyto(distances[stop - n : stop], hilbert_distances(_geometry(path), tuple(bounds)),
+                      casting="safe")
+    median_area = float(np.median(areas, overwrite_input=True))  # the QC picture's dot size
     del areas
     # stable sorts by nucleus_id, then distance == lexsort (ties keep the concatenation order)
-    order = np.lexsort((np.concatenate(ids), np.concatenate(distances)))
+    order = np.lexsort((ids, distances))
     del ids, distances
-    part = np.repeat(np.arange(len(used), dtype=np.int32), lengths)[order]
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    row = (order - starts[part]).astype(np.int32)
+    part = np.searchsorted(ends, order, side="right").astype(np.int32)
+    order -= (ends - lengths)[part]  # -> row within the part
     return SlideParts(
         paths=used,
         part=part,
-        row=row,
+        row=order.astype(np.int32),
         geometry_types=frozenset(geometry_types),
         bounds=tuple(float(v) for v in bounds),  # type: ignore[arg-type]
         median_area=median_area,
