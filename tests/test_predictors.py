@@ -164,3 +164,16 @@ def test_compile_is_for_cuda_only(model: HoVerNet, caplog: pytest.LogCaptureFixt
     runner = StagedPatchRunner(model, "cpu", compile=True)
     assert runner.network is runner.eager
     assert "CUDA only" in caplog.text
+
+
+def test_two_threads_share_one_staged_predictor(model: HoVerNet) -> None:
+    """A worker with two threads may run two tiles through its one predictor at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    runner = StagedPatchRunner(model, "cpu", keep_buffers=2)
+    predictor = PatchPredictor(runner, margin=MARGIN, output=OUTPUT, nr_types=3, batch_size=2)
+    windows = [_window(1, 3, seed=seed) for seed in range(4)]
+    with ThreadPoolExecutor(2) as pool:
+        got = list(pool.map(lambda w: predictor.predict_tile(w, (0, 0)), windows))
+    for window, maps in zip(windows, got, strict=True):
+        np.testing.assert_array_equal(maps, _batch_by_batch(model, window, [2, 1]))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -151,22 +152,28 @@ class PendingBatch:
 
 
 class _BufferPool:
-    """Host buffers reused across batches (pinned on CUDA, since pinning memory is slow)."""
+    """Host buffers reused across batches (pinned on CUDA, since pinning memory is slow).
+
+    Locked: a worker with several threads may run two tiles through one runner at once.
+    """
 
     def __init__(self, pin: bool, keep: int) -> None:
         self.pin, self.keep = pin, keep
         self.free: list[torch.Tensor] = []
+        self.lock = threading.Lock()
 
     def take(self, rows: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        for index, buffer in enumerate(self.free):
-            if buffer.dtype == dtype and buffer.shape[1:] == shape and buffer.shape[0] >= rows:
-                return self.free.pop(index)
+        with self.lock:
+            for index, buffer in enumerate(self.free):
+                if buffer.dtype == dtype and buffer.shape[1:] == shape and buffer.shape[0] >= rows:
+                    return self.free.pop(index)
         return torch.empty((rows, *shape), dtype=dtype, pin_memory=self.pin)
 
     def give(self, buffer: torch.Tensor) -> None:
-        self.free.append(buffer)
-        self.free.sort(key=lambda b: b.shape[0])  # smallest fitting buffer first
-        del self.free[: max(0, len(self.free) - self.keep)]
+        with self.lock:
+            self.free.append(buffer)
+            self.free.sort(key=lambda b: b.shape[0])  # smallest fitting buffer first
+            del self.free[: max(0, len(self.free) - self.keep)]
 
 
 def _on(stream: torch.cuda.Stream | None) -> contextlib.AbstractContextManager:
