@@ -116,6 +116,8 @@ def throughput(args: argparse.Namespace) -> None:
                                      timed(lambda p=predictor: p.predict_tile(window, (0, 0))))
             for name, seconds in best.items():
                 note = " (auto)" if batch == auto else ""
+                if variants[name].batch_size != batch:  # out of memory: halved on the way
+                    note += f" (ran at batch {variants[name].batch_size})"
                 print(f"{label:<10}{batch:>7}  {name:<13}{count / seconds:>10.1f}"
                       f"{peaks[name]:>10.2f}{note}")
 
