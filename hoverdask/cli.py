@@ -242,7 +242,7 @@ def run(
     ] = 0,
     autocast: Annotated[
         bool, typer.Option(help="Reduced-precision inference on CUDA (faster; maps differ "
-                           "slightly: see `hoverdask bench`).")
+                           "slightly: benchmarks/gpu_inference.py reports by how much).")
     ] = False,
     autocast_dtype: Annotated[
         str, typer.Option(help="Precision of --autocast: bfloat16 or float16.")

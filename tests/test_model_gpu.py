@@ -185,3 +185,29 @@ def test_cuda_drift_on_the_parity_inputs_is_small_but_real(dtype: str) -> None:
     assert drift.np_changed < 0.01
     assert drift.tp_changed is not None
     assert drift.tp_changed < 0.02
+
+
+def test_cuda_network_form_keeps_channels_last_and_the_values() -> None:
+    """Built without a GPU (building is device-free): the copy CUDA runs must equal the model and
+    keep channels_last through the upsampling; the model itself is left as it was."""
+    from hoverdask.model.gpu import inference_network
+
+    model = parity_model("fast_t6").eval()
+    network = inference_network(model, torch.device("cuda"))
+    assert network is not model
+    assert inference_network(model, torch.device("cuda")) is network  # built once
+    x = torch.from_numpy(np.load(PARITY / "input_fast_256.npy")[:1]).permute(0, 3, 1, 2).float()
+    seen = []
+    network.upsample2x.register_forward_hook(
+        lambda _m, _i, out: seen.append(out.is_contiguous(memory_format=torch.channels_last)))
+    with torch.no_grad():
+        want = model(x)
+        got = network(x.contiguous(memory_format=torch.channels_last))
+    assert seen
+    assert all(seen)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-4, rtol=0)
+    assert "upsample2x.unpool_mat" in model.state_dict()  # the checkpoint layout is untouched
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    assert inference_network(model, torch.device("cuda")) is not network  # weights changed

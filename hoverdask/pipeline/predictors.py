@@ -293,6 +293,7 @@ def configure_torch(device: str, threads: int | None, *, worker_name: Any = 0) -
 
     if device != "cpu" and torch.cuda.is_available():
         torch.cuda.set_device(gpu_index(worker_name, torch.cuda.device_count()))
+        torch.backends.cudnn.benchmark = True  # patch shapes never change: tune convs once
     elif threads:
         torch.set_num_threads(threads)
 
