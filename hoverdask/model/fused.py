@@ -8,11 +8,12 @@ with fewer passes:
 - every BatchNorm that directly follows a convolution is folded into its weights and a bias,
   and the ReLU after it runs as the convolution's oneDNN post-op;
 - each residual sum is accumulated by the unit's last convolution into the running sum
-  (oneDNN "sum" post-op, in place), so there is no separate add and no new tensor;
+  (oneDNN binary-add post-op, in place), so there is no separate add and no new tensor;
 - TensorFlow "SAME" padding becomes the convolution's own padding where it is symmetric;
 - the input scaling (x / 255) is folded into the first convolution;
 - the pre-activation BatchNorm + ReLU that cannot be folded (their input is also needed raw)
-  run as one affine pass, in place where the raw values are not needed again;
+  run as an affine pass and an in-place ReLU, the affine pass in place too where the raw
+  values are not needed again;
 - ``up(small) + skip`` is one broadcast sum, computed once for the three branches' shared input.
 
 It is built from a :class:`~hoverdask.model.network.HoVerNet` (a separate copy of the weights;
@@ -34,9 +35,15 @@ from hoverdask.model.network import (
     centre_crop,
 )
 
-_conv = torch.ops.mkldnn._convolution_pointwise
-_conv_add_ = torch.ops.mkldnn._convolution_pointwise_.binary
 _LAYOUT = torch.channels_last
+
+
+def _conv(*args: object) -> torch.Tensor:  # looked up on call: builds without oneDNN lack it
+    return torch.ops.mkldnn._convolution_pointwise(*args)
+
+
+def _conv_add_(*args: object) -> torch.Tensor:
+    return torch.ops.mkldnn._convolution_pointwise_.binary(*args)
 
 
 def fused_ops_available() -> bool:
@@ -129,7 +136,8 @@ class FusedConv(nn.Module):
 
 
 class AffineReLU(nn.Module):
-    """Eval-mode BatchNorm + ReLU as one affine pass (``out`` may be the input: in place)."""
+    """Eval-mode BatchNorm + ReLU: an affine pass (into ``x`` itself when ``in_place``), then
+    an in-place ReLU."""
 
     def __init__(self, norm: nn.BatchNorm2d) -> None:
         super().__init__()
