@@ -177,3 +177,17 @@ def test_two_threads_share_one_staged_predictor(model: HoVerNet) -> None:
         got = list(pool.map(lambda w: predictor.predict_tile(w, (0, 0)), windows))
     for window, maps in zip(windows, got, strict=True):
         np.testing.assert_array_equal(maps, _batch_by_batch(model, window, [2, 1]))
+
+
+def test_read_only_patches_are_staged_without_a_warning(model: HoVerNet) -> None:
+    """Patches may come read-only (a memory map of saved patches): staging copies them."""
+    import warnings
+
+    patches = np.stack([_window(1, 1, seed=seed) for seed in range(3)])
+    patches.setflags(write=False)
+    runner = StagedPatchRunner(model, "cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = runner.collect(runner.submit(patches))
+        want = predict_patches(model, patches, device="cpu")
+    np.testing.assert_array_equal(got, want)

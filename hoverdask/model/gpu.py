@@ -250,7 +250,7 @@ class StagedPatchRunner:
         rows = len(patches)
         staged = self.inputs.take(rows, patches.shape[1:], torch.uint8)
         try:
-            staged[:rows].copy_(torch.from_numpy(np.ascontiguousarray(patches)))
+            np.copyto(staged[:rows].numpy(), patches)  # read-only inputs are fine: no tensor view
             with _on(self.upload_stream):
                 x = staged[:rows].to(self.device, non_blocking=True)
             compute = torch.cuda.current_stream(self.device) if self.upload_stream else None
@@ -387,7 +387,7 @@ def precision_drift(
     use_inference_layout(network)
     heads: dict[str | None, list[dict[str, np.ndarray]]] = {None: [], dtype: []}
     for batch in _chunks(patches, batch_size):
-        x = network_input(torch.from_numpy(np.ascontiguousarray(batch)).to(target))
+        x = network_input(torch.from_numpy(np.require(batch, requirements=("C", "W"))).to(target))
         with torch.inference_mode():
             heads[None].append(head_probabilities(network(x)))
             with torch.autocast(target.type, dtype=low):

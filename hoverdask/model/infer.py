@@ -150,7 +150,7 @@ def predict_patches(
     dtype = requested if autocast and target.type == "cuda" else None
     network = inference_network(model, target)
     with torch.inference_mode():
-        x = torch.from_numpy(np.ascontiguousarray(patches_nhwc_uint8)).to(target)
+        x = torch.from_numpy(np.require(patches_nhwc_uint8, requirements=("C", "W"))).to(target)
         return forward_maps(network, x, dtype=dtype).cpu().numpy()
 
 
