@@ -1,6 +1,6 @@
 """The machine's last ``hoverdask bench`` figures, kept so each ``run.json`` can quote them.
 
-Apart from :mod:`hoverdask.bench` so that reading them (once per finished slide, on the client)
+Apart from :mod:`hoverdask.bench` so that reading them (once per run, on the client)
 does not import torch.
 """
 
