@@ -158,6 +158,20 @@ def test_daskcluster_workers_have_gpu_limits_and_resources(manifests: dict[str, 
     assert cluster["spec"]["worker"]["replicas"] >= 1
 
 
+def test_cpu_worker_group_joins_the_cluster_without_a_gpu(manifests: dict[str, dict]) -> None:
+    group = manifests["DaskWorkerGroup"]
+    assert group["apiVersion"] == manifests["DaskCluster"]["apiVersion"]
+    assert group["spec"]["cluster"] == manifests["DaskCluster"]["metadata"]["name"]
+    pod = group["spec"]["worker"]["spec"]
+    (worker,) = pod["containers"]
+    assert "nvidia.com/gpu" not in str(worker["resources"])
+    assert "--resources" not in worker["args"]  # never offered inference tasks
+    assert _option(worker["args"], "--nthreads") == "1"
+    claims = [v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]]
+    assert claims == [manifests["PersistentVolumeClaim"]["metadata"]["name"]]
+    assert {m["mountPath"] for m in worker["volumeMounts"]} == {"/data"}
+
+
 def test_daskcluster_mounts_the_shared_claim(manifests: dict[str, dict]) -> None:
     pvc = manifests["PersistentVolumeClaim"]
     assert "ReadWriteMany" in pvc["spec"]["accessModes"]
