@@ -98,8 +98,10 @@ def markers_fast(
     """:func:`~hoverdask.postproc.reference.markers_from_energy` with labelled hole filling.
 
     ``overall`` only needs to be right inside ``blb``; it is compared in float64 as there.
+    ``blb - (overall >= t)`` clipped at 0 is 1 exactly where ``blb`` is 1 and ``overall >= t``
+    is False (NaN included), which is the mask taken here.
     """
-    core = (blb > 0) & (overall.astype(np.float64) < threshold)  # float64, as the reference
+    core = (blb > 0) & ~(np.asarray(overall, dtype=np.float64) >= threshold)
     return label_filled_cores(fill_holes(core).view(np.uint8), min_size)
 
 

@@ -29,13 +29,16 @@ import numpy as np
 from scipy import ndimage
 from skimage.segmentation import watershed
 
-from hoverdask.postproc.fast import SEEDS_QUEUE_BY_VALUE, fill_holes, watershed_by_component
+from hoverdask.postproc.fast import (
+    SEEDS_QUEUE_BY_VALUE,
+    fill_holes,
+    markers_fast,
+    watershed_by_component,
+)
 from hoverdask.postproc.instances import crop_record, type_votes, vote_types
 from hoverdask.postproc.reference import (
-    MARKER_ENERGY_THRESHOLD,
     SOBEL_KSIZE,
     foreground_mask,
-    label_filled_cores,
     split_channels,
     watershed_surface,
 )
@@ -192,21 +195,10 @@ def segment_window(
         blb, clusters_map = foreground.blb[inside], foreground.clusters_map[inside]
     overall = energy_with_ranges(h, v, blb, ranges)
     dist = watershed_surface(overall, blb)
-    marker = window_markers(overall, blb)
+    marker = markers_fast(overall, blb)
     return WindowSegmentation(
         origin, blb, dist, marker, clusters_map, foreground.clusters, type_map
     )
-
-
-def window_markers(overall: np.ndarray, blb: np.ndarray) -> np.ndarray:
-    """The reference ``markers_from_energy``, with holes filled by labelling the background
-    (:func:`~hoverdask.postproc.fast.fill_holes`, equal to ``binary_fill_holes``, faster).
-
-    ``blb - (overall >= t)`` clipped at 0 is 1 exactly where ``blb`` is 1 and ``overall >= t``
-    is False (NaN included), which is the mask taken here.
-    """
-    core = (blb > 0) & ~(overall >= MARKER_ENERGY_THRESHOLD)
-    return label_filled_cores(fill_holes(core).view(np.uint8))
 
 
 def find_clusters(
