@@ -71,11 +71,12 @@ def index_parts(
     geometry or ``nucleus_id`` (the whole-table writers say what is wrong).
     """
     paths = tuple(Path(p) for p in paths)
-    lengths = np.array([pq.ParquetFile(p).metadata.num_rows for p in paths], dtype=np.int64)
-    used = tuple(p for p, n in zip(paths, lengths, strict=True) if n)
-    if not used or not _same_columns(used):
+    footers = [pq.read_metadata(p) for p in paths]  # row counts and schemas: one read per part
+    used = tuple(p for p, meta in zip(paths, footers, strict=True) if meta.num_rows)
+    schemas = [meta.schema.to_arrow_schema() for meta in footers if meta.num_rows]
+    if not used or not _same_columns(schemas):
         return None
-    lengths = lengths[lengths > 0]
+    lengths = np.array([meta.num_rows for meta in footers if meta.num_rows], dtype=np.int64)
     ends = np.cumsum(lengths)
     ids = np.empty(ends[-1], np.int64)
     distances = np.empty(ends[-1], np.uint32)  # geopandas' level-16 curve: 32 bits
@@ -85,15 +86,15 @@ def index_parts(
     pool = pa.default_memory_pool()
     for path, stop, n in zip(used, ends, lengths, strict=True):
         rows = slice(stop - n, stop)
-        geometry = _geometry(path)
+        table = pq.read_table(path, columns=[GEOMETRY, "nucleus_id"])
+        geometry = shapely.from_wkb(np.array(table[GEOMETRY]))
         geometry_types |= set(shapely.get_type_id(geometry).tolist())
         bounds = _union_bounds(bounds, shapely.total_bounds(geometry))
-        np.copyto(ids[rows], pq.read_table(path, columns=["nucleus_id"])["nucleus_id"].to_numpy(),
-                  casting="safe")  # fmt: skip
+        np.copyto(ids[rows], table["nucleus_id"].to_numpy(), casting="safe")
         areas[rows] = shapely.area(geometry)
         if extent is not None:
             np.copyto(distances[rows], hilbert_distances(geometry, extent), casting="safe")
-        del geometry
+        del table, geometry
         pool.release_unused()  # Arrow's allocator would keep every part's pages
     if extent is None:  # the curve spans the data: a second pass once the bounds are known
         for path, stop, n in zip(used, ends, lengths, strict=True):
@@ -125,11 +126,10 @@ def _union_bounds(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.concatenate([np.fmin(a[:2], b[:2]), np.fmax(a[2:], b[2:])])
 
 
-def _same_columns(paths: Sequence[Path]) -> bool:
-    schemas = [pq.read_schema(p).remove_metadata() for p in paths]
-    first = schemas[0]
+def _same_columns(schemas: Sequence[pa.Schema]) -> bool:
+    first = schemas[0].remove_metadata()
     keys = {GEOMETRY, "nucleus_id"} <= set(first.names)  # else the writers' own errors
-    return keys and all(s.equals(first) for s in schemas[1:])
+    return keys and all(s.remove_metadata().equals(first) for s in schemas[1:])
 
 
 class _PartCache:
