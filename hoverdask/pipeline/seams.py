@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from hoverdask.nuclei import CORE_COLUMNS, to_level0
+from hoverdask.nuclei import to_level0
 from hoverdask.postproc.stable import (
     CONTEXT_MARGIN,
     SOBEL_REACH,
@@ -53,8 +53,6 @@ if TYPE_CHECKING:
 # centroid, i.e. clusters up to ~230 px across are decided inside a block. Nuclei at 0.25 µm/px
 # are at most ~80 px across; larger touching clusters take the (exact, slower) oversize path.
 DEFAULT_HALO = 128
-
-TABLE_COLUMNS = (*CORE_COLUMNS, "nucleus_id")
 
 
 class OversizedClusterWarning(UserWarning):
