@@ -46,16 +46,13 @@ def finish_slide(
         metadata=_file_metadata(plan),
     )
     files = {key: str(path) for key, path in written.items()}
-    tissue = tissue_file(plan.ledger)
-    if tissue.exists():
-        with np.load(tissue) as data:
-            qc = write_qc_picture(data["thumbnail"], data["mask"], table,
-                                  Path(plan.slide_dir) / "qc.png",
-                                  downsample=float(data["thumbnail_downsample"]),
-                                  type_table=plan.type_table)
+    tissue = _saved_tissue(plan.ledger)
+    if tissue is not None:
+        qc = write_qc_picture(tissue["thumbnail"], tissue["mask"], table, _qc_path(plan),
+                              downsample=float(tissue["thumbnail_downsample"]),
+                              type_table=plan.type_table)  # fmt: skip
         files["qc"] = str(qc)
-    return {"nuclei": len(table), "files": files,
-            "counts": {"oversized_clusters": len(oversized)}}
+    return _outcome(len(table), files, oversized)
 
 
 def finish_slide_parts(
@@ -70,15 +67,11 @@ def finish_slide_parts(
     from hoverdask.export.qc import QcDots, write_qc_picture_dots
     from hoverdask.export.summary import write_slide_outputs_from_parts
 
-    tissue = tissue_file(plan.ledger)
-    qc_inputs = None
-    if tissue.exists():
-        with np.load(tissue) as data:
-            qc_inputs = dict(data)
+    tissue = _saved_tissue(plan.ledger)
     dots = None
-    if qc_inputs is not None:
-        dots = QcDots(qc_inputs["thumbnail"].shape[:2], median_area=parts.median_area,
-                      downsample=float(qc_inputs["thumbnail_downsample"]))
+    if tissue is not None:
+        dots = QcDots(tissue["thumbnail"].shape[:2], median_area=parts.median_area,
+                      downsample=float(tissue["thumbnail_downsample"]))  # fmt: skip
     written = write_slide_outputs_from_parts(
         parts, plan.slide_dir, slide_id=plan.slide_id, formats=formats,
         type_table=plan.type_table, tissue_mm2=plan.tissue_mm2, metadata=_file_metadata(plan),
@@ -86,12 +79,11 @@ def finish_slide_parts(
         also=[dots.add] if dots is not None else [],
     )
     files = {key: str(path) for key, path in written.items()}
-    if qc_inputs is not None and dots is not None:
-        qc = write_qc_picture_dots(qc_inputs["thumbnail"], qc_inputs["mask"], dots,
-                                   Path(plan.slide_dir) / "qc.png", type_table=plan.type_table)
+    if dots is not None:
+        qc = write_qc_picture_dots(tissue["thumbnail"], tissue["mask"], dots, _qc_path(plan),
+                                   type_table=plan.type_table)  # fmt: skip
         files["qc"] = str(qc)
-    return {"nuclei": len(parts), "files": files,
-            "counts": {"oversized_clusters": len(oversized)}}
+    return _outcome(len(parts), files, oversized)
 
 
 def slide_rows(table: gpd.GeoDataFrame, slide_id: str) -> gpd.GeoDataFrame:
@@ -99,6 +91,23 @@ def slide_rows(table: gpd.GeoDataFrame, slide_id: str) -> gpd.GeoDataFrame:
     table["slide_id"] = pd_string(slide_id, len(table))
     front = [c for c in PIPELINE_COLUMNS if c in table.columns]
     return table[front + [c for c in table.columns if c not in front]]
+
+
+def _saved_tissue(ledger: SlideLedger) -> dict[str, np.ndarray] | None:
+    """The mask and thumbnail :func:`save_tissue` kept (None: the slide has no QC picture)."""
+    path = tissue_file(ledger)
+    if not path.exists():
+        return None
+    with np.load(path) as data:
+        return dict(data)
+
+
+def _qc_path(plan: SlidePlan) -> Path:
+    return Path(plan.slide_dir) / "qc.png"
+
+
+def _outcome(nuclei: int, files: dict[str, str], oversized: list[Any]) -> dict[str, Any]:
+    return {"nuclei": nuclei, "files": files, "counts": {"oversized_clusters": len(oversized)}}
 
 
 def _file_metadata(plan: SlidePlan) -> dict[str, Any]:
