@@ -188,11 +188,9 @@ def segment_window(
     type_map, np_prob, h, v = split_channels(window, nr_types)
     if foreground is None:
         foreground = window_foreground(np_prob, origin)
-        blb, clusters_map = foreground.blb, foreground.clusters_map
-    else:
-        top, left = origin[0] - foreground.origin[0], origin[1] - foreground.origin[1]
-        inside = slice(top, top + window.shape[0]), slice(left, left + window.shape[1])
-        blb, clusters_map = foreground.blb[inside], foreground.clusters_map[inside]
+    top, left = origin[0] - foreground.origin[0], origin[1] - foreground.origin[1]
+    inside = slice(top, top + window.shape[0]), slice(left, left + window.shape[1])
+    blb, clusters_map = foreground.blb[inside], foreground.clusters_map[inside]
     overall = energy_with_ranges(h, v, blb, ranges)
     dist = watershed_surface(overall, blb)
     marker = markers_fast(overall, blb)
