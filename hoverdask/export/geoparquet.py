@@ -68,13 +68,11 @@ def write_geoparquet(
         set(shapely.get_type_id(geometry).tolist()),
         shapely.total_bounds(geometry) if len(geometry) else None,
     )
-    columns = [c for c in nuclei.columns if c != nuclei.geometry.name]
     with GeoParquetStream(path, geo=geo, slide_id=slide_id, metadata=metadata,
                           row_group_size=row_group_size,
                           compression_level=compression_level) as stream:  # fmt: skip
         for start in range(0, max(len(order), 1), row_group_size):
-            rows = order[start : start + row_group_size]
-            stream.write(nuclei.iloc[rows][columns], geometry[rows])
+            stream.write(nuclei.iloc[order[start : start + row_group_size]])
     return Path(path)
 
 
@@ -130,9 +128,11 @@ class GeoParquetStream:
         self._tmp = self._stack.enter_context(atomic_path(self.path))
         return self
 
-    def write(self, frame: Any, geometry: np.ndarray) -> None:
-        """Append rows: ``frame``'s columns (no geometry) and ``geometry`` (shapely array)."""
-        table = _arrow_chunk(frame, geometry, self.slide_id)
+    def write(self, nuclei: gpd.GeoDataFrame) -> None:
+        """Append the rows of ``nuclei`` (any number)."""
+        columns = [c for c in nuclei.columns if c != nuclei.geometry.name]
+        geometry = np.asarray(nuclei.geometry.values, dtype=object)
+        table = _arrow_chunk(nuclei[columns], geometry, self.slide_id)
         if self._writer is None:
             self._writer = pq.ParquetWriter(
                 self._tmp, table.schema.with_metadata(self.file_metadata), compression="zstd",

@@ -143,7 +143,7 @@ def write_slide_outputs_from_parts(
                 out_dir / "nuclei.parquet", geo=parts.geo_metadata(), slide_id=slide_id,
                 metadata=metadata, row_group_size=row_group_size,
             ))  # fmt: skip
-            sinks.append(lambda chunk: parquet.write(_non_geometry(chunk), _geometry(chunk)))
+            sinks.append(parquet.write)
         if "qupath" in formats:
             qupath = stack.enter_context(QuPathStream(
                 out_dir / "nuclei.geojson.gz", slide_id=slide_id, type_table=type_table,
@@ -163,14 +163,6 @@ def write_slide_outputs_from_parts(
 
 
 _FILES = {"parquet": "nuclei.parquet", "qupath": "nuclei.geojson.gz"}
-
-
-def _non_geometry(chunk: gpd.GeoDataFrame) -> Any:
-    return chunk[[c for c in chunk.columns if c != chunk.geometry.name]]
-
-
-def _geometry(chunk: gpd.GeoDataFrame) -> np.ndarray:
-    return np.asarray(chunk.geometry.values, dtype=object)
 
 
 def slide_stats(
