@@ -44,6 +44,7 @@ from hoverdask.export.qupath import QuPathStream, write_qupath
 from hoverdask.features import FEATURE_COLUMNS, type_info, type_name_and_color
 
 FORMATS = ("parquet", "qupath")
+_FILES = {"parquet": "nuclei.parquet", "qupath": "nuclei.geojson.gz"}  # per format, in a slide
 PIPELINE_COLUMNS = ("slide", "status", "nuclei", "seconds", "error")
 UNCLASSIFIED = "unclassified"
 GATHER_ROWS = 10_000  # rows of a slide in pandas/shapely form at a time when streaming
@@ -90,10 +91,10 @@ def write_slide_outputs(
     written: dict[str, Path] = {}
     if "parquet" in formats:
         written["parquet"] = write_geoparquet(
-            nuclei, out_dir / "nuclei.parquet", slide_id=slide_id, extent=extent, metadata=metadata
+            nuclei, out_dir / _FILES["parquet"], slide_id=slide_id, extent=extent, metadata=metadata
         )
     if "qupath" in formats:
-        path = out_dir / "nuclei.geojson.gz"
+        path = out_dir / _FILES["qupath"]
         write_qupath(
             nuclei,
             path,
@@ -140,13 +141,13 @@ def write_slide_outputs_from_parts(
         sinks: list[Callable[[gpd.GeoDataFrame], None]] = [stats.add, *also]
         if "parquet" in formats:
             parquet = stack.enter_context(GeoParquetStream(
-                out_dir / "nuclei.parquet", geo=parts.geo_metadata(), slide_id=slide_id,
+                out_dir / _FILES["parquet"], geo=parts.geo_metadata(), slide_id=slide_id,
                 metadata=metadata, row_group_size=row_group_size,
             ))  # fmt: skip
             sinks.append(parquet.write)
         if "qupath" in formats:
             qupath = stack.enter_context(QuPathStream(
-                out_dir / "nuclei.geojson.gz", slide_id=slide_id, type_table=type_table,
+                out_dir / _FILES["qupath"], slide_id=slide_id, type_table=type_table,
                 offset=offset,
             ))  # fmt: skip
             sinks.append(qupath.write)
@@ -160,9 +161,6 @@ def write_slide_outputs_from_parts(
     summary = stats.result(slide_id=slide_id, tissue_mm2=tissue_mm2, type_table=type_table)
     written["stats"] = atomic_write_text(out_dir / "stats.json", json.dumps(summary, indent=1))
     return written
-
-
-_FILES = {"parquet": "nuclei.parquet", "qupath": "nuclei.geojson.gz"}
 
 
 def slide_stats(
@@ -261,7 +259,7 @@ def summary_row(row: Mapping[str, Any], out_dir: str | os.PathLike[str]) -> Summ
         k: Path(v) for k, v in (row.get("outputs") or {}).items() if isinstance(v, str | Path)
     }
     slide_dir = out_dir / _safe_name(slide)
-    for key, name in (("parquet", "nuclei.parquet"), ("stats", "stats.json"), ("qc", "qc.png")):
+    for key, name in (("parquet", _FILES["parquet"]), ("stats", "stats.json"), ("qc", "qc.png")):
         if key not in outputs and (slide_dir / name).exists():
             outputs[key] = slide_dir / name
     stats = json.loads(outputs["stats"].read_text()) if "stats" in outputs else {}
