@@ -166,8 +166,8 @@ def main() -> None:
             if args.baseline:
                 then = child(Path(old), name, args.chunk, args.repeats)
                 print(describe(args.baseline[:9], name, then))
-                print(f"{'speed-up':>9} {name:>9}: pass 2 {then['pass2_s'] / now['pass2_s']:.2f}x"
-                      f"   pass 3 {then['pass3_s'] / now['pass3_s']:.2f}x"
+                print(f"{'speed-up':>9} {name:>9}: pass 2 {ratio(then, now, 'pass2_s'):.2f}x"
+                      f"   pass 3 {ratio(then, now, 'pass3_s'):.2f}x"
                       f"   passes 2+3 {ratio(then, now, 'pass2_s', 'pass3_s'):.2f}x   (wall: passes 2+3 "
                       f"{ratio(then, now, 'pass2_wall_s', 'pass3_wall_s'):.2f}x, segmentation + "
                       f"features {ratio(then, now, 'segment_s', 'features_s'):.2f}x)", flush=True)
