@@ -21,3 +21,11 @@ class CheckpointError(HoverdaskError):
 
 class DatasetError(HoverdaskError):
     """A training/evaluation dataset folder is missing files or has inconsistent labels."""
+
+
+def one_line(error: BaseException | None) -> str:
+    """``Kind: message`` on one line, as the cohort summary reports a failed slide."""
+    if error is None:
+        return "unknown error"
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__

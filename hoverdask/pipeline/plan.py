@@ -157,15 +157,10 @@ def _tissue_mm2(mask: Any, box: tuple[float, float, float, float] | None) -> flo
 @dataclass(frozen=True)
 class PlanFailure:
     """Why a slide cannot be planned, when the reason is the user's to fix (a bad file, a region
-    outside the slide). Returned rather than raised so that workers do not log a traceback for
-    bad input; the cohort summary gets :attr:`line`."""
+    outside the slide), as the cohort summary's one line. Returned rather than raised so that
+    workers do not log a traceback for bad input."""
 
-    kind: str
-    message: str
-
-    @property
-    def line(self) -> str:
-        return f"{self.kind}: {' '.join(self.message.split())}"
+    line: str
 
 
 def plan_task(
@@ -178,13 +173,13 @@ def plan_task(
     """
     import dask
 
-    from hoverdask.errors import HoverdaskError
+    from hoverdask.errors import HoverdaskError, one_line
     from hoverdask.pipeline.outputs import save_tissue
 
     try:
         with dask.config.set(scheduler="synchronous"):
             plan, mask = plan_slide(slide_path, Path(out_dir), **settings)
     except HoverdaskError as err:
-        return PlanFailure(type(err).__name__, str(err))
+        return PlanFailure(one_line(err))
     save_tissue(Path(tissue_path), mask)
     return plan

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hoverdask.errors import HoverdaskError
+from hoverdask.errors import HoverdaskError, one_line
 from hoverdask.pipeline import outputs
 from hoverdask.pipeline.plan import PlanFailure, SlidePlan
 from hoverdask.pipeline.predictors import (
@@ -262,12 +262,7 @@ class _SlideState:
     plan: SlidePlan
     futures: list[Future]
     final: Future
-    started: float
-    done_tasks: int = 0
-
-
-class _Unplanned(Exception):
-    """A plan task's :class:`PlanFailure`, on its way to the summary."""
+    started_at: float  # time.time() when the slide's plan was submitted
 
 
 @dataclass
@@ -278,7 +273,6 @@ class _Pending:
     index: int
     plan: Future
     staged_tissue: Path
-    started: float
     started_at: float
 
 
@@ -341,12 +335,12 @@ class _CohortRunner:
         from hoverdask.pipeline.plan import plan_task
 
         staged = self.staging / f"{index}.npz"
-        started, started_at = time.perf_counter(), time.time()
+        started_at = time.time()
         future = self.client.submit(
             plan_task, slide, str(self.out), str(staged), key=f"plan-{index}-{self.token}",
             priority=count - index + 1, pure=False, retries=0, **self._plan_settings(),
         )
-        return _Pending(slide, index, future, staged, started, started_at)
+        return _Pending(slide, index, future, staged, started_at)
 
     def _plan_settings(self) -> dict[str, Any]:
         return {"mpp": self.options.mpp, "target_mpp": self.options.target_mpp,
@@ -381,7 +375,6 @@ class _CohortRunner:
                 self._fail(state, future.exception())
                 bar.finish(state.plan.slide_id, ok=False)
                 continue
-            state.done_tasks += 1
             bar.advance(state.plan.slide_id)
             if future.key == state.final.key:
                 live.discard(slide)
@@ -394,18 +387,14 @@ class _CohortRunner:
         slide = pending.slide
         try:
             plan: SlidePlan | PlanFailure = pending.plan.result()
-            if isinstance(plan, PlanFailure):
-                raise _Unplanned(plan.line)
-            if plan.slide_id in seen_ids:
-                raise HoverdaskError(
-                    f"slide id {plan.slide_id!r} is also the id of {seen_ids[plan.slide_id]}"
-                )
-            seen_ids[plan.slide_id] = slide
         except Exception as err:  # noqa: BLE001 - one bad slide must not stop the cohort
-            pending.staged_tissue.unlink(missing_ok=True)
-            line = str(err) if isinstance(err, _Unplanned) else _one_line(err)
-            self._record(SlideResult(slide, Path(slide).stem, "failed", error=line))
-            return None
+            return self._unplanned(pending, one_line(err))
+        if isinstance(plan, PlanFailure):
+            return self._unplanned(pending, plan.line)
+        if plan.slide_id in seen_ids:
+            return self._unplanned(pending, one_line(HoverdaskError(
+                f"slide id {plan.slide_id!r} is also the id of {seen_ids[plan.slide_id]}")))
+        seen_ids[plan.slide_id] = slide
         if plan.ledger.is_finished() and not self.options.overwrite:
             pending.staged_tissue.unlink(missing_ok=True)
             self._record(_finished_result(slide, plan))
@@ -421,13 +410,18 @@ class _CohortRunner:
             )
         except Exception as err:  # noqa: BLE001 - e.g. an unwritable slide folder
             self._record(SlideResult(slide, plan.slide_id, "failed",
-                                     error=_one_line(err), out_dir=plan.slide_dir))
+                                     error=one_line(err), out_dir=plan.slide_dir))
             return None
         bar.add_slide(plan.slide_id, len(futures))
-        return _SlideState(plan, futures, final, pending.started)
+        return _SlideState(plan, futures, final, pending.started_at)
+
+    def _unplanned(self, pending: _Pending, line: str) -> None:
+        """Record a slide that failed before its graph was submitted (no plan, or a duplicate)."""
+        pending.staged_tissue.unlink(missing_ok=True)
+        self._record(SlideResult(pending.slide, Path(pending.slide).stem, "failed", error=line))
 
     def _succeed(self, state: _SlideState, outcome: dict[str, Any]) -> None:
-        seconds = time.perf_counter() - state.started
+        seconds = time.time() - state.started_at
         plan = state.plan
         self._record(SlideResult(plan.slide_path, plan.slide_id, "ok",
                                  nuclei=int(outcome["nuclei"]), seconds=round(seconds, 3),
@@ -436,10 +430,10 @@ class _CohortRunner:
 
     def _fail(self, state: _SlideState, error: BaseException | None) -> None:
         self.client.cancel(state.futures)
-        seconds = time.perf_counter() - state.started
+        seconds = time.time() - state.started_at
         plan = state.plan
         self._record(SlideResult(plan.slide_path, plan.slide_id, "failed",
-                                 seconds=round(seconds, 3), error=_one_line(error),
+                                 seconds=round(seconds, 3), error=one_line(error),
                                  out_dir=plan.slide_dir))
 
     def _record(self, result: SlideResult) -> None:
@@ -464,11 +458,3 @@ def _warning(plan: SlidePlan, options: RunOptions) -> str:
     if options.tissue_mask and not plan.tissue_tiles:
         return NO_TISSUE_WARNING
     return ""
-
-
-def _one_line(error: BaseException | None) -> str:
-    if error is None:
-        return "unknown error"
-    text = " ".join(str(error).split())
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
-
