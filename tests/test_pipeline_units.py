@@ -182,7 +182,7 @@ def test_inference_busy_fraction_from_the_tile_markers(tmp_path) -> None:
     from types import SimpleNamespace
 
     from hoverdask.atomic import atomic_write_json
-    from hoverdask.pipeline.postprocess import inference_busy_fraction
+    from hoverdask.pipeline.postprocess import inference_busy_fraction, tile_markers
 
     ledger = SlideLedger(tmp_path)
     intervals = {  # worker "0": busy 3 of 4 s (a 1 s gap); worker "1": busy 2 of 2 s
@@ -193,6 +193,8 @@ def test_inference_busy_fraction_from_the_tile_markers(tmp_path) -> None:
     for (row, col), (worker, start, end) in intervals.items():
         atomic_write_json(ledger.tile_marker(row, col),
                           {"worker": worker, "predict_start": start, "predict_end": end})
-    plan = SimpleNamespace(ledger=ledger, tissue_tiles=tuple(intervals))
-    assert inference_busy_fraction(plan, since=50.0) == pytest.approx(5.0 / 6.0)
-    assert inference_busy_fraction(plan, since=200.0) is None
+    plan = SimpleNamespace(ledger=ledger, tissue_tiles=(*intervals, (5, 5)))  # (5, 5): not done
+    markers = tile_markers(plan)
+    assert len(markers) == len(intervals)
+    assert inference_busy_fraction(markers, since=50.0) == pytest.approx(5.0 / 6.0)
+    assert inference_busy_fraction(markers, since=200.0) is None

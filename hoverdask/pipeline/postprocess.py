@@ -141,7 +141,7 @@ def nuclei_block(
     window = maps_store.read_window(ledger.maps_store, *box, nr_types)
     found = seams.block_nuclei(window, box, grid, block, ranges, nr_types)
     segmented = time.perf_counter()
-    table = measured_table(plan, found.records, box)
+    table = measured_table(plan, found.records)
     atomic_write(part, lambda tmp: table.to_parquet(tmp, index=False))
     summary = {"part": str(part), "nuclei": len(table),
                "fragments": [list(f) for f in found.fragments],
@@ -177,11 +177,10 @@ def oversized_nuclei(
             if refit.grow_to is not None:
                 retry.append((refit.grow_to, target))
                 continue
-            records.append((refit.records, window_box))
+            records.extend(refit.records)
             oversized.extend(list(b) for b in refit.oversized)
         pending = retry
-    tables = [measured_table(plan, recs, box) for recs, box in records]
-    table = _concat(tables)
+    table = measured_table(plan, records)
     table = table.drop_duplicates("nucleus_id") if len(table) else table
     atomic_write(part, lambda tmp: table.to_parquet(tmp, index=False))
     summary = {"parts": [*parts, str(part)], "oversized": sorted(oversized), "timings_s": timings}
@@ -189,21 +188,23 @@ def oversized_nuclei(
     return summary
 
 
-def measured_table(plan: SlidePlan, records: list[Any], box: Box) -> gpd.GeoDataFrame:
-    """Records -> nuclei table in level-0 coordinates, with features from the window's RGB.
+def measured_table(plan: SlidePlan, records: list[Any]) -> gpd.GeoDataFrame:
+    """Records -> nuclei table in level-0 coordinates, with features from the processed RGB.
 
-    The one place where a region's offset enters the coordinates (the records and ``box`` are
-    in the processed image's pixels).
+    The one place where a region's offset enters the coordinates (the records are in the
+    processed image's pixels). Only the RGB under the nuclei is read (their contours' bounding
+    box, one slice): not the halo of the block window, which the neighbours read again.
     """
     ox, oy = plan.offset
-    table = seams.nuclei_table(seams.records_frame(records), plan.scale, (ox, oy))
+    frame = seams.records_frame(records)
+    table = seams.nuclei_table(frame, plan.scale, (ox, oy))
     if not len(table):
         return table
     from hoverdask.features import measure
     from hoverdask.pipeline.tasks import processing_view
 
-    # the box's pixels as one slice (``read_rgb`` gathers arbitrary rows and columns: a copy)
-    y0, x0, y1, x1 = box
+    points = np.concatenate(list(frame["contour"]))  # (x, y) pixel indices
+    (x0, y0), (x1, y1) = points.min(axis=0), points.max(axis=0) + 1
     r0, c0 = plan.source.origin
     view = processing_view(plan.source).array[r0 + y0 : r0 + y1, c0 + x0 : c0 + x1, :3]
     image = np.ascontiguousarray(view.compute(scheduler="synchronous"))
@@ -242,8 +243,9 @@ def assemble_slide(plan: SlidePlan, finish: SlideFinish, refit: dict[str, Any]) 
     else:
         table = _concat([_read_part(p) for p in paths])
         outcome = finish_slide(plan, table, formats, oversized=oversized)
-    outcome["timings_s"] = {**tile_timings(plan), **refit.get("timings_s", {})}
-    outcome["inference_busy_fraction"] = inference_busy_fraction(plan, finish.started_at)
+    markers = tile_markers(plan)
+    outcome["timings_s"] = {**tile_timings(markers), **refit.get("timings_s", {})}
+    outcome["inference_busy_fraction"] = inference_busy_fraction(markers, finish.started_at)
     write_run_record(plan, finish.model, finish.options, outcome,
                      time.time() - finish.started_at, bench=finish.bench)
     if not finish.options.keep_work:
@@ -262,22 +264,25 @@ class SlideFinish:
     bench: dict[str, Any] | None = None
 
 
-def tile_timings(plan: SlidePlan) -> dict[str, float]:
-    """Summed task seconds of the inference stage, from the tile markers (also resumed ones)."""
+def tile_markers(plan: SlidePlan) -> list[dict[str, Any]]:
+    """The committed markers of the slide's inference tiles (also resumed ones)."""
     markers = [plan.ledger.read_marker(plan.ledger.tile_marker(*t)) for t in plan.tissue_tiles]
-    return {key: sum((m or {}).get(key, 0.0) for m in markers)
-            for key in ("read_s", "predict_s", "write_s")}
+    return [m for m in markers if m is not None]
 
 
-def inference_busy_fraction(plan: SlidePlan, since: float) -> float | None:
+def tile_timings(markers: list[dict[str, Any]]) -> dict[str, float]:
+    """Summed task seconds of the inference stage."""
+    return {key: sum(m.get(key, 0.0) for m in markers) for key in ("read_s", "predict_s", "write_s")}
+
+
+def inference_busy_fraction(markers: list[dict[str, Any]], since: float) -> float | None:
     """Of the time each worker spent on this slide's inference (first prediction started to last
     ended; tiles of this run only: those ended after ``since``), the part its predictor worked.
 
     On a GPU worker this is how busy the GPU was kept; below 1 it waited for reads, writes or
     the scheduler. None when no tile was predicted in this run.
     """
-    markers = [plan.ledger.read_marker(plan.ledger.tile_marker(*t)) for t in plan.tissue_tiles]
-    fresh = [m for m in markers if m and m.get("predict_end", 0.0) > since and "worker" in m]
+    fresh = [m for m in markers if m.get("predict_end", 0.0) > since and "worker" in m]
     spans: dict[str, list[float]] = {}
     for m in fresh:
         span = spans.setdefault(m["worker"], [m["predict_start"], m["predict_end"]])
