@@ -177,10 +177,10 @@ def oversized_nuclei(
             if refit.grow_to is not None:
                 retry.append((refit.grow_to, target))
                 continue
-            records.extend(refit.records)
+            records.append(refit.records)
             oversized.extend(list(b) for b in refit.oversized)
         pending = retry
-    table = measured_table(plan, records)
+    table = _concat([measured_table(plan, recs) for recs in records])
     table = table.drop_duplicates("nucleus_id") if len(table) else table
     atomic_write(part, lambda tmp: table.to_parquet(tmp, index=False))
     summary = {"parts": [*parts, str(part)], "oversized": sorted(oversized), "timings_s": timings}
