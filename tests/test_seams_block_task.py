@@ -240,9 +240,11 @@ def test_contour_polygons_equal_one_by_one_polygons_repairs_included() -> None:
 
 
 @pytest.mark.slow
-def test_pipeline_tasks_equal_the_pure_composition(tmp_path) -> None:
+@pytest.mark.parametrize("halo", [seams.DEFAULT_HALO, 40])
+def test_pipeline_tasks_equal_the_pure_composition(tmp_path, monkeypatch, halo: int) -> None:
     """``sobel_block``, ``nuclei_block`` and ``oversized_nuclei`` on a real map cache and slide
-    give the composition of the pure functions pinned above (with the slide's RGB)."""
+    give the composition of the pure functions pinned above (with the slide's RGB); the small
+    halo sends clusters through ``oversized_nuclei``, on overlapping windows."""
     from hoverdask.pipeline import maps_store, postprocess
     from hoverdask.pipeline.plan import plan_slide
     from hoverdask.pipeline.tasks import read_rgb
@@ -260,7 +262,8 @@ def test_pipeline_tasks_equal_the_pure_composition(tmp_path) -> None:
         for x in range(0, width, tile):
             maps_store.write_tile(store, y, x, maps[y : y + tile, x : x + tile], NR_TYPES)
     stored = maps_store.read_window(store, 0, 0, height, width, NR_TYPES)
-    grid = postprocess.block_grid(plan)
+    grid = seams.BlockGrid(height, width, plan.grid.tile, halo)
+    monkeypatch.setattr(postprocess, "block_grid", lambda _plan: grid)
     hv = (value_range(stored[..., -2]), value_range(stored[..., -1]))
     sobel = [postprocess.sobel_block(plan, b, hv, NR_TYPES) for b in grid.blocks()]
     for block, got in zip(grid.blocks(), sobel, strict=True):
@@ -270,6 +273,7 @@ def test_pipeline_tasks_equal_the_pure_composition(tmp_path) -> None:
     ranges = postprocess.slide_norm_ranges(hv, sobel, False)
     parts = [postprocess.nuclei_block(plan, b, ranges, NR_TYPES) for b in grid.blocks()]
     refit = postprocess.oversized_nuclei(plan, parts, ranges, NR_TYPES)
+    assert (len(refit["parts"]) > len(parts)) == (halo == 40)
     got = sorted_table([gpd.read_parquet(p) for p in refit["parts"]])
     image = read_rgb(plan.source, np.arange(height), np.arange(width))
     expected = composed_table(stored, image, grid.chunk_size, grid.halo, plan.scale, plan.offset,
