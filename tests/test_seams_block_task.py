@@ -186,7 +186,7 @@ def windows():
     return out
 
 
-def test_window_markers_equal_the_reference_markers(windows) -> None:
+def test_pass3_markers_equal_the_reference_markers(windows) -> None:
     from hoverdask.postproc.fast import markers_fast
     from hoverdask.postproc.reference import foreground_mask, markers_from_energy
     from hoverdask.postproc.stable import energy_with_ranges
