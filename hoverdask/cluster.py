@@ -131,21 +131,10 @@ def start_local_cluster(
     Workers are named 0..N-1, GPU workers first, so that GPU worker ``i`` uses device ``i``.
     Memory limits share this machine's memory out evenly, as LocalCluster does.
     """
-    from distributed import Client, LocalCluster, Nanny, Scheduler, SpecCluster
+    from distributed import Client, Nanny, Scheduler, SpecCluster
     from distributed.system import MEMORY_LIMIT
 
     protocol = "tls://" if security is not None else None
-    dashboard_address = "127.0.0.1:8787" if dashboard else "127.0.0.1:0"
-    if layout.gpu_workers == 0 or layout.cpu_workers == 0:
-        n_gpus = layout.gpu_workers
-        cluster = LocalCluster(
-            n_workers=layout.n_workers,
-            threads_per_worker=layout.gpu_threads if n_gpus else layout.cpu_threads,
-            processes=True, host="127.0.0.1", dashboard_address=dashboard_address,
-            resources={GPU_RESOURCE: 1} if n_gpus else None,
-            security=security, protocol=protocol,
-        )
-        return Client(cluster, security=security)
     common = {"host": "127.0.0.1", "memory_limit": int(MEMORY_LIMIT / layout.n_workers),
               "security": security, "protocol": protocol}
     workers: dict[int, dict[str, object]] = {}
@@ -154,9 +143,9 @@ def start_local_cluster(
         options = {**common, "nthreads": layout.gpu_threads if gpu else layout.cpu_threads,
                    "resources": {GPU_RESOURCE: 1} if gpu else {}}
         workers[index] = {"cls": Nanny, "options": options}
-    scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "security": security,
-                                               "protocol": protocol,
-                                               "dashboard_address": dashboard_address}}
+    scheduler = {"cls": Scheduler, "options": {
+        "host": "127.0.0.1", "security": security, "protocol": protocol,
+        "dashboard_address": "127.0.0.1:8787" if dashboard else "127.0.0.1:0"}}
     cluster = SpecCluster(workers=workers, scheduler=scheduler, security=security)
     client = Client(cluster, security=security)
     client.wait_for_workers(layout.n_workers)
