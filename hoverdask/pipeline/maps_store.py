@@ -78,15 +78,16 @@ def write_tile(
 
 
 def read_window(
-    path: Path, y0: int, x0: int, y1: int, x1: int, nr_types: int | None
+    path: Path, y0: int, x0: int, y1: int, x1: int, nr_types: int | None,
+    channels: tuple[str, ...] | None = None,
 ) -> np.ndarray:
-    """Dequantised maps (h, w, C) float32 of a rectangle, in the predictor's channel order."""
+    """Dequantised maps (h, w, C) float32 of a rectangle, in the predictor's channel order, or
+    only ``channels`` in that order (each map read is a decode of its tiles: read what is used)."""
     import zarr
 
     group = zarr.open_group(str(path), mode="r")
-    return np.stack(
-        [dequantise(name, group[name][y0:y1, x0:x1]) for name in channel_names(nr_types)], axis=-1
-    )
+    names = channels or channel_names(nr_types)
+    return np.stack([dequantise(name, group[name][y0:y1, x0:x1]) for name in names], axis=-1)
 
 
 def as_dask(path: Path, nr_types: int | None) -> da.Array:

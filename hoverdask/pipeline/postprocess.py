@@ -98,18 +98,11 @@ def sobel_block(
     committed = ledger.read_marker(marker)
     if committed is not None:
         return tuple(tuple(r) for r in committed)  # type: ignore[return-value]
-    import zarr
-
     grid = block_grid(plan)
     core = grid.core(*block)
     context = grid.grow(core, SOBEL_REACH)
-    # pass 2 reads h and v only (``sobel_ranges`` takes the last two channels), half the maps
-    # ``read_window`` would decode; ``nr_types`` does not matter here
-    y0, x0, y1, x1 = context
-    group = zarr.open_group(str(ledger.maps_store), mode="r")
-    window = np.stack(
-        [maps_store.dequantise(name, group[name][y0:y1, x0:x1]) for name in ("h", "v")], axis=-1
-    )
+    # pass 2 reads h and v only (``sobel_ranges`` takes the last two channels)
+    window = maps_store.read_window(ledger.maps_store, *context, nr_types, channels=("h", "v"))
     result = seams.sobel_ranges(window, context, core, NormRanges(*hv))
     atomic_write_json(marker, [list(r) for r in result])
     return result
@@ -201,13 +194,11 @@ def measured_table(plan: SlidePlan, records: list[Any]) -> gpd.GeoDataFrame:
     if not len(table):
         return table
     from hoverdask.features import measure
-    from hoverdask.pipeline.tasks import processing_view
+    from hoverdask.pipeline.tasks import read_rgb_box
 
     points = np.concatenate(list(frame["contour"]))  # (x, y) pixel indices
     (x0, y0), (x1, y1) = points.min(axis=0), points.max(axis=0) + 1
-    r0, c0 = plan.source.origin
-    view = processing_view(plan.source).array[r0 + y0 : r0 + y1, c0 + x0 : c0 + x1, :3]
-    image = np.ascontiguousarray(view.compute(scheduler="synchronous"))
+    image = read_rgb_box(plan.source, int(y0), int(x0), int(y1), int(x1))
     origin = ((x0 + ox) * plan.scale, (y0 + oy) * plan.scale)
     return measure(table, image, plan.slide_mpp, origin=origin, scale=plan.scale,
                    type_table=plan.type_table)

@@ -51,13 +51,21 @@ def processing_view(source: SlideSource) -> Any:
     return processing_array(slide, target_mpp=source.target_mpp)
 
 
+def read_rgb_box(source: SlideSource, y0: int, x0: int, y1: int, x1: int) -> np.ndarray:
+    """Pixels ``[y0:y1, x0:x1]`` of the processed image (its coordinates, not the view's)."""
+    r0, c0 = source.origin
+    box = processing_view(source).array[r0 + y0 : r0 + y1, c0 + x0 : c0 + x1, :3]
+    return np.ascontiguousarray(box.compute(scheduler="synchronous"))
+
+
 def read_rgb(source: SlideSource, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """Pixels ``image[rows][:, cols]`` of the processed image, reading only their bounding box."""
-    image = processing_view(source).array
-    rows, cols = rows + source.origin[0], cols + source.origin[1]
+    """Pixels ``image[rows][:, cols]`` of the processed image, reading only their bounding box
+    (rows and columns may repeat or step back: the reflected context at the slide border)."""
     r0, r1 = int(rows.min()), int(rows.max()) + 1
     c0, c1 = int(cols.min()), int(cols.max()) + 1
-    box = np.asarray(image[r0:r1, c0:c1, :3].compute(scheduler="synchronous"))
+    box = read_rgb_box(source, r0, c0, r1, c1)
+    if np.array_equal(rows, np.arange(r0, r1)) and np.array_equal(cols, np.arange(c0, c1)):
+        return box  # a plain rectangle: no gather copy
     return np.ascontiguousarray(box[np.ix_(rows - r0, cols - c0)])
 
 
