@@ -10,11 +10,9 @@ steps run in order, which is what makes the staging testable without a GPU.
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import math
 import threading
-import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -26,9 +24,8 @@ from hoverdask.errors import HoverdaskError
 from hoverdask.model.infer import (
     INFERENCE_MEMORY_FORMAT,
     _check_patches,
-    _tensors_key,
-    _with_layout_preserving_upsample,
     cpu_inference_model,
+    layout_network,
     logits_to_maps,
     model_device,
     resolve_device,
@@ -116,23 +113,8 @@ def probe_batch_size(
 
 def inference_network(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """What runs on ``device`` (``model`` must already be there, in eval mode): on CPU the fused
-    inference copy; on CUDA a copy in the channels_last layout whose upsampling keeps that layout
-    (same values; the reference's returns NCHW, which makes every later conv convert back)."""
-    if device.type == "cpu":
-        return cpu_inference_model(model)
-    key = _tensors_key(model)
-    cached = _CUDA_COPIES.get(model)
-    if cached is None or cached[0] != key:
-        network = _with_layout_preserving_upsample(copy.deepcopy(model).eval())
-        use_inference_layout(network)
-        cached = (key, network)
-        _CUDA_COPIES[model] = cached
-    return cached[1]
-
-
-_CUDA_COPIES: weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, torch.nn.Module]] = (
-    weakref.WeakKeyDictionary()
-)
+    inference form (:func:`cpu_inference_model`), on CUDA :func:`layout_network`."""
+    return cpu_inference_model(model) if device.type == "cpu" else layout_network(model)
 
 
 def forward_maps(

@@ -12,7 +12,7 @@ import copy
 import itertools
 import math
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,6 +46,9 @@ def _with_layout_preserving_upsample(model: torch.nn.Module) -> torch.nn.Module:
 _INFERENCE_COPIES: weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, torch.nn.Module]] = (
     weakref.WeakKeyDictionary()
 )
+_LAYOUT_COPIES: weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, torch.nn.Module]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _tensors_key(model: torch.nn.Module) -> tuple:
@@ -61,20 +64,37 @@ def cpu_inference_model(model: torch.nn.Module) -> torch.nn.Module:
 
     A :class:`~hoverdask.model.fused.FusedHoVerNet` (BatchNorm folded into the convolutions,
     oneDNN fused ReLU and residual sums; logits within 1e-4 of the model's) where this PyTorch
-    has oneDNN and ``model`` is a HoVer-Net with the usual all-ones ``unpool_mat``; otherwise an
-    eval-mode copy with a layout-preserving upsampling in the inference layout (same values).
+    has oneDNN and ``model`` is a HoVer-Net with the usual all-ones ``unpool_mat``; otherwise
+    :func:`layout_network` (same values).
     """
+    return _cached_copy(_INFERENCE_COPIES, model, _inference_copy)
+
+
+def layout_network(model: torch.nn.Module) -> torch.nn.Module:
+    """An eval-mode copy of ``model`` in the inference layout whose upsampling keeps that layout
+    (same values; the reference's returns NCHW, which makes every later conv convert back); what
+    CUDA runs. Cached until ``model`` changes; ``model`` is left as it is."""
+    return _cached_copy(_LAYOUT_COPIES, model, _layout_copy)
+
+
+def _cached_copy(
+    cache: weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, torch.nn.Module]],
+    model: torch.nn.Module,
+    build: Callable[[torch.nn.Module], torch.nn.Module],
+) -> torch.nn.Module:
     key = _tensors_key(model)
-    cached = _INFERENCE_COPIES.get(model)
+    cached = cache.get(model)
     if cached is None or cached[0] != key:
-        cached = (key, _inference_copy(model))
-        _INFERENCE_COPIES[model] = cached
+        cached = (key, build(model))
+        cache[model] = cached
     return cached[1]
 
 
 def _inference_copy(model: torch.nn.Module) -> torch.nn.Module:
-    if can_fuse(model):
-        return FusedHoVerNet(model)
+    return FusedHoVerNet(model) if can_fuse(model) else _layout_copy(model)
+
+
+def _layout_copy(model: torch.nn.Module) -> torch.nn.Module:
     inference = _with_layout_preserving_upsample(copy.deepcopy(model).eval())
     use_inference_layout(inference)
     return inference
