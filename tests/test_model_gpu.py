@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from hoverdask.errors import HoverdaskError
 from hoverdask.model import HoVerNet, predict_patches
 from hoverdask.model.gpu import (
+    PrecisionDrift,
     StagedPatchRunner,
     choose_batch_size,
     compare_heads,
@@ -124,11 +125,17 @@ def test_cpu_bfloat16_drift_on_the_parity_inputs_is_small_but_real() -> None:
     print(drift)
     assert drift.pixels == 164 * 164
     assert drift.nonfinite == 0
+    assert 0 < drift.tp_mean < drift.tp_max < 0.25
+    assert_small_but_real(drift)
+
+
+def assert_small_but_real(drift: PrecisionDrift) -> None:
+    """Reduced precision changes the outputs a little (a drift of 0 means it did not run)."""
     assert 0 < drift.np_mean < drift.np_max < 0.25
     assert 0 < drift.hv_mean < drift.hv_max < 0.25
-    assert 0 < drift.tp_mean < drift.tp_max < 0.25
-    # the synthetic weights leave many near-ties between classes (measured: 0.87 % of tp argmax
-    # decisions and 0 % of np decisions change), so the bound is looser than for trained weights
+    # the synthetic weights leave many near-ties between classes (measured on CPU: 0.87 % of tp
+    # argmax decisions and 0 % of np decisions change), so the bound is looser than for trained
+    # weights
     assert drift.np_changed < 0.01
     assert drift.tp_changed is not None
     assert drift.tp_changed < 0.02
@@ -180,11 +187,7 @@ def test_cuda_drift_on_the_parity_inputs_is_small_but_real(dtype: str) -> None:
     drift = precision_drift(model, np.load(PARITY / "input_original_270.npy"), device="cuda",
                             dtype=dtype)
     print(drift)
-    assert 0 < drift.np_mean < drift.np_max < 0.25
-    assert 0 < drift.hv_mean < drift.hv_max < 0.25
-    assert drift.np_changed < 0.01
-    assert drift.tp_changed is not None
-    assert drift.tp_changed < 0.02
+    assert_small_but_real(drift)
 
 
 def test_cuda_network_form_keeps_channels_last_and_the_values() -> None:
