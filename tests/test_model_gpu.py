@@ -127,6 +127,7 @@ def test_cpu_bfloat16_drift_on_the_parity_inputs_is_small_but_real() -> None:
     assert drift.nonfinite == 0
     assert 0 < drift.tp_mean < drift.tp_max < 0.25
     assert_small_but_real(drift)
+    assert all(p.is_contiguous() for p in model.parameters())  # the model's layout is untouched
 
 
 def assert_small_but_real(drift: PrecisionDrift) -> None:

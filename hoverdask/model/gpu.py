@@ -29,7 +29,6 @@ from hoverdask.model.infer import (
     logits_to_maps,
     model_device,
     resolve_device,
-    use_inference_layout,
 )
 
 log = logging.getLogger(__name__)
@@ -356,17 +355,16 @@ def precision_drift(
     """Run uint8 NHWC ``patches`` at fp32 and under ``dtype`` autocast on ``device`` and measure
     the drift of the reduced-precision outputs.
 
-    The network is the form CUDA runs (the model in the inference layout) on every device, so
-    that CPU autocast (bfloat16) can exercise it; CPU inference proper runs fp32 in a fused form
-    that autocast does not reach.
+    The network is the form CUDA runs (:func:`layout_network`; ``model`` is left as it is) on every
+    device, so that CPU autocast (bfloat16) can exercise it; CPU inference proper runs fp32 in a
+    fused form that autocast does not reach.
     """
     _check_patches(patches)
     target = resolve_device(device)
     low = autocast_dtype(dtype)
     if model_device(model) != target:
         model.to(target)
-    network = model.eval()
-    use_inference_layout(network)
+    network = layout_network(model.eval())
     heads: dict[str | None, list[dict[str, np.ndarray]]] = {None: [], dtype: []}
     for batch in _chunks(patches, batch_size):
         x = network_input(torch.from_numpy(np.require(batch, requirements=("C", "W"))).to(target))
