@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,21 @@ def shared_dataset(name: str) -> Path:
     if not path.is_dir():
         pytest.skip(f"{path} is not available")
     return path
+
+
+@contextlib.contextmanager
+def cpu_client(workers: int, threads: int) -> Iterator[Any]:
+    """A local cluster of CPU worker processes (quiet, no dashboard port), closed afterwards."""
+    from hoverdask.cluster import make_client
+
+    client = make_client(workers=workers, threads_per_worker=threads, device="cpu", quiet=True,
+                         dashboard=False)
+    try:
+        yield client
+    finally:
+        cluster = client.cluster
+        client.close()
+        cluster.close()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -24,7 +24,7 @@ from hoverdask.bench import (
 from hoverdask.model import HoVerNet
 from hoverdask.model.infer import NearestUpSample2x, cpu_inference_model
 from hoverdask.model.network import UpSample2x
-from tests.conftest import PARITY, parity_npz
+from tests.conftest import PARITY, cpu_client, parity_npz
 from tests.parity_weights import parity_model
 
 
@@ -121,14 +121,8 @@ def test_latest_figures_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 @pytest.fixture(scope="module")
 def client():
-    from hoverdask.cluster import make_client
-
-    client = make_client(workers=1, threads_per_worker=2, device="cpu", quiet=True,
-                         dashboard=False)
-    yield client
-    cluster = client.cluster
-    client.close()
-    cluster.close()
+    with cpu_client(workers=1, threads=2) as client:
+        yield client
 
 
 @pytest.mark.slow

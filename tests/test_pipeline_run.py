@@ -14,12 +14,12 @@ import geopandas as gpd
 import numpy as np
 import pytest
 
-from hoverdask.cluster import make_client
 from hoverdask.pipeline import maps_store, nuclei_from_maps
 from hoverdask.pipeline.predictors import ArrayPredictorFactory
 from hoverdask.pipeline.run import RunOptions, run_cohort
 from hoverdask.postproc.synthetic import synthetic_pred_map
 from hoverdask.synth import write_synthetic_slide
+from tests.conftest import cpu_client
 
 WIDTH, HEIGHT = 800, 600
 NR_TYPES = 6
@@ -27,12 +27,8 @@ NR_TYPES = 6
 
 @pytest.fixture(scope="module")
 def client():
-    client = make_client(workers=2, threads_per_worker=1, device="cpu", quiet=True,
-                         dashboard=False)
-    yield client
-    cluster = client.cluster
-    client.close()
-    cluster.close()
+    with cpu_client(workers=2, threads=1) as client:
+        yield client
 
 
 @pytest.fixture(scope="module")
