@@ -265,8 +265,9 @@ def bench_end_to_end(
     tissue mask found and ``tissue_fraction`` the share of pixels in the tiles kept.
     ``seconds_per_mm2`` is per mm² processed.
     Without a checkpoint a randomly initialised fast network is used: the speed is a real
-    model's, but almost no nuclei are found, so post-processing is light. Planning and the
-    LocalCluster start-up are not timed; everything ``run_cohort`` does is.
+    model's, but almost no nuclei are found, so post-processing is light. Everything
+    ``run_cohort`` does is timed (its plan task included); the cluster's start-up and the plan
+    made here beforehand, only to count the processed pixels, are not.
     """
     import tempfile
 
