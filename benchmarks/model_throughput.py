@@ -33,8 +33,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from hoverdask.bench import MatmulPeak, bench_model, conv_gflop
-from hoverdask.model.fused import NearestUpSample2x
-from hoverdask.model.infer import cpu_inference_model
+from hoverdask.model.infer import cpu_inference_model, layout_network
 from hoverdask.model.network import HoVerNet
 
 
@@ -63,13 +62,6 @@ def fold_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
     return folded
 
 
-def _layout_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """The CPU inference copy before the fused form: layout-preserving upsampling, channels_last."""
-    copied = copy.deepcopy(model).eval()
-    copied.upsample2x = NearestUpSample2x()
-    return copied.to(memory_format=torch.channels_last)
-
-
 def _compiled(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], object]:
     import torch._inductor.config as inductor_config
 
@@ -89,7 +81,7 @@ def _variants(
     torch.manual_seed(0)
     plain = HoVerNet("fast", 6).eval()
     used = cpu_inference_model(plain)
-    before = _layout_copy(plain)
+    before = layout_network(plain)  # the CPU inference copy before the fused form
     folded = fold_batchnorm(before)
     reference_up = copy.deepcopy(plain).to(memory_format=torch.channels_last)
     contiguous = copy.deepcopy(plain)
