@@ -34,13 +34,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # tests/parity_weights.py regenerates the fixture weights
 
 from hoverdask.model import load_model, patch_geometry, predict_patches
-from hoverdask.model.gpu import StagedPatchRunner, precision_drift
+from hoverdask.model.gpu import AUTOCAST_DTYPES, StagedPatchRunner, precision_drift
 from hoverdask.pipeline.predictors import PatchPredictor
 from tests.conftest import PARITY, parity_npz
 from tests.parity_weights import parity_model
 
 INPUTS = {"fast": "input_fast_256.npy", "original": "input_original_270.npy"}
-PRECISIONS = {"fp32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PRECISIONS = {"fp32": None, **AUTOCAST_DTYPES}
 
 
 def drift_report(checkpoint: Path | None) -> None:
@@ -63,7 +63,7 @@ def drift_report(checkpoint: Path | None) -> None:
             print(f"{config:<16}fp32 CUDA vs reference logits: max |diff| {worst:.2e}")
     for name, (model, mode) in networks.items():
         patches = np.load(PARITY / INPUTS[mode])
-        for dtype in ("bfloat16", "float16"):
+        for dtype in AUTOCAST_DTYPES:
             d = precision_drift(model, patches, device="cuda", dtype=dtype)
             tp = (f"{d.tp_max:>9.4f}{d.tp_mean:>10.5f}" if d.tp_max is not None
                   else f"{'-':>9}{'-':>10}")
