@@ -101,3 +101,16 @@ def test_a_read_ahead_error_surfaces_in_the_task_that_takes_it() -> None:
     ahead.start("x", broken)
     with pytest.raises(OSError, match="truncated"):
         ahead.take("x", broken)
+
+
+def test_committed_tiles_are_not_read_ahead(slide, tmp_path) -> None:
+    """On a resumed run the next tile may already be in the cache: reading it would be waste."""
+    source = tasks.SlideSource(str(slide), None, 0.25)
+    grid = TileGrid.for_chunk_size(500, 700, OUTPUT, OUTPUT, MARGIN)
+    ledger = SlideLedger(tmp_path)
+    maps_store.create_store(ledger.maps_store, (grid.height, grid.width), grid.tile, None)
+    first, done, fresh = list(grid.tiles())[:3]
+    tasks.infer_tile(source, grid, str(tmp_path), *done, PixelFactory(), None)
+    tasks.infer_tile(source, grid, str(tmp_path), *first, PixelFactory(), None, (done, fresh))
+    assert (source, grid, *done) not in tasks.WINDOWS._pending
+    assert (source, grid, *fresh) in tasks.WINDOWS._pending

@@ -164,7 +164,8 @@ def infer_tile(
     reader = functools.partial(read_window, source, grid)
     window = WINDOWS.take((source, grid, row, col), lambda: reader(row, col))
     for ahead in read_ahead:
-        WINDOWS.start((source, grid, *ahead), functools.partial(reader, *ahead))
+        if not ledger.tile_marker(*ahead).exists():  # a resumed run skips committed tiles
+            WINDOWS.start((source, grid, *ahead), functools.partial(reader, *ahead))
     read = time.perf_counter()
     y0, x0, y1, x1 = grid.extent(row, col)
     maps = predictor.predict_tile(window, (y0, x0))[: y1 - y0, : x1 - x0]
