@@ -295,7 +295,7 @@ def bench_end_to_end(
         processed = sum(_area(plan.grid.extent(*tile)) for tile in plan.tissue_tiles)
         slide_px = plan.grid.height * plan.grid.width
         with ExitStack() as cleanup:
-            if client is None:  # a LocalCluster for the measurement; its start is not timed
+            if client is None:  # a local cluster for the measurement; its start is not timed
                 from hoverdask.cluster import make_client
 
                 client = make_client(device=device, quiet=True, dashboard=False)  # type: ignore[arg-type]

@@ -1,4 +1,4 @@
-"""Dask clusters for hoverdask: a LocalCluster on this machine, or an existing scheduler.
+"""Dask clusters for hoverdask: a local cluster of worker processes on this machine, or an existing scheduler.
 
 Both paths hand back a plain ``distributed.Client`` so the pipeline code never knows which one it
 got. Local workers are processes bound to 127.0.0.1 (nothing is exposed to the network); when

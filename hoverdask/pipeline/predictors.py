@@ -250,7 +250,7 @@ def _plugin_base() -> type:
 class PredictorPlugin(_plugin_base()):  # type: ignore[misc]
     """Holds one predictor per worker process, built once in ``setup``.
 
-    On CUDA workers it pins the worker to GPU ``name % device_count`` (LocalCluster names workers
+    On CUDA workers it pins the worker to GPU ``name % device_count`` (local clusters name workers
     0..N-1); on CPU workers it gives torch the worker's threads back, since the nanny sets
     ``OMP_NUM_THREADS=1``. When the cluster has GPU workers (``gpu_cluster``), workers without
     the ``GPU`` resource never run inference: they neither load the network nor touch CUDA.
@@ -280,7 +280,7 @@ class PredictorPlugin(_plugin_base()):  # type: ignore[misc]
 def gpu_index(worker_name: Any, device_count: int) -> int:
     """The GPU a worker process should use: its number modulo the visible devices.
 
-    LocalCluster names workers 0..N-1; dask-jobqueue names them ``<Cluster>-<job>-<i>`` with ``i``
+    Local clusters name workers 0..N-1; dask-jobqueue names them ``<Cluster>-<job>-<i>`` with ``i``
     the process within the job. A worker whose GPU is chosen for it (one visible device, as with
     dask-cuda or ``CUDA_VISIBLE_DEVICES``) always gets device 0.
     """

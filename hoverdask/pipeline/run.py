@@ -182,7 +182,7 @@ def run_cohort(
 
     Give either ``model`` (a checkpoint path; each worker loads it once) or
     ``predictor_factory`` (any picklable callable returning a predictor). Without ``client`` a
-    LocalCluster (or ``scheduler``) is started and closed here.
+    local cluster (or ``scheduler``) is started and closed here.
     """
     options = options or RunOptions()
     if not slides:
