@@ -34,7 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # tests/parity_weights.py regenerates the fixture weights
 
 from hoverdask.model import load_model, patch_geometry, predict_patches
-from hoverdask.model.gpu import AUTOCAST_DTYPES, StagedPatchRunner, precision_drift
+from hoverdask.model.gpu import StagedPatchRunner, precision_drift
+from hoverdask.model.infer import AUTOCAST_DTYPES
 from hoverdask.pipeline.predictors import PatchPredictor
 from tests.conftest import PARITY, parity_npz
 from tests.parity_weights import parity_model

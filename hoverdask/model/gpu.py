@@ -20,29 +20,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from hoverdask.errors import HoverdaskError
 from hoverdask.model.infer import (
-    INFERENCE_MEMORY_FORMAT,
     _check_patches,
-    cpu_inference_model,
+    forward_maps,
+    inference_network,
     layout_network,
-    logits_to_maps,
     model_device,
+    network_input,
+    parse_autocast_dtype,
     resolve_device,
 )
 
 log = logging.getLogger(__name__)
-AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def autocast_dtype(name: str) -> torch.dtype:
-    """``"bfloat16"`` or ``"float16"`` as a torch dtype (bfloat16 keeps fp32's exponent range)."""
-    try:
-        return AUTOCAST_DTYPES[name]
-    except KeyError:
-        raise HoverdaskError(
-            f"autocast dtype must be one of {', '.join(AUTOCAST_DTYPES)}, not {name!r}"
-        ) from None
 
 
 # --- batch size from free memory -----------------------------------------------------------------
@@ -105,34 +94,6 @@ def probe_batch_size(
     cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     return choose_batch_size(free + cached - fixed, per_patch, reserve_fraction=reserve_fraction,
                              max_batch=max_batch)
-
-
-# --- the network and its head, shared with predict_patches ---------------------------------------
-
-
-def inference_network(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """What runs on ``device`` (``model`` must already be there, in eval mode): on CPU the fused
-    inference form (:func:`cpu_inference_model`), on CUDA :func:`layout_network`."""
-    return cpu_inference_model(model) if device.type == "cpu" else layout_network(model)
-
-
-def forward_maps(
-    network: torch.nn.Module, patches: torch.Tensor, *, dtype: torch.dtype | None = None
-) -> torch.Tensor:
-    """uint8 NHWC patches on the network's device -> float32 NHWC ``[tp, np, h, v]`` maps.
-
-    ``dtype`` runs the network under autocast in that precision; None keeps fp32.
-    """
-    with torch.autocast(patches.device.type, dtype=dtype or torch.bfloat16,
-                        enabled=dtype is not None):
-        logits = network(network_input(patches))
-    return logits_to_maps(logits)
-
-
-def network_input(patches: torch.Tensor) -> torch.Tensor:
-    """uint8 NHWC -> float NCHW in the inference layout (an NHWC tensor seen as NCHW is already
-    channels_last in memory, so this is one dtype conversion)."""
-    return patches.permute(0, 3, 1, 2).float().contiguous(memory_format=INFERENCE_MEMORY_FORMAT)
 
 
 # --- staged batches ------------------------------------------------------------------------------
@@ -361,7 +322,7 @@ def precision_drift(
     """
     _check_patches(patches)
     target = resolve_device(device)
-    low = autocast_dtype(dtype)
+    low = parse_autocast_dtype(dtype)
     if model_device(model) != target:
         model.to(target)
     network = layout_network(model.eval())

@@ -142,6 +142,44 @@ def logits_to_maps(logits: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.cat(maps, dim=1).permute(0, 2, 3, 1)
 
 
+AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_autocast_dtype(name: str) -> torch.dtype:
+    """``"bfloat16"`` or ``"float16"`` as a torch dtype (bfloat16 keeps fp32's exponent range)."""
+    try:
+        return AUTOCAST_DTYPES[name]
+    except KeyError:
+        raise HoverdaskError(
+            f"autocast dtype must be one of {', '.join(AUTOCAST_DTYPES)}, not {name!r}"
+        ) from None
+
+
+def inference_network(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """What runs on ``device`` (``model`` must already be there, in eval mode): on CPU the fused
+    inference form (:func:`cpu_inference_model`), on CUDA :func:`layout_network`."""
+    return cpu_inference_model(model) if device.type == "cpu" else layout_network(model)
+
+
+def forward_maps(
+    network: torch.nn.Module, patches: torch.Tensor, *, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """uint8 NHWC patches on the network's device -> float32 NHWC ``[tp, np, h, v]`` maps.
+
+    ``dtype`` runs the network under autocast in that precision; None keeps fp32.
+    """
+    with torch.autocast(patches.device.type, dtype=dtype or torch.bfloat16,
+                        enabled=dtype is not None):
+        logits = network(network_input(patches))
+    return logits_to_maps(logits)
+
+
+def network_input(patches: torch.Tensor) -> torch.Tensor:
+    """uint8 NHWC -> float NCHW in the inference layout (an NHWC tensor seen as NCHW is already
+    channels_last in memory, so this is one dtype conversion)."""
+    return patches.permute(0, 3, 1, 2).float().contiguous(memory_format=INFERENCE_MEMORY_FORMAT)
+
+
 def predict_patches(
     model: HoVerNet,
     patches_nhwc_uint8: np.ndarray,
@@ -158,15 +196,12 @@ def predict_patches(
     :func:`cpu_inference_model`). The pipeline runs the same steps staged over CUDA streams
     (:class:`hoverdask.model.gpu.StagedPatchRunner`).
     """
-    from hoverdask.model.gpu import autocast_dtype as dtype_named
-    from hoverdask.model.gpu import forward_maps, inference_network
-
     _check_patches(patches_nhwc_uint8)
     target = model_device(model) if device is None else resolve_device(device)
     if model_device(model) != target:
         model.to(target)
     model.eval()
-    requested = dtype_named(autocast_dtype)
+    requested = parse_autocast_dtype(autocast_dtype)
     dtype = requested if autocast and target.type == "cuda" else None
     network = inference_network(model, target)
     with torch.inference_mode():

@@ -184,20 +184,21 @@ class TorchPredictorFactory:
 
     def __post_init__(self) -> None:
         from hoverdask.errors import HoverdaskError
-        from hoverdask.model.gpu import autocast_dtype
+        from hoverdask.model.infer import parse_autocast_dtype
 
         if self.batch_size < 0:
             raise HoverdaskError(f"batch size must be >= 1, or 0 for auto, not {self.batch_size}")
-        autocast_dtype(self.autocast_dtype)  # a clear error on the client, not on every worker
+        parse_autocast_dtype(self.autocast_dtype)  # a clear error on the client, not on every worker
 
     def __call__(self) -> PatchPredictor:
         from hoverdask.model import load_model, patch_geometry, resolve_device
-        from hoverdask.model.gpu import StagedPatchRunner, autocast_dtype
+        from hoverdask.model.gpu import StagedPatchRunner
+        from hoverdask.model.infer import parse_autocast_dtype
 
         device = resolve_device(self.device)  # "auto": this worker's GPU if it has one
         model = load_model(self.model_path, device)
         geometry = patch_geometry(model.mode)
-        dtype = autocast_dtype(self.autocast_dtype) if self.autocast else None
+        dtype = parse_autocast_dtype(self.autocast_dtype) if self.autocast else None
         runner = StagedPatchRunner(model, device, dtype=dtype, compile=self.compile)
         return PatchPredictor(runner, margin=geometry.margin, output=geometry.output,
                               nr_types=model.nr_types, batch_size=self.batch_size)
