@@ -235,11 +235,15 @@ class FusedBranch(nn.Module):
     def __init__(self, branch: nn.Sequential) -> None:
         super().__init__()
         u3, u2, u1, u0 = (branch._modules[name] for name in ("u3", "u2", "u1", "u0"))
-        self.u3 = nn.Sequential(FusedConv(u3.conva), FusedDenseBlock(u3.dense), FusedConv(u3.convf))
-        self.u2 = nn.Sequential(FusedConv(u2.conva), FusedDenseBlock(u2.dense), FusedConv(u2.convf))
+        self.u3, self.u2 = _fused_stage(u3), _fused_stage(u2)
         self.head = nn.Sequential(
             FusedConv(u1.conva, u0.bn, relu=True, same=True), FusedConv(u0.conv)
         )
+
+
+def _fused_stage(stage: nn.Module) -> nn.Sequential:
+    """A decoder stage: conv, dense block, conv."""
+    return nn.Sequential(FusedConv(stage.conva), FusedDenseBlock(stage.dense), FusedConv(stage.convf))
 
 
 class FusedHoVerNet(nn.Module):
