@@ -326,16 +326,19 @@ def precision_drift(
     if model_device(model) != target:
         model.to(target)
     network = layout_network(model.eval())
-    heads: dict[str | None, list[dict[str, np.ndarray]]] = {None: [], dtype: []}
+    reference: list[dict[str, np.ndarray]] = []
+    reduced: list[dict[str, np.ndarray]] = []
     for batch in _chunks(patches, batch_size):
         x = network_input(torch.from_numpy(np.require(batch, requirements=("C", "W"))).to(target))
         with torch.inference_mode():
-            heads[None].append(head_probabilities(network(x)))
+            reference.append(head_probabilities(network(x)))
             with torch.autocast(target.type, dtype=low):
-                heads[dtype].append(head_probabilities(network(x)))
-    reference, reduced = ({name: np.concatenate([h[name] for h in parts])
-                           for name in parts[0]} for parts in heads.values())
-    return compare_heads(reference, reduced, dtype=dtype, device=str(target))
+                reduced.append(head_probabilities(network(x)))
+    return compare_heads(_joined(reference), _joined(reduced), dtype=dtype, device=str(target))
+
+
+def _joined(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
 
 
 def _chunks(items: np.ndarray, size: int) -> Iterator[np.ndarray]:
