@@ -25,9 +25,9 @@ from hoverdask.model.infer import (
     forward_maps,
     inference_network,
     layout_network,
-    model_device,
     network_input,
     parse_autocast_dtype,
+    ready_on,
     resolve_device,
 )
 
@@ -173,10 +173,7 @@ class StagedPatchRunner:
         keep_buffers: int = 3,
     ) -> None:
         self.device = resolve_device(device)
-        if model_device(model) != self.device:
-            model.to(self.device)
-        model.eval()
-        self.eager = inference_network(model, self.device)
+        self.eager = inference_network(ready_on(model, self.device), self.device)
         cuda = self.device.type == "cuda"
         if compile and not cuda:  # results are the same either way
             log.warning("torch.compile is used on CUDA only: the CPU inference form runs eager")
@@ -323,9 +320,7 @@ def precision_drift(
     _check_patches(patches)
     target = resolve_device(device)
     low = parse_autocast_dtype(dtype)
-    if model_device(model) != target:
-        model.to(target)
-    network = layout_network(model.eval())
+    network = layout_network(ready_on(model, target))
     reference: list[dict[str, np.ndarray]] = []
     reduced: list[dict[str, np.ndarray]] = []
     for batch in _chunks(patches, batch_size):

@@ -118,6 +118,13 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def ready_on(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``model`` moved to ``device`` (where it is not already) and in eval mode, for inference."""
+    if model_device(model) != device:
+        model.to(device)
+    return model.eval()
+
+
 def output_channels(model: HoVerNet) -> int:
     """4 (``[tp, np, h, v]``) with a type branch, else 3 (``[np, h, v]``)."""
     return 4 if model.nr_types is not None else 3
@@ -198,9 +205,7 @@ def predict_patches(
     """
     _check_patches(patches_nhwc_uint8)
     target = model_device(model) if device is None else resolve_device(device)
-    if model_device(model) != target:
-        model.to(target)
-    model.eval()
+    ready_on(model, target)
     requested = parse_autocast_dtype(autocast_dtype)
     dtype = requested if autocast and target.type == "cuda" else None
     network = inference_network(model, target)
