@@ -20,6 +20,7 @@ from hoverdask.model.gpu import (
     precision_drift,
     probe_batch_size,
 )
+from hoverdask.model.infer import inference_network
 from tests.conftest import PARITY, parity_npz
 from tests.parity_weights import parity_model
 
@@ -194,8 +195,6 @@ def test_cuda_drift_on_the_parity_inputs_is_small_but_real(dtype: str) -> None:
 def test_cuda_network_form_keeps_channels_last_and_the_values() -> None:
     """Built without a GPU (building is device-free): the copy CUDA runs must equal the model and
     keep channels_last through the upsampling; the model itself is left as it was."""
-    from hoverdask.model.gpu import inference_network
-
     model = parity_model("fast_t6").eval()
     network = inference_network(model, torch.device("cuda"))
     assert network is not model
