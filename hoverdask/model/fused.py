@@ -33,6 +33,7 @@ from hoverdask.model.network import (
     ResidualBlock,
     _crop_by,
     centre_crop,
+    tf_same_pad,
 )
 
 _LAYOUT = torch.channels_last
@@ -68,12 +69,6 @@ def _bn_scale_shift(norm: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     scale = norm.weight.detach().double() / torch.sqrt(var + norm.eps)
     shift = norm.bias.detach().double() - norm.running_mean.detach().double() * scale
     return scale, shift
-
-
-def _tf_same_pad(ksize: int, stride: int, size: int) -> tuple[int, int]:
-    rest = size % stride
-    pad = max(ksize - (stride if rest == 0 else rest), 0)
-    return pad // 2, pad - pad // 2
 
 
 class FusedConv(nn.Module):
@@ -115,7 +110,7 @@ class FusedConv(nn.Module):
     def _padded(self, x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
         if not self.same:
             return x, [0, 0]
-        before, after = _tf_same_pad(self.ksize, self.stride[0], x.shape[2])
+        before, after = tf_same_pad(self.ksize, self.stride[0], x.shape[2])
         if before == after:
             return x, [before, before]
         return F.pad(x, (before, after, before, after)).contiguous(memory_format=_LAYOUT), [0, 0]

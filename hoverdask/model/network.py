@@ -63,10 +63,15 @@ class TFSamePad(nn.Module):
         self.stride = stride
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rest = x.shape[2] % self.stride
-        pad = max(self.ksize - (self.stride if rest == 0 else rest), 0)
-        before, after = pad // 2, pad - pad // 2
+        before, after = tf_same_pad(self.ksize, self.stride, x.shape[2])
         return F.pad(x, (before, after, before, after), "constant", 0.0)
+
+
+def tf_same_pad(ksize: int, stride: int, size: int) -> tuple[int, int]:
+    """Padding (before, after) of TensorFlow "SAME" for an input of ``size`` pixels."""
+    rest = size % stride
+    pad = max(ksize - (stride if rest == 0 else rest), 0)
+    return pad // 2, pad - pad // 2
 
 
 def centre_crop(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
