@@ -1,7 +1,8 @@
-"""HoVer-Net: the network, safe checkpoint loading, nucleus type tables and tile inference."""
+"""HoVer-Net and its light form: the networks, safe checkpoint loading, nucleus type tables and tile inference."""
 
 from __future__ import annotations
 
+from hoverdask.model.build import Network, build_network
 from hoverdask.model.checkpoints import (
     infer_layout,
     load_model,
@@ -9,6 +10,7 @@ from hoverdask.model.checkpoints import (
     save_checkpoint,
     sha256_of,
 )
+from hoverdask.model.geometry import MODES, PatchGeometry, patch_geometry
 from hoverdask.model.infer import (
     TileLayout,
     logits_to_maps,
@@ -18,7 +20,8 @@ from hoverdask.model.infer import (
     resolve_device,
     tile_layout,
 )
-from hoverdask.model.network import MODES, HoVerNet, PatchGeometry, patch_geometry
+from hoverdask.model.lite import LiteHoVerNet
+from hoverdask.model.network import HoVerNet
 from hoverdask.model.types import (
     CONSEP,
     KNOWN_TABLES,
@@ -38,10 +41,13 @@ __all__ = [
     "MONUSAC",
     "PANNUKE",
     "HoVerNet",
+    "LiteHoVerNet",
+    "Network",
     "NucleusType",
     "PatchGeometry",
     "TileLayout",
     "TypeTable",
+    "build_network",
     "generic_table",
     "infer_layout",
     "load_model",

@@ -9,7 +9,8 @@ Accepted layouts (all hold the same key names):
 
 The network mode and the number of types are read from tensor shapes, so the user never has to
 state them: the decoder's first conv is 3x3 in "fast" mode and 5x5 in "original" mode, and the
-``tp`` branch's last conv has one output channel per type.
+``tp`` branch's last conv has one output channel per type. The light network ("lite") is known by
+its ``heads.np`` tensor, and its widths and depth are read from its tensors too.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ import torch
 
 from hoverdask.atomic import atomic_write
 from hoverdask.errors import CheckpointError
+from hoverdask.model.build import Network
 from hoverdask.model.infer import resolve_device
+from hoverdask.model.lite import LITE_MODE, LiteHoVerNet, is_lite_state, shape_of_state
 from hoverdask.model.network import HoVerNet
 
 MODE_KEY = "decoder.np.u3.conva.weight"
@@ -98,6 +101,11 @@ def _strip_module_prefix(state: dict[str, Any]) -> dict[str, Any]:
 
 def infer_layout(state: Mapping[str, Any], source: str = "checkpoint") -> tuple[str, int | None]:
     """(mode, nr_types) of a state dict, read from tensor shapes."""
+    if is_lite_state(state):
+        try:
+            return LITE_MODE, shape_of_state(state)[1]  # type: ignore[arg-type]
+        except (KeyError, AttributeError, IndexError) as err:
+            raise CheckpointError(f"{source}: an incomplete lite state dict ({err})") from None
     conva = state.get(MODE_KEY)
     if not isinstance(conva, torch.Tensor) or conva.ndim != 4:
         raise CheckpointError(f"{source} is not a HoVer-Net state dict: no tensor {MODE_KEY!r}")
@@ -120,7 +128,7 @@ def _few(keys: list[str], limit: int = 4) -> str:
     return ", ".join(keys[:limit]) + more
 
 
-def _check_fits(model: HoVerNet, state: dict[str, Any], source: str) -> dict[str, Any]:
+def _check_fits(model: Network, state: dict[str, Any], source: str) -> dict[str, Any]:
     """Compare keys and shapes with ``model``; fill absent BatchNorm counters like torch does."""
     expected = model.state_dict()
     not_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
@@ -150,17 +158,21 @@ def _check_fits(model: HoVerNet, state: dict[str, Any], source: str) -> dict[str
 
 def model_from_state_dict(
     state: Mapping[str, Any], source: str = "state dict", metadata: dict[str, Any] | None = None
-) -> HoVerNet:
-    """Build the HoVer-Net that ``state`` describes and load it (eval mode, CPU)."""
+) -> Network:
+    """Build the network that ``state`` describes and load it (eval mode, CPU)."""
     state = _strip_module_prefix(dict(state))
     mode, nr_types = infer_layout(state, source)
-    model = HoVerNet(mode=mode, nr_types=nr_types)
+    model: Network
+    if mode == LITE_MODE:
+        model = LiteHoVerNet(nr_types, shape_of_state(state)[0])
+    else:
+        model = HoVerNet(mode=mode, nr_types=nr_types)
     model.load_state_dict(_check_fits(model, state, source), strict=True)
     model.metadata = dict(metadata or {})
     return model.eval()
 
 
-def load_model(path: str | Path, device: str | torch.device | None = "cpu") -> HoVerNet:
+def load_model(path: str | Path, device: str | torch.device | None = "cpu") -> Network:
     """Load any accepted checkpoint layout into a :class:`HoVerNet` in eval mode.
 
     The file is read with ``weights_only=True``: a pickle that would run code is refused with a
@@ -192,7 +204,7 @@ def _check_plain(value: Any, where: str) -> None:
 
 
 def save_checkpoint(
-    model: HoVerNet, path: str | Path, *, extra: dict[str, Any] | None = None
+    model: Network, path: str | Path, *, extra: dict[str, Any] | None = None
 ) -> Path:
     """Write ``{"desc": state_dict, **extra}`` atomically (temp file in the same folder + rename).
 

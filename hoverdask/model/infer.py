@@ -19,8 +19,11 @@ import numpy as np
 import torch
 
 from hoverdask.errors import HoverdaskError
+from hoverdask.model.build import Network
 from hoverdask.model.fused import FusedHoVerNet, NearestUpSample2x, can_fuse
-from hoverdask.model.network import HoVerNet, PatchGeometry
+from hoverdask.model.geometry import PatchGeometry
+from hoverdask.model.lite import FusedLite, LiteHoVerNet
+from hoverdask.model.network import centre_crop
 
 # measured with `hoverdask bench` on CPU (oneDNN): channels_last weights and inputs ran the fast
 # network ~25-35% faster than the default layout, with logits equal to within 2e-7
@@ -91,6 +94,10 @@ def _cached_copy(
 
 
 def _inference_copy(model: torch.nn.Module) -> torch.nn.Module:
+    if isinstance(model, LiteHoVerNet):
+        fused = FusedLite(model)
+        use_inference_layout(fused)
+        return fused
     return FusedHoVerNet(model) if can_fuse(model) else _layout_copy(model)
 
 
@@ -125,7 +132,7 @@ def ready_on(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     return model.eval()
 
 
-def output_channels(model: HoVerNet) -> int:
+def output_channels(model: Network) -> int:
     """4 (``[tp, np, h, v]``) with a type branch, else 3 (``[np, h, v]``)."""
     return 4 if model.nr_types is not None else 3
 
@@ -178,7 +185,16 @@ def forward_maps(
     with torch.autocast(patches.device.type, dtype=dtype or torch.bfloat16,
                         enabled=dtype is not None):
         logits = network(network_input(patches))
-    return logits_to_maps(logits)
+    side = patches.shape[1] - 2 * network.geometry.margin
+    return logits_to_maps(output_window(logits, side))
+
+
+def output_window(logits: dict[str, torch.Tensor], side: int) -> dict[str, torch.Tensor]:
+    """The centre ``side`` x ``side`` of each logit map. HoVer-Net's unpadded convolutions
+    return just that (input less twice the margin); the lite network's padded ones return the
+    input's size, and its border, which lacks context on one side, is dropped here."""
+    return {name: value if value.shape[-1] == side else centre_crop(value, side, side)
+            for name, value in logits.items()}
 
 
 def network_input(patches: torch.Tensor) -> torch.Tensor:
@@ -188,7 +204,7 @@ def network_input(patches: torch.Tensor) -> torch.Tensor:
 
 
 def predict_patches(
-    model: HoVerNet,
+    model: Network,
     patches_nhwc_uint8: np.ndarray,
     *,
     device: str | torch.device | None = None,
@@ -251,7 +267,7 @@ def _batches(
 
 
 def predict_image(
-    model: HoVerNet,
+    model: Network,
     image_hwc_uint8: np.ndarray,
     *,
     batch_size: int = 8,

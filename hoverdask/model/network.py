@@ -9,45 +9,12 @@ because the official weights were trained that way; PyTorch's symmetric padding 
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-Mode = Literal["fast", "original"]
-MODES: tuple[str, ...] = ("fast", "original")
-
-
-@dataclass(frozen=True)
-class PatchGeometry:
-    """Input and output patch sizes of one network mode; the output is the input's centre."""
-
-    input: int
-    output: int
-    margin: int  # pixels between the input border and the output window on each side
-
-    def __post_init__(self) -> None:
-        if self.margin != (self.input - self.output) // 2:
-            raise ValueError(f"margin must be (input - output) // 2, got {self}")
-
-
-_GEOMETRY = {
-    "fast": PatchGeometry(input=256, output=164, margin=46),
-    "original": PatchGeometry(input=270, output=80, margin=95),
-}
-
-
-def patch_geometry(mode: str) -> PatchGeometry:
-    """Patch sizes for ``mode``: fast 256 -> 164 (margin 46), original 270 -> 80 (margin 95)."""
-    return _GEOMETRY[check_mode(mode)]
-
-
-def check_mode(mode: str) -> str:
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    return mode
+from hoverdask.model.geometry import PatchGeometry, check_mode, patch_geometry
 
 
 class TFSamePad(nn.Module):
