@@ -66,10 +66,12 @@ def version() -> None:
 @user_errors
 def segment(
     image: Annotated[Path, typer.Argument(help="PNG, JPEG or TIFF image (RGB; alpha is dropped).")],
-    model: Annotated[
-        Path, typer.Option("--model", "-m", help="HoVer-Net checkpoint (.tar or .pth).")
-    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
+    model: Annotated[
+        Path | None,
+        typer.Option("--model", "-m", help="HoVer-Net checkpoint (.tar or .pth); default: the "
+                     "bundled model."),
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     batch_size: Annotated[int, typer.Option(min=1, help="Patches per network call.")] = 8,
     types: Annotated[
@@ -77,10 +79,11 @@ def segment(
     ] = None,
 ) -> None:
     """Segment and classify the nuclei of one image (reference tile mode)."""
+    from hoverdask.model.catalog import default_model_path
     from hoverdask.model.segment import segment_image
 
     result = segment_image(
-        image, model, out, device=device, batch_size=batch_size, types_path=types
+        image, model or default_model_path(), out, device=device, batch_size=batch_size, types_path=types
     )
     console.print(f"{result.table_reason}")
     counts = ", ".join(f"{name} {n}" for name, n in sorted(result.type_counts.items()))
@@ -213,7 +216,9 @@ def run(
     slides: Annotated[list[Path], typer.Argument(help="Slide files (svs, ndpi, tif, OME-Zarr...).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (one subfolder a slide).")],
     model: Annotated[
-        Path | None, typer.Option("--model", "-m", help="HoVer-Net checkpoint (.tar or .pth).")
+        Path | None,
+        typer.Option("--model", "-m", help="HoVer-Net checkpoint (.tar or .pth); default: the "
+                     "bundled model."),
     ] = None,
     workers: Annotated[
         int | None,
@@ -342,7 +347,9 @@ def train(
         ),
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint to write (.tar).")],
-    mode: Annotated[str, typer.Option(help="Network mode: fast (256->164) or original.")] = "fast",
+    mode: Annotated[
+        str, typer.Option(help="Network mode: fast (256->164), original or lite (the light one).")
+    ] = "fast",
     nr_types: Annotated[
         int | None,
         typer.Option(help="Classes including background; leave out for segmentation only."),
@@ -374,16 +381,37 @@ def train(
         int | None, typer.Option(help="Training window side (default: the mode's patch input).")
     ] = None,
     log_every: Annotated[int, typer.Option(min=1, help="Print every N steps.")] = 10,
+    lr: Annotated[
+        float | None,
+        typer.Option(help="Peak learning rate (default: 1e-4 paper schedule, 2e-3 cosine)."),
+    ] = None,
+    schedule: Annotated[
+        str | None,
+        typer.Option(help="paper (two stages, step decay; fast/original default) or cosine "
+                     "(one stage, AdamW, warm-up and cosine decay; lite default)."),
+    ] = None,
+    holdout: Annotated[
+        Path | None,
+        typer.Option(help="Hold-out JSON: these source images never train and are the "
+                     "validation set (when no --val is given)."),
+    ] = None,
+    loss_weight: Annotated[
+        list[str] | None,
+        typer.Option(help="Change one loss weight, NAME=VALUE (repeatable); names: "
+                     "hv_mse, hv_msge, np_ce, np_dice, tp_ce, tp_dice."),
+    ] = None,
 ) -> None:
     """Train HoVer-Net in two stages (frozen encoder, then all) with the paper's loss."""
     from hoverdask.train.loop import StepLog, TrainConfig
     from hoverdask.train.loop import train as run_training
+    from hoverdask.train.losses import parse_loss_weights
 
     config = TrainConfig(
         data=tuple(data), out=out, mode=mode, nr_types=nr_types, steps=steps,
         batch_size=batch_size, device=device, init=init, val=tuple(val or ()), resume=resume,
         stage_one_fraction=stage_one, precision=precision, seed=seed, save_every=save_every,
         val_every=val_every, val_windows=val_windows, workers=workers, input_size=input_size,
+        lr=lr, schedule=schedule, holdout=holdout, weights=parse_loss_weights(loss_weight or []),
     )
 
     def show(log: StepLog) -> None:
@@ -416,6 +444,10 @@ def evaluate(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     batch_size: Annotated[int, typer.Option(min=1, help="Patches per network call.")] = 8,
     method: Annotated[str, typer.Option(help="Post-processing: reference or fast.")] = "reference",
+    holdout: Annotated[
+        Path | None,
+        typer.Option(help="Hold-out JSON (as for train): score only the held-out images."),
+    ] = None,
 ) -> None:
     """Score a model on annotated images: DICE, AJI, AJI+, DQ, SQ, PQ, and F_d/F_c with types."""
     import json
@@ -426,7 +458,8 @@ def evaluate(
     from hoverdask.evaluate import evaluate_model, format_table
 
     report = evaluate_model(
-        data, model, limit=limit, device=device, batch_size=batch_size, method=method
+        data, model, limit=limit, device=device, batch_size=batch_size, method=method,
+        holdout=holdout,
     )
     rows = format_table(report)
     table = Table(title="Instance segmentation")

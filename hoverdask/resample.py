@@ -140,3 +140,28 @@ def apply_separable(source: np.ndarray, wy: csr_matrix, wx: csr_matrix) -> np.nd
     cols = wx @ rows.reshape(out_h, w, c).transpose(1, 0, 2).reshape(w, out_h * c)
     result = cols.reshape(wx.shape[0], out_h, c).transpose(1, 0, 2)
     return np.clip(np.rint(result), 0, 255).astype(np.uint8)
+
+
+def output_shape(height: int, width: int, scale: float) -> tuple[int, int]:
+    """Size at ``scale`` source px per output px (the rounding :func:`processing_array` uses)."""
+    return max(1, round(height / scale)), max(1, round(width / scale))
+
+
+def resample_image(image: np.ndarray, scale: float) -> np.ndarray:
+    """A whole (H, W, 3) uint8 image resampled exactly as slides are (``scale``: source px per
+    output px); training data goes through this too, so the model sees what inference gives it."""
+    height, width = image.shape[:2]
+    out_h, out_w = output_shape(height, width, scale)
+    wy, y0, y1 = resampling_weights(0, out_h, scale, height)
+    wx, x0, x1 = resampling_weights(0, out_w, scale, width)
+    return apply_separable(np.ascontiguousarray(image[y0:y1, x0:x1]), wy, wx)
+
+
+def resample_labels(labels: np.ndarray, scale: float) -> np.ndarray:
+    """A label map resampled by nearest neighbour on the same pixel-centre grid as
+    :func:`resample_image` (output pixel ``i`` takes source pixel ``floor((i + 0.5) * scale)``)."""
+    height, width = labels.shape[:2]
+    out_h, out_w = output_shape(height, width, scale)
+    rows = np.minimum(((np.arange(out_h) + 0.5) * scale).astype(np.int64), height - 1)
+    cols = np.minimum(((np.arange(out_w) + 0.5) * scale).astype(np.int64), width - 1)
+    return labels[np.ix_(rows, cols)]

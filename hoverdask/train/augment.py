@@ -5,7 +5,8 @@ shear ±5°, rotate ±179°), centre crop to the model input, horizontal and ver
 p = 0.5). Labels are resampled with nearest neighbour; the image with bilinear interpolation
 (the reference uses nearest for the image too).
 
-Colour changes: one of Gaussian blur (kernel 1/3/5 per axis), median blur (1/3/5) or additive
+Stain changes (:func:`stain_jitter`): the haematoxylin, eosin and residual amounts are scaled and
+shifted separately in optical density space. Colour changes: one of Gaussian blur (kernel 1/3/5 per axis), median blur (1/3/5) or additive
 Gaussian noise (σ up to 0.05·255, per channel half the time); then, in random order, hue ±8
 (OpenCV units), saturation ±20 %, brightness ±26 and contrast 0.75-1.25. The reference's
 contrast step is a no-op because of a bug; here it changes contrast as the paper describes.
@@ -135,6 +136,28 @@ def flip(win: Window, horizontal: bool, vertical: bool) -> Window:
     return Window(
         np.ascontiguousarray(win.image[index]), np.ascontiguousarray(win.inst[index]), types
     )
+
+
+# Ruifrok & Johnston's haematoxylin, eosin and DAB optical-density vectors (rows; skimage's)
+_HED_FROM_RGB_OD = np.linalg.inv(
+    np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+    / np.linalg.norm([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], axis=1)[:, None]
+)
+_RGB_OD_FROM_HED = np.linalg.inv(_HED_FROM_RGB_OD)
+STAIN_SCALE = 0.2  # each stain's amount is scaled by 1 ± this ...
+STAIN_SHIFT = 0.05  # ... and shifted by ± this (optical density units)
+
+
+def stain_jitter(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Vary the amount of haematoxylin and eosin (and the residual) separately, in optical
+    density space (Tellez et al. 2018): labs and scanners differ most in this way."""
+    od = -np.log((image.astype(np.float32) + 1.0) / 256.0)
+    stains = od.reshape(-1, 3) @ _HED_FROM_RGB_OD.astype(np.float32)
+    scale = rng.uniform(1 - STAIN_SCALE, 1 + STAIN_SCALE, size=3).astype(np.float32)
+    shift = rng.uniform(-STAIN_SHIFT, STAIN_SHIFT, size=3).astype(np.float32)
+    od = (stains * scale + shift) @ _RGB_OD_FROM_HED.astype(np.float32)
+    rgb = 256.0 * np.exp(-od) - 1.0
+    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8).reshape(image.shape)
 
 
 def colour_jitter(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -8,6 +8,7 @@ image holds more windows).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import numpy as np
@@ -21,6 +22,7 @@ from hoverdask.train.augment import (
     colour_jitter,
     mirror_window,
     random_window,
+    stain_jitter,
 )
 from hoverdask.train.datasets import LabelledSet
 from hoverdask.train.targets import Targets, make_targets
@@ -75,7 +77,7 @@ class WindowSource(torch.utils.data.Dataset):
             check_types(win.types, self.nr_types, f"{dataset.root}/{item.name}")
         if self.augment:
             win = affine_crop(random_window(win, self.input_size, rng), self.input_size, rng)
-            win = Window(colour_jitter(win.image, rng), win.inst, win.types)
+            win = Window(colour_jitter(stain_jitter(win.image, rng), rng), win.inst, win.types)
         else:
             win = centre_window(random_window(win, self.input_size, rng), self.input_size)
         return win, self.targets(win), typed
@@ -113,16 +115,23 @@ def collate(samples: Sequence[tuple[Window, Targets, bool]]) -> dict[str, torch.
 def validation_windows(
     datasets: Sequence[LabelledSet], input_size: int, count: int
 ) -> list[Window]:
-    """Up to ``count`` fixed, unaugmented windows: a grid of input-sized squares per image."""
+    """Up to ``count`` fixed, unaugmented windows: a grid of input-sized squares per image,
+    taken from the datasets in turn so that each is represented."""
+    per_dataset = [_grid_windows(dataset, input_size, count) for dataset in datasets]
     windows: list[Window] = []
-    for dataset in datasets:
-        for item in dataset:
-            height, width = item.inst.shape
-            for top in range(0, max(height - input_size, 0) + 1, input_size):
-                for left in range(0, max(width - input_size, 0) + 1, input_size):
-                    src = Window(item.image, item.inst, item.types)
-                    windows.append(mirror_window(src, top, left, input_size))
-                    if len(windows) >= count:
-                        return windows
-    return windows
+    for group in itertools.zip_longest(*per_dataset):
+        windows.extend(win for win in group if win is not None)
+    return windows[:count]
 
+
+def _grid_windows(dataset: LabelledSet, input_size: int, count: int) -> list[Window]:
+    windows: list[Window] = []
+    for item in dataset:
+        height, width = item.inst.shape
+        for top in range(0, max(height - input_size, 0) + 1, input_size):
+            for left in range(0, max(width - input_size, 0) + 1, input_size):
+                src = Window(item.image, item.inst, item.types)
+                windows.append(mirror_window(src, top, left, input_size))
+                if len(windows) >= count:
+                    return windows
+    return windows

@@ -21,7 +21,8 @@ Supported folder layouts (detected from the files present):
 
 Every image is resampled to the model's pixel size (``target_mpp``, 0.25 µm/px) when its own
 differs by more than the project's mpp rule allows (``hoverdask.resample.SAME_MPP_TOLERANCE``,
-2 %): bilinear/area for the image, nearest for labels.
+2 %) with the functions that resample slides (:mod:`hoverdask.resample`: antialiased linear for
+the image, nearest on the same pixel-centre grid for labels), so training sees what inference sees.
 """
 
 from __future__ import annotations
@@ -33,10 +34,10 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from hoverdask.errors import DatasetError
+from hoverdask.resample import SAME_MPP_TOLERANCE, resample_image, resample_labels
 
 MODEL_MPP = 0.25
 MPP_40X = 0.25
@@ -109,6 +110,12 @@ class LabelledSet(Sequence[LabelledImage]):
             [ref.shape[0] * ref.shape[1] * (ref.mpp / self.target_mpp) ** 2 for ref in self.refs]
         )
 
+    def subset(self, keep: Callable[[str], bool]) -> LabelledSet:
+        """The images whose name ``keep`` accepts (same folder, layout and pixel size)."""
+        refs = [ref for ref in self.refs if keep(ref.name)]
+        return LabelledSet(self.root, self.layout, refs, self.has_types, self.type_table,
+                           self.target_mpp, self.cache)
+
     def describe(self) -> str:
         mpps = sorted({ref.mpp for ref in self.refs})
         typed = "typed" if self.has_types else "untyped"
@@ -140,20 +147,14 @@ def _checked(
 
 
 def resample(item: LabelledImage, mpp: float, target_mpp: float) -> LabelledImage:
-    """``item`` at ``target_mpp``: unchanged when within the slide pipeline's tolerance of it."""
-    from hoverdask.resample import SAME_MPP_TOLERANCE
-
-    factor = mpp / target_mpp
+    """``item`` at ``target_mpp``: unchanged when within the slide pipeline's tolerance of it,
+    else resampled by the very functions that resample slides for inference."""
     if abs(mpp - target_mpp) <= SAME_MPP_TOLERANCE * target_mpp:
         return LabelledImage(item.name, item.image, item.inst, item.types, mpp)
-    height, width = item.inst.shape
-    size = (max(1, round(width * factor)), max(1, round(height * factor)))
-    smooth = cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR
-    image = cv2.resize(item.image, size, interpolation=smooth)
-    inst = cv2.resize(item.inst, size, interpolation=cv2.INTER_NEAREST)
-    types = None
-    if item.types is not None:
-        types = cv2.resize(item.types, size, interpolation=cv2.INTER_NEAREST)
+    scale = target_mpp / mpp  # source px per output px, as in processing_array
+    image = resample_image(item.image, scale)
+    inst = resample_labels(item.inst, scale)
+    types = None if item.types is None else resample_labels(item.types, scale)
     return LabelledImage(item.name, image, inst, types, target_mpp)
 
 

@@ -15,10 +15,13 @@ summed over all channels (background included).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
+
+from hoverdask.errors import HoverdaskError
 
 DICE_SMOOTH = 1e-3
 SOBEL_RADIUS = 2
@@ -34,6 +37,25 @@ class LossWeights:
     np_dice: float = 1.0
     tp_ce: float = 1.0
     tp_dice: float = 1.0
+
+
+def parse_loss_weights(items: Sequence[str]) -> LossWeights:
+    """``["hv_msge=4", ...]`` -> :class:`LossWeights` with those weights changed."""
+    names = {f.name for f in fields(LossWeights)}
+    changes: dict[str, float] = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        try:
+            number = float(value)
+        except ValueError:
+            number = float("nan")
+        if name.strip() not in names or not number >= 0:
+            raise HoverdaskError(
+                f"--loss-weight {item!r}: expected NAME=VALUE with NAME one of "
+                f"{', '.join(sorted(names))} and VALUE >= 0"
+            )
+        changes[name.strip()] = number
+    return replace(LossWeights(), **changes)
 
 
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
