@@ -98,7 +98,7 @@ def models() -> None:
     """List the known nucleus type tables and any model files shipped with hoverdask."""
     from rich.table import Table
 
-    from hoverdask.model.catalog import bundled_models
+    from hoverdask.model.catalog import bundled_models, default_model_path
     from hoverdask.model.types import KNOWN_TABLES
 
     table = Table(title="Type tables (id: name)")
@@ -121,7 +121,14 @@ def models() -> None:
             "HoVer-Net .tar or TIAToolbox .pth file with --model."
         )
     for entry in found:
-        typer.echo(f"{entry.path}  {entry.mode}  nr_types={entry.nr_types}  {entry.table}")
+        default = " (default)" if entry.path == default_model_path() else ""
+        typer.echo(f"\n{entry.name}{default}: {entry.path}")
+        typer.echo(f"  {entry.mode} mode, nr_types={entry.nr_types}, types: {entry.table}")
+        for key in ("summary", "mpp", "licence", "validation", "trained"):
+            if key in entry.card:
+                typer.echo(f"  {key}: {entry.card[key]}")
+        if entry.card_path.is_file():
+            typer.echo(f"  model card: {entry.card_path}")
 
 
 # --- commands: slides (convert, tissue, synth) ---

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from hoverdask.errors import CheckpointError, DatasetError, HoverdaskError
+from hoverdask.errors import DatasetError, HoverdaskError
 from hoverdask.metrics import aji, aji_plus, dice, panoptic_quality, remap_label, type_stats
 from hoverdask.postproc.instances import instance_info_fast
 
@@ -144,20 +144,6 @@ def evaluate_predictions(
     return report
 
 
-def default_model() -> Path:
-    """The bundled default model, or a clear error while none is shipped."""
-    from hoverdask.model.catalog import WEIGHTS_DIR, bundled_models
-
-    found = bundled_models()
-    if not found:
-        raise CheckpointError(
-            f"no bundled default model exists yet (nothing in {WEIGHTS_DIR}); pass --model "
-            "with an official HoVer-Net .tar, a TIAToolbox .pth or a checkpoint from "
-            "hoverdask train"
-        )
-    return found[0].path
-
-
 def evaluate_model(
     data: str | Path,
     model_path: str | Path | None = None,
@@ -166,8 +152,11 @@ def evaluate_model(
     device: str = "auto",
     batch_size: int = 8,
     method: str = "reference",
+    holdout: str | Path | None = None,
 ) -> EvaluationReport:
-    """Run tile inference and post-processing on each image of ``data`` and score it."""
+    """Run tile inference and post-processing on each image of ``data`` and score it
+    (only its held-out images when a ``holdout`` file is given)."""
+    from hoverdask.model.catalog import default_model_path
     from hoverdask.model.checkpoints import load_model
     from hoverdask.model.infer import predict_image, resolve_device
     from hoverdask.model.types import select_type_table
@@ -176,8 +165,14 @@ def evaluate_model(
 
     if method not in METHODS:
         raise HoverdaskError(f"unknown post-processing method {method!r}; use one of {METHODS}")
-    path = Path(model_path) if model_path is not None else default_model()
+    path = Path(model_path) if model_path is not None else default_model_path()
     dataset = open_dataset(data)
+    if holdout is not None:
+        from hoverdask.train.holdout import Holdout
+
+        dataset = Holdout.read(holdout).split(dataset)[1]
+        if not len(dataset):
+            raise DatasetError(f"{holdout} holds out no image of {data}")
     if limit is not None and limit < 1:
         raise DatasetError("--limit must be at least 1")
     count = len(dataset) if limit is None else min(limit, len(dataset))

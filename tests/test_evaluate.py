@@ -60,12 +60,18 @@ def test_untyped_predictions_have_no_type_scores() -> None:
     assert "f_d" not in report.mean()
 
 
-def test_evaluate_without_model_says_none_is_bundled(tmp_path: Path) -> None:
+def test_evaluate_without_model_and_without_the_bundled_one_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hoverdask.model import catalog
+
+    monkeypatch.setattr(catalog, "WEIGHTS_DIR", tmp_path / "empty")
     result = CliRunner().invoke(
         app, ["evaluate", "--data", str(tmp_path), "--json", str(tmp_path / "s.json")]
     )
     assert result.exit_code == 2
-    assert "no bundled default model" in result.output
+    assert "bundled default model" in result.output
+    assert "--model" in result.output
     assert not (tmp_path / "s.json").exists()
 
 

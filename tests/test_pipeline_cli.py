@@ -30,9 +30,15 @@ from hoverdask.synth import write_synthetic_slide
 runner = CliRunner()
 
 
-def test_run_without_a_model_is_a_usage_error(tmp_path) -> None:
+def test_run_without_a_model_and_without_the_bundled_one_is_a_usage_error(
+    tmp_path, monkeypatch
+) -> None:
+    from hoverdask.model import catalog
+
+    monkeypatch.setattr(catalog, "WEIGHTS_DIR", tmp_path / "empty")
     result = runner.invoke(app, ["run", str(tmp_path / "a.svs"), "--out", str(tmp_path / "o")])
     assert result.exit_code == 2
+    assert "bundled default model" in result.output
     assert "--model" in result.output
 
 

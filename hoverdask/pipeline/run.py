@@ -36,12 +36,6 @@ from hoverdask.pipeline.region import Region
 if TYPE_CHECKING:
     from distributed import Client, Future
 
-NO_MODEL_MESSAGE = (
-    "no model given: pass --model with a HoVer-Net checkpoint (an official HoVer-Net .tar, a "
-    "TIAToolbox .pth, or one written by `hoverdask train`)"
-)
-
-
 NO_TISSUE_WARNING = (
     "warning: the tissue mask found no tissue (blank or glass-only slide?), so nothing was "
     "segmented; pass --no-tissue-mask to process every tile"
@@ -119,9 +113,9 @@ def resolve_model(
 ) -> ModelSpec:
     """Validate the checkpoint (or factory) on the client before any worker loads it."""
     if predictor_factory is None:
-        if model is None:
-            raise HoverdaskError(NO_MODEL_MESSAGE)
-        path = Path(model)
+        from hoverdask.model.catalog import default_model_path, model_card
+
+        path = Path(model) if model is not None else default_model_path()
         if not path.is_file():
             raise HoverdaskError(f"model file {path} does not exist")
         from hoverdask.model.checkpoints import load_model, sha256_of
@@ -140,7 +134,9 @@ def resolve_model(
 
         geometry = patch_geometry(network.mode)
         type_table, why = select_type_table(network.nr_types, network.mode, network.metadata)
+        card = model_card(network.metadata)
         description = {"path": str(path.resolve()), "sha256": sha256_of(path),
+                       "name": card.get("name", path.stem), "licence": card.get("licence"),
                        "mode": network.mode, "nr_types": network.nr_types,
                        "type_table": why}
         return ModelSpec(predictor_factory, geometry.output, geometry.margin, network.nr_types,
