@@ -75,6 +75,7 @@ def write_qupath(
     cell_expansion_px: float = 0.0,
     offset: tuple[float, float] = (0.0, 0.0),
     chunk_size: int = CHUNK_SIZE,
+    metadata: dict[str, Any] | None = None,
 ) -> int:
     """Write a QuPath-importable FeatureCollection; ``.gz`` suffix means gzip. Returns the count.
 
@@ -91,6 +92,9 @@ def write_qupath(
         ``cell_expansion_px`` and clipped to the Voronoi region of its centroid.
     offset
         Subtracted from every coordinate (OpenSlide ``bounds-x/y`` for cropped formats).
+    metadata
+        JSON-able provenance (slide, mpp, model and its licence), stored as the collection's
+        ``hoverdask`` member (a GeoJSON foreign member: QuPath reads only the features).
     """
     if "nucleus_id" not in nuclei.columns:
         raise ValueError("nuclei table needs a 'nucleus_id' column for deterministic ids")
@@ -101,7 +105,7 @@ def write_qupath(
         shifted = _shifted(np.asarray(nuclei.geometry.values, dtype=object), offset)
         cells = _expand_cells(shifted, cell_expansion_px)
     with QuPathStream(path, slide_id=slide_id, type_table=type_table, offset=offset,
-                      chunk_size=chunk_size) as stream:  # fmt: skip
+                      chunk_size=chunk_size, metadata=metadata) as stream:  # fmt: skip
         stream.write(nuclei, cells)
     return stream.written
 
@@ -121,8 +125,10 @@ class QuPathStream:
         type_table: Any = None,
         offset: tuple[float, float] = (0.0, 0.0),
         chunk_size: int = CHUNK_SIZE,
+        metadata: dict[str, Any] | None = None,
     ) -> None:
         self.path = Path(path)
+        self.metadata = metadata
         self.slide_id = slide_id
         self.info = type_info(type_table)
         self.offset = offset
@@ -133,7 +139,10 @@ class QuPathStream:
 
     def __enter__(self) -> Self:
         self._stream = self._stack.enter_context(_atomic_text(self.path))
-        self._stream.write('{"type":"FeatureCollection","features":[')
+        head = '{"type":"FeatureCollection",'
+        if self.metadata:
+            head += f'"hoverdask":{json.dumps(self.metadata, separators=(",", ":"))},'
+        self._stream.write(head + '"features":[')
         return self
 
     def write(self, nuclei: gpd.GeoDataFrame, cells: np.ndarray | None = None) -> None:

@@ -103,6 +103,7 @@ def write_slide_outputs(
             offset=offset,
             as_cells=as_cells,
             cell_expansion_px=cell_expansion_px,
+            metadata=metadata,
         )
         written["qupath"] = path
     stats = slide_stats(nuclei, slide_id=slide_id, tissue_mm2=tissue_mm2, type_table=type_table)
@@ -148,7 +149,7 @@ def write_slide_outputs_from_parts(
         if "qupath" in formats:
             qupath = stack.enter_context(QuPathStream(
                 out_dir / _FILES["qupath"], slide_id=slide_id, type_table=type_table,
-                offset=offset,
+                offset=offset, metadata=metadata,
             ))  # fmt: skip
             sinks.append(qupath.write)
         for chunk in parts.chunks(GATHER_ROWS):

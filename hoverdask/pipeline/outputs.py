@@ -30,7 +30,8 @@ TISSUE_FILE = "tissue.npz"
 
 
 def finish_slide(
-    plan: SlidePlan, table: gpd.GeoDataFrame, formats: tuple[str, ...], *, oversized: list[Any]
+    plan: SlidePlan, table: gpd.GeoDataFrame, formats: tuple[str, ...], *, oversized: list[Any],
+    model: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Order the slide's nuclei, write its files (Parquet, QuPath, stats, QC picture).
 
@@ -43,7 +44,7 @@ def finish_slide(
     written = write_slide_outputs(
         table, plan.slide_dir, slide_id=plan.slide_id, formats=formats,
         type_table=plan.type_table, tissue_mm2=plan.tissue_mm2, extent=plan.extent,
-        metadata=_file_metadata(plan),
+        metadata=_file_metadata(plan, model),
     )
     files = {key: str(path) for key, path in written.items()}
     tissue = _saved_tissue(plan.ledger)
@@ -56,7 +57,8 @@ def finish_slide(
 
 
 def finish_slide_parts(
-    plan: SlidePlan, parts: SlideParts, formats: tuple[str, ...], *, oversized: list[Any]
+    plan: SlidePlan, parts: SlideParts, formats: tuple[str, ...], *, oversized: list[Any],
+    model: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """:func:`finish_slide` from the slide's block parts, one row group in memory at a time.
 
@@ -74,8 +76,8 @@ def finish_slide_parts(
                       downsample=float(tissue["thumbnail_downsample"]))  # fmt: skip
     written = write_slide_outputs_from_parts(
         parts, plan.slide_dir, slide_id=plan.slide_id, formats=formats,
-        type_table=plan.type_table, tissue_mm2=plan.tissue_mm2, metadata=_file_metadata(plan),
-        prepare=functools.partial(slide_rows, slide_id=plan.slide_id),
+        type_table=plan.type_table, tissue_mm2=plan.tissue_mm2,
+        metadata=_file_metadata(plan, model), prepare=functools.partial(slide_rows, slide_id=plan.slide_id),
         also=[dots.add] if dots is not None else [],
     )
     files = {key: str(path) for key, path in written.items()}
@@ -110,8 +112,17 @@ def _outcome(nuclei: int, files: dict[str, str], oversized: list[Any]) -> dict[s
     return {"nuclei": nuclei, "files": files, "counts": {"oversized_clusters": len(oversized)}}
 
 
-def _file_metadata(plan: SlidePlan) -> dict[str, Any]:
-    return {"mpp": plan.slide_mpp, "scale": plan.scale, "slide": plan.slide_path}
+def _file_metadata(plan: SlidePlan, model: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What the Parquet and GeoJSON files say about where their nuclei come from: the slide, its
+    pixel size and the model (name, sha256, licence: a model's licence binds its outputs' use)."""
+    metadata: dict[str, Any] = {"mpp": plan.slide_mpp, "scale": plan.scale,
+                                "slide": plan.slide_path}
+    if model is not None:
+        metadata["model"] = {k: model.get(k) for k in MODEL_FIELDS if k in model}
+    return metadata
+
+
+MODEL_FIELDS = ("name", "sha256", "mode", "nr_types", "licence")
 
 
 def pd_string(value: str, n: int) -> Any:

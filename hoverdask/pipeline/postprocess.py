@@ -230,10 +230,11 @@ def assemble_slide(plan: SlidePlan, finish: SlideFinish, refit: dict[str, Any]) 
     formats, oversized = finish.options.formats, refit["oversized"]
     parts = index_parts(paths, extent=plan.extent)
     if parts is not None:
-        outcome = finish_slide_parts(plan, parts, formats, oversized=oversized)
+        outcome = finish_slide_parts(plan, parts, formats, oversized=oversized,
+                                     model=finish.model)
     else:
         table = _concat([_read_part(p) for p in paths])
-        outcome = finish_slide(plan, table, formats, oversized=oversized)
+        outcome = finish_slide(plan, table, formats, oversized=oversized, model=finish.model)
     markers = tile_markers(plan)
     outcome["timings_s"] = {**tile_timings(markers), **refit.get("timings_s", {})}
     outcome["inference_busy_fraction"] = inference_busy_fraction(markers, finish.started_at)
