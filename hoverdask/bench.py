@@ -1,12 +1,15 @@
 """Speed figures for ``hoverdask bench``: network throughput against the machine's matmul peak.
 
+The model measured is the one ``run`` would use (the bundled default unless ``--model``); fast
+HoVer-Net with random weights is measured in the same run beside it (``reference_fast``).
 The network's work is counted analytically (2 x multiply-adds of every convolution, from the
 layer shapes, on a shape-only "meta" forward), so GFLOP/s and utilisation do not depend on a
-profiler. The fast PanNuke layout is ~298 GFLOP per 256x256 patch.
+profiler. The fast PanNuke layout is ~298 GFLOP per 256x256 patch (11.1 MFLOP per output pixel).
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from collections.abc import Callable
@@ -24,18 +27,31 @@ from hoverdask.bench_figures import (  # noqa: F401 - re-exported: the bench fig
     remember_figures,
 )
 from hoverdask.errors import HoverdaskError
+from hoverdask.model.build import Network
+from hoverdask.model.geometry import patch_geometry
 from hoverdask.model.infer import INFERENCE_MEMORY_FORMAT, cpu_inference_model, resolve_device
-from hoverdask.model.network import HoVerNet, patch_geometry
+from hoverdask.model.network import HoVerNet
 
 BENCH_MODE = "fast"
 BENCH_TYPES = 6  # the PanNuke layout
 
 
-def conv_gflop(mode: str = BENCH_MODE, nr_types: int | None = BENCH_TYPES, size: int = 0) -> float:
-    """GFLOP (2 x MACs of every convolution) of one ``size`` x ``size`` patch."""
+def conv_gflop(
+    mode: str = BENCH_MODE,
+    nr_types: int | None = BENCH_TYPES,
+    size: int = 0,
+    *,
+    network: Network | None = None,
+) -> float:
+    """GFLOP (2 x MACs of every convolution) of one ``size`` x ``size`` patch of ``network``
+    (default: a HoVer-Net of ``mode`` and ``nr_types``)."""
+    if network is not None:
+        mode = network.mode
+        model = copy.deepcopy(network).to("meta").eval()
+    else:
+        with torch.device("meta"):
+            model = HoVerNet(mode, nr_types).eval()
     size = size or patch_geometry(mode).input
-    with torch.device("meta"):
-        model = HoVerNet(mode, nr_types).eval()
     total = 0
 
     def count(module: torch.nn.Conv2d, _inputs: Any, output: torch.Tensor) -> None:
@@ -49,6 +65,12 @@ def conv_gflop(mode: str = BENCH_MODE, nr_types: int | None = BENCH_TYPES, size:
     with torch.no_grad():
         model(torch.empty(1, 3, size, size, device="meta"))
     return total / 1e9
+
+
+def mflop_per_output_pixel(network: Network) -> float:
+    """MFLOP per output pixel of a patch of the network's geometry (its margin included)."""
+    geometry = patch_geometry(network.mode)
+    return conv_gflop(network=network) * 1e3 / geometry.output**2
 
 
 def _best_seconds(
@@ -140,8 +162,11 @@ class ModelBench:
     peak_gflop_per_s: float
     peak_by_product: dict[str, float]
     utilisation: float
-    mpix_per_s: float
+    mpix_per_s: float  # output pixels (the patch less its margin)
     tried: list[dict[str, Any]]
+    mode: str
+    nr_types: int | None
+    mflop_per_px: float  # per output pixel
 
 
 _FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
@@ -153,11 +178,12 @@ def bench_model(
     seconds: float = 20.0,
     batch_sizes: tuple[int, ...] | None = None,
     input_size: int = 0,
+    network: Network | None = None,
 ) -> dict[str, Any]:
     """Network throughput (output pixels/s, GFLOP/s) at the best batch size and memory layout.
 
-    Times the fast PanNuke-layout network (random weights: speed does not depend on them) as
-    ``predict_patches`` runs it: fp32 on CPU with all cores (its inference copy), bf16
+    Times ``network`` (default: the fast PanNuke-layout network with random weights: speed does
+    not depend on them) as ``predict_patches`` runs it: fp32 on CPU with all cores (its inference copy), bf16
     autocast on CUDA. The matmul peak is sampled between the network's runs, so both see the
     same machine load. First the
     two memory layouts are compared at one batch size, then batch sizes with the faster layout.
@@ -165,14 +191,16 @@ def bench_model(
     """
     target = resolve_device(device)
     cuda = target.type == "cuda"
-    input_size = input_size or patch_geometry(BENCH_MODE).input
-    output_size = input_size - 2 * patch_geometry(BENCH_MODE).margin
+    mode = network.mode if network is not None else BENCH_MODE
+    input_size = input_size or patch_geometry(mode).input
+    output_size = input_size - 2 * patch_geometry(mode).margin
     sizes = batch_sizes or ((8, 16, 32, 64) if cuda else (1, 2, 4))
     threads_before = torch.get_num_threads()
     threads = torch.get_num_threads() if cuda else len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = HoVerNet(BENCH_MODE, BENCH_TYPES).eval().to(target)
+    measured = network if network is not None else HoVerNet(BENCH_MODE, BENCH_TYPES)
+    model = measured.eval().to(target)
     if not cuda:  # what predict_patches runs there
         model = cpu_inference_model(model)
     sync = _sync_for(target)
@@ -208,7 +236,7 @@ def bench_model(
         peak.sample(budget_s=2.0)
     finally:
         torch.set_num_threads(threads_before)
-    gflop = conv_gflop(BENCH_MODE, BENCH_TYPES, input_size)
+    gflop = conv_gflop(size=input_size, network=measured)
     rate = gflop * batch / seconds_per_batch
     result = ModelBench(
         device=str(target),
@@ -224,6 +252,9 @@ def bench_model(
         utilisation=rate / peak.gflop_per_s,
         mpix_per_s=batch * output_size**2 / seconds_per_batch / 1e6,
         tried=tried,
+        mode=mode,
+        nr_types=measured.nr_types,
+        mflop_per_px=gflop * 1e3 / output_size**2,
     )
     if layout != _layout_name(INFERENCE_MEMORY_FORMAT):
         result.tried.append(
@@ -265,7 +296,8 @@ def bench_end_to_end(
     tissue mask found and ``tissue_fraction`` the share of pixels in the tiles kept.
     ``seconds_per_mm2`` is per mm² processed.
     Without a checkpoint a randomly initialised fast network is used: the speed is a real
-    model's, but almost no nuclei are found, so post-processing is light. Everything
+    model's, but almost no nuclei are found, so post-processing is light. With one (the bundled
+    model by default in ``hoverdask bench``) the synthetic nuclei are found and post-processed. Everything
     ``run_cohort`` does is timed (its plan task included); the cluster's start-up and the plan
     made here beforehand, only to count the processed pixels, are not.
     """
@@ -279,8 +311,8 @@ def bench_end_to_end(
     options = RunOptions(device=device, autocast=device == "cuda")
     if chunk_size is not None:
         options = replace(options, chunk_size=chunk_size)
-    geometry = patch_geometry(BENCH_MODE)
     random_weights = model_path is None and predictor_factory is None
+    geometry = patch_geometry(BENCH_MODE if model_path is None else _mode_of(model_path))
     with tempfile.TemporaryDirectory(prefix="hoverdask-bench-") as scratch_dir:
         scratch = Path(scratch_dir)
         if random_weights:
@@ -321,6 +353,7 @@ def bench_end_to_end(
         "tissue_mask_fraction": (plan.tissue_mm2 or 0.0) / (slide_px * mm2_per_px),
         "synthetic_glass_fraction": glass_fraction,
         "seconds_per_mm2": seconds / (processed * mm2_per_px) if processed else None,
+        "s_per_mm2": seconds / (processed * mm2_per_px) if processed else None,
         "map_tiles": plan.grid.shape[0] * plan.grid.shape[1],
         "tissue_tiles": len(plan.tissue_tiles),
         "chunk_size": options.chunk_size,
@@ -329,6 +362,12 @@ def bench_end_to_end(
         "random_weights": random_weights,
         "inference_busy_fraction": busy,
     }
+
+
+def _mode_of(model_path: str) -> str:
+    from hoverdask.model.checkpoints import load_model
+
+    return load_model(model_path).mode
 
 
 def _read_busy_fraction(run_json: Path) -> float | None:
@@ -353,20 +392,33 @@ def bench_all(
     end_to_end_size: int = 1024,
     remember: bool = True,
 ) -> dict[str, Any]:
-    """``{"model": ..., "postproc": ..., "end_to_end": ...}`` for ``hoverdask bench``.
+    """``{"model": ..., "reference_fast": ..., "postproc": ..., "end_to_end": ...}``.
 
+    ``model`` is the network ``run`` would use (``model_path``, else the bundled default),
+    ``reference_fast`` fast HoVer-Net with random weights in the same run (half the time
+    budget each), ``end_to_end`` a pipeline run of ``model`` on a synthetic slide.
     With ``remember`` the figures are also kept as the machine's latest (:func:`latest_figures`),
     so that later runs can record them in their ``run.json``.
     """
+    from hoverdask.model.catalog import default_model_path, model_card
+    from hoverdask.model.checkpoints import load_model
+
     target = resolve_device(device)
-    results: dict[str, Any] = {"model": bench_model(target, seconds=seconds)}
+    model_path = model_path or str(default_model_path())
+    network = load_model(model_path)
+    results: dict[str, Any] = {
+        "model": {**bench_model(target, seconds=seconds / 2, network=network),
+                  "path": model_path, "name": model_card(network.metadata).get("name")},
+        "reference_fast": bench_model(target, seconds=seconds / 2),
+    }
     results["postproc"] = bench_postproc()
     if end_to_end_size > 0:
         # at least 2 x 2 map tiles, so that every CPU worker (one thread each) has one: with the
         # default chunk a small slide is one tile, run by one worker on one core
         from hoverdask.pipeline.run import RunOptions
 
-        chunk = min(RunOptions().chunk_size, max(patch_geometry(BENCH_MODE).output, end_to_end_size // 2))
+        output = patch_geometry(network.mode).output
+        chunk = min(RunOptions().chunk_size, max(output, end_to_end_size // 2))
         results["end_to_end"] = bench_end_to_end(model_path, target.type, end_to_end_size,
                                                  chunk_size=chunk)
     else:
@@ -380,7 +432,10 @@ def bench_all(
 def bench_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
     """(measure, value) rows of the ``hoverdask bench`` table."""
     m, e2e = results["model"], results["end_to_end"]
-    rows = [
+    rows = [("model", f"{m.get('name') or m.get('path', '')} ({m.get('mode', BENCH_MODE)})")]
+    if "mflop_per_px" in m:
+        rows.append(("network MFLOP per output pixel", f"{m['mflop_per_px']:.3f}"))
+    rows += [
         ("network GFLOP/s", f"{m['gflop_per_s']:.1f}"),
         ("matmul peak GFLOP/s (same run)", f"{m['peak_gflop_per_s']:.1f}"),
         ("utilisation", f"{m['utilisation']:.1%}"),
@@ -388,6 +443,12 @@ def bench_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
         ("best batch / layout", f"{m['batch_size']} / {m['memory_format']}"),
         ("post-processing Mpx/s", f"{results['postproc']['mpix_per_s']:.2f}"),
     ]
+    fast = results.get("reference_fast")
+    if fast is not None:
+        rows += [
+            ("fast HoVer-Net output Mpx/s (same run)", f"{fast['mpix_per_s']:.4f}"),
+            ("fast HoVer-Net MFLOP per output pixel", f"{fast['mflop_per_px']:.2f}"),
+        ]
     if e2e.get("mpix_per_s") is None:
         return [*rows, ("end-to-end", "skipped")]
     per_mm2 = e2e["seconds_per_mm2"]

@@ -156,3 +156,17 @@ def test_end_to_end_counts_processed_and_slide_pixels(client, tmp_path: Path, gl
     assert result["seconds_per_mm2"] * result["processed_megapixels"] * 0.0625 == pytest.approx(
         result["seconds"])
     assert 0.0 < result["inference_busy_fraction"] <= 1.0  # one worker: its tiles, back to back
+
+
+def test_bench_model_measures_the_network_it_is_given() -> None:
+    from hoverdask.model import LiteHoVerNet
+    from hoverdask.model.lite import LiteShape
+
+    network = LiteHoVerNet(5, LiteShape((8, 16), 1))
+    result = bench_model("cpu", seconds=1.0, batch_sizes=(1,), input_size=96, network=network)
+    output = 96 - 2 * 32  # the lite margin
+    gflop = conv_gflop(size=96, network=network)
+    assert (result["mode"], result["nr_types"]) == ("lite", 5)
+    assert result["gflop_per_patch"] == pytest.approx(gflop)
+    assert result["mflop_per_px"] == pytest.approx(gflop * 1e3 / output**2)
+    assert result["mpix_per_s"] == pytest.approx(output**2 / result["seconds_per_batch"] / 1e6)
