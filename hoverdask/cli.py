@@ -385,7 +385,8 @@ def train(
     ] = 32,
     workers: Annotated[int, typer.Option(min=0, help="Batch-building processes.")] = 0,
     input_size: Annotated[
-        int | None, typer.Option(help="Training window side (default: the mode's patch input).")
+        int | None,
+        typer.Option(help="Training window side (default: the mode's patch input; lite: 256)."),
     ] = None,
     log_every: Annotated[int, typer.Option(min=1, help="Print every N steps.")] = 10,
     lr: Annotated[

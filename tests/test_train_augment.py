@@ -103,3 +103,24 @@ def test_window_source_without_types_refuses_nr_types() -> None:
         WindowSource([data], input_size=128, output_size=36, nr_types=5, batch_size=1, seed=0)
     source = WindowSource([data], input_size=128, output_size=36, nr_types=None, batch_size=1, seed=0)
     assert not bool(source[0]["has_types"].any())
+
+
+def test_stain_jitter_changes_each_stain_alone() -> None:
+    from hoverdask.train.augment import _RGB_OD_FROM_HED, stain_jitter
+
+    class Fixed:  # the generator's draws, chosen: scale haematoxylin only
+        def __init__(self, scale: list[float]) -> None:
+            self.draws = [np.array(scale), np.zeros(3)]
+
+        def uniform(self, *_args: object, **_kwargs: object) -> np.ndarray:
+            return self.draws.pop(0)
+
+    # a pure-eosin picture (its optical density is a multiple of the eosin vector)
+    eosin_od = 0.6 * _RGB_OD_FROM_HED[1]
+    image = np.full((8, 8, 3), 256 * np.exp(-eosin_od) - 1).round().astype(np.uint8)
+    unchanged = stain_jitter(image, Fixed([1.2, 1.0, 1.0]))  # more haematoxylin: none there
+    assert np.abs(unchanged.astype(int) - image).max() <= 1
+    darker = stain_jitter(image, Fixed([1.0, 1.2, 1.0]))  # more eosin: darker, same hue
+    assert (darker.astype(int) <= image).all()
+    assert darker.astype(int).sum() < image.astype(int).sum()
+    assert stain_jitter(image, np.random.default_rng(0)).shape == image.shape

@@ -153,3 +153,44 @@ def test_resample_keeps_near_model_pixel_size() -> None:
     assert resample(item, 0.2527, 0.25).inst.shape == shape  # within the 2 % mpp rule
     assert resample(item, 0.26, 0.25).inst.shape == (104, 104)
     assert resample(item, 0.5, 0.25).inst.shape == (200, 200)
+
+
+def test_training_images_are_resampled_exactly_as_slides_are(tmp_path: Path) -> None:
+    from hoverdask.resample import processing_array
+    from hoverdask.slide import open_slide
+    from hoverdask.synth import write_synthetic_slide
+    from hoverdask.train.datasets import MODEL_MPP
+
+    path = tmp_path / "20x.svs"
+    write_synthetic_slide(path, 300, 220, mpp=0.5, seed=2, compression="lossless",
+                          keep_instances=False)
+    with open_slide(path) as slide:
+        native = np.asarray(slide.read_region((0, 0), 0, (300, 220)))[..., :3]
+        view = processing_array(slide, MODEL_MPP, chunk=128)
+        inference = np.asarray(view.array.compute())
+    labels = np.arange(300 * 220, dtype=np.int32).reshape(220, 300)
+    item = LabelledImage("x", native, labels, labels % 5, 0.5)
+    trained = resample(item, 0.5, MODEL_MPP)
+    np.testing.assert_array_equal(trained.image, inference)  # same pixels as inference sees
+    # labels: nearest source pixel on the same pixel-centre grid (2x: each covers 2x2 outputs)
+    np.testing.assert_array_equal(trained.inst, np.repeat(np.repeat(labels, 2, 0), 2, 1))
+    np.testing.assert_array_equal(trained.types, trained.inst % 5)
+
+
+def test_holdout_splits_whole_source_images(tmp_path: Path) -> None:
+    from hoverdask.train.holdout import Holdout
+
+    root = shared_dataset("consep-train-tiles")
+    spec = tmp_path / "holdout.json"
+    spec.write_text(json.dumps({"held_out": {root.name: ["train_5_*", "train_12_*"]}}))
+    train, held = Holdout.read(spec).split(open_dataset(root))
+    assert len(held) == 32  # 16 tiles of each source image
+    assert {ref.name.rsplit("_", 1)[0] for ref in held.refs} == {"train_5", "train_12"}
+    assert not {ref.name for ref in train.refs} & {ref.name for ref in held.refs}
+    assert len(train) + len(held) == len(open_dataset(root))
+    spec.write_text(json.dumps({"held_out": {root.name: ["train_99_*"]}}))
+    with pytest.raises(DatasetError, match="matches no image"):
+        Holdout.read(spec).split(open_dataset(root))
+    spec.write_text("[1, 2]")
+    with pytest.raises(DatasetError, match="not a hold-out file"):
+        Holdout.read(spec)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -132,3 +133,42 @@ def test_cli_train_refuses_types_for_untyped_data(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert "no dataset has nucleus types" in result.output
     assert not (tmp_path / "m.tar").exists()
+
+
+def test_cosine_schedule_for_lite_warms_up_then_decays_to_the_floor() -> None:
+    config = TrainConfig(data=(), out=Path("x.tar"), mode="lite", steps=200)
+    assert (config.schedule_name, config.peak_lr, config.stage_one_steps) == ("cosine", 2e-3, 0)
+    lrs = [schedule(config, step) for step in range(200)]
+    assert {stage for stage, _ in lrs} == {2}  # one stage: nothing frozen
+    rates = np.array([lr for _, lr in lrs])
+    warmup = 6  # 3 % of the steps
+    np.testing.assert_allclose(rates[:warmup], 2e-3 * np.arange(1, warmup + 1) / warmup)
+    assert rates[warmup] == pytest.approx(2e-3)
+    assert (np.diff(rates[warmup:]) <= 0).all()
+    assert rates[-1] == pytest.approx(2e-3 * (0.01 + 0.99 * 0.5 * (1 + np.cos(np.pi * 193 / 194))))
+    assert config.window_sizes() == (256, 224)  # lite: a 16 px border when training
+    assert TrainConfig(data=(), out=Path("x.tar"), mode="lite", lr=1e-3).peak_lr == 1e-3
+    paper = TrainConfig(data=(), out=Path("x.tar"), mode="lite", schedule="paper", steps=8)
+    assert paper.stage_one_steps == 4
+
+
+def test_cli_train_lite_validates_on_held_out_images_only(tmp_path: Path) -> None:
+    consep, cpm = shared_dataset("consep-train-tiles"), shared_dataset("cpm15")
+    holdout = tmp_path / "holdout.json"
+    holdout.write_text(json.dumps({"held_out": {consep.name: ["train_3_*"], cpm.name: ["image02"]}}))
+    out = tmp_path / "lite.tar"
+    result = CliRunner().invoke(app, [
+        "train", "--data", str(consep), "--data", str(cpm), "--mode", "lite", "--nr-types", "5",
+        "--steps", "2", "--batch-size", "2", "--device", "cpu", "--out", str(out),
+        "--input-size", "64", "--holdout", str(holdout), "--val-windows", "2",
+        "--loss-weight", "hv_msge=4",
+    ])
+    assert result.exit_code == 0, result.output
+    assert "consep-tiles, 416 images" in result.output  # 432 less the 16 tiles of train_3
+    assert "held out for validation" in result.output
+    model = load_model(out)
+    assert (model.mode, model.nr_types) == ("lite", 5)
+    assert model.metadata["hoverdask"]["type_table"] == "consep"
+    rows = _rows(out.with_name("lite.tar.csv"))
+    assert [r["stage"] for r in rows] == ["2", "2", "val2"]
+    assert rows[0]["lr"] == str(2e-3 * 1 / 1)  # one warm-up step of two: straight to the peak

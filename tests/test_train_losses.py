@@ -106,3 +106,14 @@ def test_total_uses_paper_weights_and_skips_untyped_samples() -> None:
     targets["has_types"] = torch.tensor([False, False])
     _, untyped = hovernet_loss(logits, targets)
     assert "tp_ce" not in untyped
+
+
+def test_parse_loss_weights() -> None:
+    from hoverdask.errors import HoverdaskError
+    from hoverdask.train.losses import LossWeights, parse_loss_weights
+
+    weights = parse_loss_weights(["hv_mse=2", "hv_msge=4"])
+    assert weights == LossWeights(hv_mse=2.0, hv_msge=4.0)
+    for bad in ("hv=2", "hv_mse=-1", "hv_mse", "np_ce=x"):
+        with pytest.raises(HoverdaskError, match="--loss-weight"):
+            parse_loss_weights([bad])

@@ -20,7 +20,7 @@ import csv
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,7 @@ SCHEDULES = ("paper", "cosine")
 # the lite network pads its convolutions: its training windows keep a thinner unsupervised border
 # (context on every side) than the patch margin used at inference
 LITE_TRAIN_MARGIN = 16
+LITE_TRAIN_INPUT = 256  # the lite network's default training window (its patch is 512)
 COSINE_WARMUP = 0.03  # fraction of the steps with a linear warm-up
 COSINE_FLOOR = 0.01  # the last learning rate, as a fraction of --lr
 
@@ -87,8 +88,9 @@ class TrainConfig:
     def window_sizes(self) -> tuple[int, int]:
         """(input, output) sides: the network's output is its input less a fixed border."""
         geometry = patch_geometry(self.mode)
-        size = self.input_size or geometry.input
-        border = 2 * LITE_TRAIN_MARGIN if self.mode == LITE_MODE else geometry.input - geometry.output
+        lite = self.mode == LITE_MODE
+        size = self.input_size or (LITE_TRAIN_INPUT if lite else geometry.input)
+        border = 2 * LITE_TRAIN_MARGIN if lite else geometry.input - geometry.output
         output = size - border
         if output < 1:
             raise HoverdaskError(f"training window {size} is smaller than the network's border")
@@ -435,6 +437,11 @@ def _metadata(
             "seed": config.seed,
             "data": [str(p) for p in config.data],
             "init": str(config.init) if config.init else None,
+            "holdout": str(config.holdout) if config.holdout else None,
+            "schedule": config.schedule_name,
+            "lr": config.peak_lr,
+            "input_size": config.window_sizes()[0],
+            "loss_weights": asdict(config.weights),
         }
     }
     if config.nr_types is not None and len(tables) == 1 and None not in tables:
