@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from hoverdask.pipeline.check import (
     BENCH_HINT,
     check_slide,
+    magnification_from_mpp,
     sample_boxes,
     seconds_per_megapixel,
 )
@@ -116,6 +117,7 @@ def test_a_slide_without_mpp_is_still_described(cohort) -> None:
     assert fixed.ok, fixed.reason
     assert (fixed.mpp, fixed.mpp_source) == (0.5, "override")
     assert fixed.levels[0]["mpp"] == 0.5
+    assert (fixed.magnification, fixed.magnification_source) == (20.0, "estimated from mpp")
 
 
 def test_a_corrupt_tile_is_found_and_located(cohort) -> None:
@@ -150,6 +152,12 @@ def test_a_good_slide_is_described_and_planned_as_run_plans_it(cohort, name, tmp
     assert (result.magnification, result.magnification_source) == (magnification, "metadata")
     assert (result.width, result.height) == size
     assert len(result.levels) == levels
+
+
+@pytest.mark.parametrize(("mpp", "power"), [(0.25, 40.0), (0.263, 40.0), (0.499, 20.0),
+                                             (0.5, 20.0), (1.0, 10.0), (0.17, 60.0)])
+def test_magnification_without_metadata_is_the_nearest_objective(mpp, power) -> None:
+    assert magnification_from_mpp(mpp) == power
 
 
 def test_estimate_comes_from_the_bench_figures_or_says_how_to_get_one() -> None:

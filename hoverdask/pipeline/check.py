@@ -166,6 +166,15 @@ def _decode_error(err: BaseException) -> str:
     return one_line(cause)
 
 
+OBJECTIVES = (2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 80.0, 100.0)
+
+
+def magnification_from_mpp(mpp: float) -> float:
+    """The usual objective closest (by ratio) to ``10 / mpp``: scanners image about 1 µm/px
+    at 10x, 0.5 at 20x, 0.25 at 40x (a Leica GT450's 0.263 µm/px is 40x)."""
+    return min(OBJECTIVES, key=lambda power: abs(math.log(power * mpp / 10.0)))
+
+
 # --- one slide's check -----------------------------------------------------------------------
 
 
@@ -217,8 +226,8 @@ class SlideCheck:
                 entry["mpp"] = round(self.mpp * entry["downsample"], 6)
         if facts.objective_power:
             self.magnification, self.magnification_source = facts.objective_power, "metadata"
-        elif mpp_known:  # 10x objectives image about 1 µm/px, 40x about 0.25 µm/px
-            self.magnification = float(round(10.0 / slide.mpp))
+        elif mpp_known:
+            self.magnification = magnification_from_mpp(slide.mpp)
             self.magnification_source = "estimated from mpp"
         self.tiles_decoded = facts.tiles_decoded
         self.bad_tiles = [asdict(tile) for tile in facts.bad_tiles]
