@@ -154,6 +154,25 @@ def test_a_good_slide_is_described_and_planned_as_run_plans_it(cohort, name, tmp
     assert len(result.levels) == levels
 
 
+def test_an_ome_zarr_store_is_checked_like_its_slide(cohort, tmp_path) -> None:
+    import shutil
+
+    from hoverdask.omezarr import convert_to_omezarr
+
+    store = tmp_path / "good.zarr"
+    convert_to_omezarr(cohort["good"], store, num_workers=1)
+    slide, converted = check_slide(cohort["good"], **SETTINGS), check_slide(store, **SETTINGS)
+    assert converted.ok, converted.reason
+    assert (converted.format, converted.mpp, converted.mpp_source) == ("ome-zarr", 0.25, "ome-zarr")
+    assert (converted.map_tiles, converted.tissue_mm2) == (slide.map_tiles, slide.tissue_mm2)
+    damaged = tmp_path / "damaged.zarr"
+    shutil.copytree(store, damaged)
+    (damaged / "0" / "0" / "1" / "1").write_bytes(b"not a compressed chunk")
+    result = check_slide(damaged, **SETTINGS)
+    assert result.code == "damaged", result.reason
+    assert [(t["level"], t["x"], t["y"]) for t in result.bad_tiles] == [(0, 1024, 1024)]
+
+
 @pytest.mark.parametrize(("mpp", "power"), [(0.25, 40.0), (0.263, 40.0), (0.499, 20.0),
                                              (0.5, 20.0), (1.0, 10.0), (0.17, 60.0)])
 def test_magnification_without_metadata_is_the_nearest_objective(mpp, power) -> None:
