@@ -13,10 +13,12 @@ import pytest
 import tifffile
 from typer.testing import CliRunner
 
+from hoverdask.errors import HoverdaskError
 from hoverdask.pipeline.check import (
     BENCH_HINT,
     check_slide,
     magnification_from_mpp,
+    model_geometry,
     sample_boxes,
     seconds_per_megapixel,
 )
@@ -177,6 +179,33 @@ def test_an_ome_zarr_store_is_checked_like_its_slide(cohort, tmp_path) -> None:
                                              (0.5, 20.0), (1.0, 10.0), (0.17, 60.0)])
 def test_magnification_without_metadata_is_the_nearest_objective(mpp, power) -> None:
     assert magnification_from_mpp(mpp) == power
+
+
+def test_map_tiles_follow_the_model_geometry(cohort) -> None:
+    """2048 x 1536 px at 0.25 µm/px: map tiles are --chunk-size rounded down to whole outputs."""
+    fast = check_slide(cohort["good"], **{**SETTINGS, "chunk_size": 700, "output": 164,
+                                          "margin": 46})  # fmt: skip
+    assert (fast.map_tile_size, fast.map_tiles_total) == (656, 4 * 3)
+    lite = check_slide(cohort["good"], **{**SETTINGS, "chunk_size": 700})
+    assert (lite.map_tile_size, lite.map_tiles_total) == (448, 5 * 4)
+
+
+def test_model_geometry_reads_the_checkpoint_or_falls_back_to_lite(tmp_path,
+                                                                   monkeypatch) -> None:
+    from hoverdask.model import build_network, catalog
+    from hoverdask.model.checkpoints import save_checkpoint
+
+    monkeypatch.setattr(catalog, "WEIGHTS_DIR", tmp_path / "weights")
+    absent = model_geometry(None)
+    assert (absent.output, absent.margin, absent.mode, absent.path) == (448, 32, "lite", None)
+    assert "absent" in absent.note
+    assert "lite geometry" in absent.note
+    path = save_checkpoint(build_network("lite", nr_types=6), tmp_path / "mine.tar")
+    given = model_geometry(path)
+    assert (given.output, given.margin, given.mode, given.note) == (448, 32, "lite", "")
+    assert given.path == str(path.resolve())
+    with pytest.raises(HoverdaskError, match="does not exist"):
+        model_geometry(tmp_path / "nowhere.tar")
 
 
 def test_estimate_comes_from_the_bench_figures_or_says_how_to_get_one() -> None:
