@@ -229,33 +229,40 @@ def client():
         yield client
 
 
-def _with_client(monkeypatch: pytest.MonkeyPatch, client, figures=None) -> None:
-    """`hoverdask check` on the test's cluster, with the given bench figures."""
-    import hoverdask.pipeline.check as check_module
+def _bench_figures(monkeypatch: pytest.MonkeyPatch, folder: Path, e2e_mpix_per_s: float | None):
+    """This machine's latest `hoverdask bench` figures, as a file in ``folder`` (or none)."""
+    import hoverdask.bench_figures as figures
 
-    original = check_module.check_cohort
-
-    def patched(slides, **kwargs):
-        return original(slides, **{**kwargs, "client": client, "figures": figures})
-
-    monkeypatch.setattr(check_module, "check_cohort", patched)
+    path = folder / "bench.json"
+    if e2e_mpix_per_s is not None:
+        path.write_text(json.dumps({
+            "measured_at": "2026-12-01T00:00:00+00:00",
+            "model": {"device": "cpu", "gflop_per_s": 10.0, "peak_gflop_per_s": 50.0,
+                      "mpix_per_s": 3.0},
+            "postproc": {"mpix_per_s": 20.0},
+            "end_to_end": {"mpix_per_s": e2e_mpix_per_s},
+        }))  # fmt: skip
+    monkeypatch.setattr(figures, "latest_figures_path", lambda: path)
 
 
 @pytest.mark.slow
 def test_cli_names_every_bad_slide_and_exits_1(cohort, client, tmp_path, monkeypatch) -> None:
     from hoverdask import cli
 
-    _with_client(monkeypatch, client, figures={"end_to_end_mpix_per_s": 2.0, "device": "cpu"})
+    _bench_figures(monkeypatch, tmp_path, e2e_mpix_per_s=2.0)
     names = ["good", *(n for n in EXPECTED)]
     out = tmp_path / "check.json"
     result = CliRunner().invoke(cli.app, ["check", *(str(cohort[n]) for n in names),
-                                          str(CMU_SLIDE), "--json", str(out)])  # fmt: skip
+                                          str(CMU_SLIDE), "--json", str(out),
+                                          "--scheduler", client.scheduler.address])  # fmt: skip
     assert result.exit_code == 1, result.output
     assert "Traceback" not in result.output
     report = json.loads(out.read_text())
     assert set(report) == {"hoverdask_version", "checked_at", "ok", "settings", "model", "bench",
                            "estimate_basis", "totals", "slides"}  # fmt: skip
     assert report["ok"] is False
+    assert report["bench"]["end_to_end_mpix_per_s"] == 2.0
+    assert "end-to-end rate" in report["estimate_basis"]
     assert report["settings"]["chunk_size"] == 1968
     assert (report["model"]["output"], report["model"]["margin"]) == (448, 32)
     slides = {Path(s["slide"]).name: s for s in report["slides"]}
@@ -282,10 +289,9 @@ def test_cli_names_every_bad_slide_and_exits_1(cohort, client, tmp_path, monkeyp
 @pytest.mark.slow
 def test_cli_on_its_own_local_cluster_exits_0_when_all_pass(cohort, tmp_path,
                                                             monkeypatch) -> None:
-    import hoverdask.bench_figures as figures
     from hoverdask import cli
 
-    monkeypatch.setattr(figures, "latest_figures_path", lambda: tmp_path / "no-bench.json")
+    _bench_figures(monkeypatch, tmp_path, e2e_mpix_per_s=None)
     out = tmp_path / "check.json"
     result = CliRunner().invoke(cli.app, ["check", str(cohort["good"]), str(cohort["nompp"]),
                                           "--mpp", "0.25", "--workers", "1", "--json", str(out)])
