@@ -216,11 +216,29 @@ def synth(
 
 # --- commands: pipeline (run) ---
 
+SlidesArgument = Annotated[
+    list[Path], typer.Argument(help="Slide files (svs, ndpi, tif, OME-Zarr...).")
+]
+SchedulerOption = Annotated[
+    str | None,
+    typer.Option(help="Use this Dask scheduler (address or scheduler file) instead of a "
+                 "local cluster."),
+]
+TlsCaOption = Annotated[Path | None, typer.Option(help="TLS CA certificate (PEM).")]
+TlsCertOption = Annotated[Path | None, typer.Option(help="TLS certificate (PEM).")]
+TlsKeyOption = Annotated[Path | None, typer.Option(help="TLS private key (PEM).")]
+SlideMppOption = Annotated[
+    float | None, typer.Option(help="µm per level-0 pixel, for slides without it.")
+]
+ChunkSizeOption = Annotated[
+    int, typer.Option(min=1, help="Map tile size in processing pixels (whole patches).")
+]
+
 
 @app.command()
 @user_errors
 def run(
-    slides: Annotated[list[Path], typer.Argument(help="Slide files (svs, ndpi, tif, OME-Zarr...).")],
+    slides: SlidesArgument,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (one subfolder a slide).")],
     model: Annotated[
         Path | None,
@@ -236,18 +254,10 @@ def run(
         int | None,
         typer.Option(min=1, help="Threads per worker (default: 1; GPU workers: 2)."),
     ] = None,
-    scheduler: Annotated[
-        str | None,
-        typer.Option(help="Use this Dask scheduler (address or scheduler file) instead of a "
-                     "local cluster."),
-    ] = None,
+    scheduler: SchedulerOption = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    mpp: Annotated[
-        float | None, typer.Option(help="µm per level-0 pixel, for slides without it.")
-    ] = None,
-    chunk_size: Annotated[
-        int, typer.Option(min=1, help="Map tile size in processing pixels (whole patches).")
-    ] = 1968,
+    mpp: SlideMppOption = None,
+    chunk_size: ChunkSizeOption = 1968,
     batch_size: Annotated[
         int, typer.Option(min=0, help="Patches per network call; 0: fit the GPU's free memory "
                           "(8 on CPU).")
@@ -283,9 +293,9 @@ def run(
         typer.Option(help="Only this level-0 rectangle X,Y,W,H of the (one) slide, processed as "
                      "if it were the slide; coordinates stay those of the slide."),
     ] = None,
-    tls_ca: Annotated[Path | None, typer.Option(help="TLS CA certificate (PEM).")] = None,
-    tls_cert: Annotated[Path | None, typer.Option(help="TLS certificate (PEM).")] = None,
-    tls_key: Annotated[Path | None, typer.Option(help="TLS private key (PEM).")] = None,
+    tls_ca: TlsCaOption = None,
+    tls_cert: TlsCertOption = None,
+    tls_key: TlsKeyOption = None,
 ) -> None:
     """Find, outline and classify the nuclei of every slide on a Dask cluster."""
     from hoverdask.pipeline.region import Region
@@ -312,6 +322,67 @@ def run(
         typer.echo(f"{slide.status:8} {slide.slide_id}  {slide.nuclei} nuclei  "
                    f"{slide.seconds:.1f} s{note}")
     typer.echo(str(result.out_dir / "summary.csv"))
+    raise typer.Exit(code=result.exit_code)
+
+
+@app.command()
+@user_errors
+def check(
+    slides: SlidesArgument,
+    mpp: SlideMppOption = None,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Also write the findings to this JSON file.")
+    ] = None,
+    model: Annotated[
+        Path | None,
+        typer.Option("--model", "-m", help="The checkpoint run would use (its patch geometry "
+                     "sizes the map tiles); default: the bundled model."),
+    ] = None,
+    chunk_size: ChunkSizeOption = 1968,
+    tissue_mask: Annotated[
+        bool, typer.Option(help="Count only map tiles with tissue, as run does.")
+    ] = True,
+    workers: Annotated[
+        int | None, typer.Option(min=1, help="Local worker processes (default: one per core, "
+                                 "at most one per slide).")
+    ] = None,
+    threads_per_worker: Annotated[
+        int | None, typer.Option(min=1, help="Threads per local worker (default: 1).")
+    ] = None,
+    scheduler: SchedulerOption = None,
+    tls_ca: TlsCaOption = None,
+    tls_cert: TlsCertOption = None,
+    tls_key: TlsKeyOption = None,
+) -> None:
+    """Open every slide without running a model: what run would do with it, or why it would fail.
+
+    Exit 0 when every slide passes, 1 when some would fail (named with the reason and the fix).
+    """
+    import json
+
+    from rich.table import Table
+
+    from hoverdask.atomic import atomic_write_text
+    from hoverdask.pipeline.check import COLUMNS, check_cohort, summary_lines, table_rows
+    from hoverdask.pipeline.run import run_security
+
+    result = check_cohort(
+        slides, model=model, mpp=mpp, chunk_size=chunk_size, use_tissue_mask=tissue_mask,
+        workers=workers, threads_per_worker=threads_per_worker, scheduler=scheduler,
+        security=run_security(tls_ca, tls_cert, tls_key),
+    )
+    table = Table(title="hoverdask check")
+    for name in COLUMNS:
+        table.add_column(name, justify="right" if name in ("levels", "tissue mm²") else "left")
+    for row in table_rows(result):
+        table.add_row(*row)
+    screen = Console()
+    (screen if screen.is_terminal else Console(width=200)).print(table)
+    for line in summary_lines(result):
+        typer.echo(line)
+    if json_path is not None:
+        atomic_write_text(json_path, json.dumps(result.to_json(), indent=2) + "\n")
+        typer.echo(str(json_path))
     raise typer.Exit(code=result.exit_code)
 
 

@@ -10,8 +10,10 @@ their Python work never holds the GIL that the thread feeding a GPU needs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -121,6 +123,31 @@ def make_client(
     if not quiet:
         print(f"Dask dashboard: {client.dashboard_link}", flush=True)
     return client
+
+
+@contextlib.contextmanager
+def client_for(
+    client: Client | None,
+    workers: int | None = None,
+    threads_per_worker: int | None = None,
+    scheduler: str | None = None,
+    device: Device = "auto",
+    security: object | None = None,
+    **options: bool,
+) -> Iterator[Client]:
+    """``client`` as it is, or one from :func:`make_client` (``options``: ``quiet``,
+    ``dashboard``) that is closed, with its local cluster, on leaving."""
+    if client is not None:
+        yield client
+        return
+    owned = make_client(workers, threads_per_worker, scheduler, device, security, **options)
+    try:
+        yield owned
+    finally:
+        cluster = owned.cluster
+        owned.close()
+        if cluster is not None:
+            cluster.close()
 
 
 def start_local_cluster(

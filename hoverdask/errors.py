@@ -12,7 +12,16 @@ class HoverdaskError(Exception):
 
 
 class SlideError(HoverdaskError):
-    """A slide cannot be opened or lacks what processing needs (e.g. its pixel size)."""
+    """A slide cannot be opened or lacks what processing needs (e.g. its pixel size).
+
+    ``code`` says which kind of problem it is (``empty``, ``truncated``, ``not-a-slide``,
+    ``damaged``, ``no-mpp``, ...), so that ``hoverdask check`` can name the fix; the message is
+    what the user reads.
+    """
+
+    def __init__(self, message: str, *, code: str = "unreadable") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class CheckpointError(HoverdaskError):

@@ -84,7 +84,8 @@ class ZarrReader:
         except Exception as err:  # codec/IO errors: a damaged store
             raise SlideError(
                 f"{self.path}: cannot read level {level} x {x0}:{x1}, y {y0}:{y1} "
-                f"({type(err).__name__}: {err}); the store is damaged"
+                f"({type(err).__name__}: {err}); the store is damaged",
+                code="damaged",
             ) from err
         return np.ascontiguousarray(np.moveaxis(np.asarray(block), 0, -1))
 
@@ -114,7 +115,8 @@ def open_omezarr(path: Path, mpp: float | None = None) -> Slide:
     if not multiscales:
         raise SlideError(
             f"{path}: a folder but not an OME-Zarr image (no multiscales metadata); "
-            "convert slides with `hoverdask convert`"
+            "convert slides with `hoverdask convert`",
+            code="not-a-slide",
         )
     image = multiscales[0]
     axes = [axis["name"] if isinstance(axis, dict) else axis for axis in image.get("axes", [])]
@@ -155,7 +157,8 @@ def _mpp_from_ngff(path: Path, image: dict[str, Any]) -> float:
         if t.get("type") == "scale"
     ]
     if unit not in _UNIT_TO_UM or not scales:
-        raise SlideError(f"{path}: the store has no physical pixel size; {MPP_HINT}")
+        raise SlideError(f"{path}: the store has no physical pixel size; {MPP_HINT}",
+                         code="no-mpp")
     mpp_y, mpp_x = (float(v) * _UNIT_TO_UM[unit] for v in scales[0][1:3])
     return check_mpp((mpp_x + mpp_y) / 2.0, f"{path.name} multiscales scale")
 

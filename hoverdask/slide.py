@@ -284,7 +284,8 @@ class TiffReader:
         except Exception as err:  # decoder errors come in many types; all mean a broken file
             raise SlideError(
                 f"{self.path}: cannot decode level {level} pixels "
-                f"x {x0}:{x1}, y {y0}:{y1} ({type(err).__name__}: {err}); the file is damaged"
+                f"x {x0}:{x1}, y {y0}:{y1} ({type(err).__name__}: {err}); the file is damaged",
+                code="damaged",
             ) from err
         return np.ascontiguousarray(block[..., :3], dtype=np.uint8)
 
@@ -308,14 +309,14 @@ def open_slide(path: str | Path, mpp: float | None = None) -> Slide:
     if mpp is not None:
         check_mpp(mpp, "--mpp")
     if not path.exists():
-        raise SlideError(f"{path}: no such file or folder")
+        raise SlideError(f"{path}: no such file or folder", code="not-found")
     if path.is_dir():
         from hoverdask.omezarr import open_omezarr
 
         return open_omezarr(path, mpp)
     size = path.stat().st_size
     if size == 0:
-        raise SlideError(f"{path}: the file is empty (0 bytes)")
+        raise SlideError(f"{path}: the file is empty (0 bytes)", code="empty")
     return _open_tiff(path, mpp, size)
 
 
@@ -324,7 +325,8 @@ def check_mpp(mpp: float, source: str) -> float:
     if not (math.isfinite(mpp) and low <= mpp <= high):
         raise SlideError(
             f"pixel size {mpp!r} µm/px from {source} is not plausible for a slide "
-            f"(expected {low}..{high}); {MPP_HINT}"
+            f"(expected {low}..{high}); {MPP_HINT}",
+            code="bad-mpp",
         )
     return float(mpp)
 
@@ -350,11 +352,13 @@ def _open_tiff(path: Path, mpp_override: float | None, size: int) -> Slide:
         if _has_tiff_header(path):
             raise SlideError(
                 f"{path}: a TIFF file whose structure cannot be read, probably truncated or "
-                f"damaged ({type(err).__name__}: {err}); copy it again from its source"
+                f"damaged ({type(err).__name__}: {err}); copy it again from its source",
+                code="truncated",
             ) from err
         raise SlideError(
             f"{path}: not a readable slide ({type(err).__name__}: {err}); "
-            f"hoverdask reads {SUPPORTED_FORMATS}"
+            f"hoverdask reads {SUPPORTED_FORMATS}",
+            code="not-a-slide",
         ) from err
     finally:
         tifffile_log.setLevel(previous_level)
@@ -398,7 +402,8 @@ def _check_complete(path: Path, tiff: Any, size: int, properties: dict[str, Any]
             if ends and max(ends) > size:  # (empty tiles, count 0, are legal: sparse files)
                 raise SlideError(
                     f"{path}: the file is truncated or incomplete (image data missing "
-                    f"beyond byte {size}); copy it again from its source"
+                    f"beyond byte {size}); copy it again from its source",
+                    code="truncated",
                 )
 
 
@@ -409,7 +414,8 @@ def _check_rgb(path: Path, handle: Any) -> None:
     if array.dtype != np.uint8 or samples not in (3, 4):
         raise SlideError(
             f"{path}: expected an RGB brightfield slide (uint8, 3 samples), found "
-            f"{array.dtype} with {samples} sample(s) (axes {axes})"
+            f"{array.dtype} with {samples} sample(s) (axes {axes})",
+            code="not-rgb",
         )
 
 
@@ -430,7 +436,8 @@ def _pick_mpp(
         if mpp_x:
             values = [float(v) for v in (mpp_x, mpp_y) if v]
             return check_mpp(sum(values) / len(values), f"{path.name} metadata ({source})"), source
-    raise SlideError(f"{path}: the slide's metadata has no pixel size (mpp); {MPP_HINT}")
+    raise SlideError(f"{path}: the slide's metadata has no pixel size (mpp); {MPP_HINT}",
+                     code="no-mpp")
 
 
 _OME_UNITS_TO_UM = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}

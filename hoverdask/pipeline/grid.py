@@ -10,7 +10,7 @@ written by exactly one task). Context outside the slide is the reflection of the
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,6 +55,10 @@ class TileGrid:
     def extent(self, row: int, col: int) -> tuple[int, int, int, int]:
         """``(y0, x0, y1, x1)`` of the tile inside the image (half-open)."""
         return self.blocks.core(row, col)
+
+    def pixels(self, tiles: Iterable[tuple[int, int]]) -> int:
+        """How many image pixels the ``tiles`` cover (what the network is run on)."""
+        return sum((y1 - y0) * (x1 - x0) for y0, x0, y1, x1 in (self.extent(*t) for t in tiles))
 
     def padded_size(self, row: int, col: int) -> tuple[int, int]:
         """The tile's size rounded up to whole patches (what the predictor computes)."""

@@ -58,6 +58,26 @@ class SlidePlan:
 
 
 def plan_slide(
+    slide_path: str, out_dir: Path, *, mpp: float | None, **settings: Any
+) -> tuple[SlidePlan, Any]:
+    """Open the slide, check it as ``hoverdask check`` does, size its processing grid and list
+    the tiles that hold tissue (``settings``: those of :func:`plan_open_slide`).
+
+    With ``region`` the grid covers only that level-0 rectangle (see :mod:`.region`). Returns
+    the plan and the tissue mask (None without ``use_tissue_mask``), which is kept out of the
+    plan because tasks never need its pixels. A slide ``check`` fails raises the same
+    :class:`~hoverdask.errors.SlideError` here.
+    """
+    from hoverdask.pipeline.check import inspect_slide
+    from hoverdask.slide import open_slide
+
+    with open_slide(slide_path, mpp) as slide:
+        inspect_slide(slide).raise_if_damaged()
+        return plan_open_slide(slide, slide_path, out_dir, mpp=mpp, **settings)
+
+
+def plan_open_slide(
+    slide: Any,
     slide_path: str,
     out_dir: Path,
     *,
@@ -70,41 +90,31 @@ def plan_slide(
     type_table: Any = None,
     region: Region | None = None,
 ) -> tuple[SlidePlan, Any]:
-    """Open the slide, size its processing grid and list the tiles that hold tissue.
-
-    With ``region`` the grid covers only that level-0 rectangle (see :mod:`.region`). Returns
-    the plan and the tissue mask (None without ``use_tissue_mask``), which is kept out of the
-    plan because tasks never need its pixels.
-    """
+    """:func:`plan_slide` on a slide that is already open (and checked); it stays open."""
     from hoverdask.resample import processing_array
-    from hoverdask.slide import open_slide
 
-    slide = open_slide(slide_path, mpp)
-    try:
-        view = processing_array(slide, target_mpp=target_mpp)
-        scale = float(view.scale)
-        level0 = (int(slide.dimensions[0]), int(slide.dimensions[1]))
-        box = (0, 0, *(int(n) for n in view.array.shape[:2]))
-        if region is not None:
-            region.check_inside(level0, slide_path)
-            box = region.processing_box(scale, box[2:])
-        y0, x0, y1, x1 = box
-        height, width = y1 - y0, x1 - x0
-        grid = TileGrid.for_chunk_size(height, width, chunk_size, output, margin)
-        tiles = tuple(grid.tiles())
-        extent = (0.0, 0.0, float(level0[0]), float(level0[1]))
-        if region is not None:
-            extent = region_level0_box(box, scale)
-        mask = None
-        if use_tissue_mask:
-            from hoverdask.tissue import tissue_mask
+    view = processing_array(slide, target_mpp=target_mpp)
+    scale = float(view.scale)
+    level0 = (int(slide.dimensions[0]), int(slide.dimensions[1]))
+    box = (0, 0, *(int(n) for n in view.array.shape[:2]))
+    if region is not None:
+        region.check_inside(level0, slide_path)
+        box = region.processing_box(scale, box[2:])
+    y0, x0, y1, x1 = box
+    height, width = y1 - y0, x1 - x0
+    grid = TileGrid.for_chunk_size(height, width, chunk_size, output, margin)
+    tiles = tuple(grid.tiles())
+    extent = (0.0, 0.0, float(level0[0]), float(level0[1]))
+    if region is not None:
+        extent = region_level0_box(box, scale)
+    mask = None
+    if use_tissue_mask:
+        from hoverdask.tissue import tissue_mask
 
-            mask = tissue_mask(slide)
-            tiles = tuple(t for t in tiles if _has_tissue(mask, grid, scale, (y0, x0), *t))
-        slide_id = str(slide.slide_id) + (region.suffix if region is not None else "")
-        slide_mpp = float(slide.mpp)
-    finally:
-        slide.close()
+        mask = tissue_mask(slide)
+        tiles = tuple(t for t in tiles if _has_tissue(mask, grid, scale, (y0, x0), *t))
+    slide_id = str(slide.slide_id) + (region.suffix if region is not None else "")
+    slide_mpp = float(slide.mpp)
     params = {
         "slide_mpp": slide_mpp,
         "target_mpp": target_mpp,

@@ -12,12 +12,11 @@ others go on.
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -188,7 +187,10 @@ def run_cohort(
         check_region(options.region, slides, options.mpp)
     check_writable(out)
     spec = resolve_model(model, predictor_factory, options)
-    with _client_for(client, workers, threads_per_worker, scheduler, options, security) as live:
+    from hoverdask.cluster import client_for
+
+    with client_for(client, workers, threads_per_worker, scheduler,
+                    options.device, security) as live:  # type: ignore[arg-type]
         runner = _CohortRunner(live, out, spec, options, progress=progress)
         return runner.run([str(s) for s in slides])
 
@@ -225,32 +227,6 @@ def check_region(region: Region, slides: Sequence[str | Path], mpp: float | None
     finally:
         slide.close()
     region.check_inside(size, str(slides[0]))
-
-
-@contextlib.contextmanager
-def _client_for(
-    client: Client | None,
-    workers: int | None,
-    threads_per_worker: int | None,
-    scheduler: str | None,
-    options: RunOptions,
-    security: object | None,
-) -> Iterator[Client]:
-    if client is not None:
-        yield client
-        return
-    from hoverdask.cluster import make_client
-
-    owned = make_client(workers, threads_per_worker, scheduler,
-                        device=options.device,  # type: ignore[arg-type]
-                        security=security)
-    try:
-        yield owned
-    finally:
-        cluster = owned.cluster
-        owned.close()
-        if cluster is not None:
-            cluster.close()
 
 
 @dataclass
