@@ -30,18 +30,23 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 USAGE_ERROR = 2
+FAILURE = 1  # e.g. a model download that failed: not the user's typing
 
 
 def user_errors(func: Callable[P, R]) -> Callable[P, R]:
-    """Turn :class:`HoverdaskError` into a red one-line message and exit code 2."""
+    """Turn :class:`HoverdaskError` into a red one-line message and exit code 2 (1 for a failed
+    download)."""
 
     @functools.wraps(func)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return func(*args, **kwargs)
         except HoverdaskError as err:
+            from hoverdask.model.registry import DownloadError
+
             console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
-            raise typer.Exit(code=USAGE_ERROR) from None
+            code = FAILURE if isinstance(err, DownloadError) else USAGE_ERROR
+            raise typer.Exit(code=code) from None
 
     return wrapper
 
@@ -61,17 +66,20 @@ def version() -> None:
 
 # --- commands: model and tile inference (segment, models) ---
 
+ModelOption = Annotated[
+    str | None,
+    typer.Option("--model", "-m", help="Checkpoint file (.tar or .pth) or an official model "
+                 "name (hoverdask models), downloaded when not cached; default: the bundled "
+                 "model."),
+]
+
 
 @app.command()
 @user_errors
 def segment(
     image: Annotated[Path, typer.Argument(help="PNG, JPEG or TIFF image (RGB; alpha is dropped).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
-    model: Annotated[
-        Path | None,
-        typer.Option("--model", "-m", help="HoVer-Net checkpoint (.tar or .pth); default: the "
-                     "bundled model."),
-    ] = None,
+    model: ModelOption = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     batch_size: Annotated[int, typer.Option(min=1, help="Patches per network call.")] = 8,
     types: Annotated[
@@ -79,11 +87,12 @@ def segment(
     ] = None,
 ) -> None:
     """Segment and classify the nuclei of one image (reference tile mode)."""
-    from hoverdask.model.catalog import default_model_path
+    from hoverdask.model.registry import resolve_model_argument
     from hoverdask.model.segment import segment_image
 
     result = segment_image(
-        image, model or default_model_path(), out, device=device, batch_size=batch_size, types_path=types
+        image, resolve_model_argument(model), out, device=device, batch_size=batch_size,
+        types_path=types,
     )
     console.print(f"{result.table_reason}")
     counts = ", ".join(f"{name} {n}" for name, n in sorted(result.type_counts.items()))
@@ -92,12 +101,22 @@ def segment(
         typer.echo(str(path))
 
 
-@app.command()
+models_app = typer.Typer(
+    help="Models: list the bundled, cached and pullable ones; pull an official checkpoint.",
+    invoke_without_command=True,
+)
+app.add_typer(models_app, name="models")
+
+
+@models_app.callback()
 @user_errors
-def models() -> None:
-    """List the known nucleus type tables and any model files shipped with hoverdask."""
+def models(ctx: typer.Context) -> None:
+    """List the type tables, the bundled model and the official checkpoints (cached or not)."""
+    if ctx.invoked_subcommand is not None:
+        return
     from rich.table import Table
 
+    from hoverdask.model import registry
     from hoverdask.model.catalog import bundled_models, default_model_path
     from hoverdask.model.types import KNOWN_TABLES
 
@@ -129,6 +148,30 @@ def models() -> None:
                 typer.echo(f"  {key}: {entry.card[key]}")
         if entry.card_path.is_file():
             typer.echo(f"  model card: {entry.card_path}")
+    typer.echo(f"\nOfficial HoVer-Net checkpoints (--model NAME; cache {registry.cache_dir()}):")
+    for official in registry.OFFICIAL_MODELS.values():
+        record = registry.cached_record(official)
+        where = (f"cached: {registry.cached_path(official)}" if record is not None
+                 else f"pullable: hoverdask models pull {official.name}")
+        typer.echo(f"  {official.name}: {official.mode} mode, nr_types={official.nr_types}, "
+                   f"types: {official.table or 'none'}, {official.mpp} µm/px, "
+                   f"{official.licence}; {where}")
+
+
+@models_app.command("pull")
+@user_errors
+def models_pull(
+    name: Annotated[str, typer.Argument(help="Official checkpoint name (hoverdask models).")],
+    force: Annotated[bool, typer.Option(help="Download again even when cached.")] = False,
+) -> None:
+    """Download an official HoVer-Net checkpoint into the user cache, verify it, record it."""
+    from hoverdask.model import registry
+
+    path = registry.pull_with_bar(name, force=force)
+    record = registry.cached_record(registry.OFFICIAL_MODELS[name]) or {}
+    if record.get("sha256"):
+        typer.echo(f"sha256 {record['sha256']}")
+    typer.echo(str(path))
 
 
 # --- commands: slides (convert, tissue, synth) ---
@@ -222,11 +265,7 @@ def synth(
 def run(
     slides: Annotated[list[Path], typer.Argument(help="Slide files (svs, ndpi, tif, OME-Zarr...).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (one subfolder a slide).")],
-    model: Annotated[
-        Path | None,
-        typer.Option("--model", "-m", help="HoVer-Net checkpoint (.tar or .pth); default: the "
-                     "bundled model."),
-    ] = None,
+    model: ModelOption = None,
     workers: Annotated[
         int | None,
         typer.Option(min=0, help="Local CPU worker processes (default: one per core; with GPUs, "
@@ -443,10 +482,7 @@ def train(
 def evaluate(
     data: Annotated[Path, typer.Option("--data", help="Annotated dataset folder.")],
     json_path: Annotated[Path, typer.Option("--json", help="Write the scores here (JSON).")],
-    model: Annotated[
-        Path | None,
-        typer.Option("--model", "-m", help="Checkpoint; default: the bundled model."),
-    ] = None,
+    model: ModelOption = None,
     limit: Annotated[int | None, typer.Option(min=1, help="Score only the first N images.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     batch_size: Annotated[int, typer.Option(min=1, help="Patches per network call.")] = 8,
@@ -463,9 +499,10 @@ def evaluate(
 
     from hoverdask.atomic import atomic_write_text
     from hoverdask.evaluate import evaluate_model, format_table
+    from hoverdask.model.registry import resolve_model_argument
 
     report = evaluate_model(
-        data, model, limit=limit, device=device, batch_size=batch_size, method=method,
+        data, resolve_model_argument(model), limit=limit, device=device, batch_size=batch_size, method=method,
         holdout=holdout,
     )
     rows = format_table(report)
@@ -496,10 +533,7 @@ def bench(
     json_path: Annotated[
         Path | None, typer.Option("--json", help="Also write the figures to this JSON file.")
     ] = None,
-    model: Annotated[
-        Path | None,
-        typer.Option("--model", "-m", help="Checkpoint for the end-to-end run (default: random)."),
-    ] = None,
+    model: ModelOption = None,
     seconds: Annotated[
         float, typer.Option(min=1.0, help="Time budget of the network measurement.")
     ] = 20.0,
@@ -513,11 +547,12 @@ def bench(
     from rich.table import Table
 
     from hoverdask.bench import bench_all, bench_rows, latest_figures_path
+    from hoverdask.model.registry import resolve_model_argument
 
     results = bench_all(
         device,
         seconds=seconds,
-        model_path=str(model) if model else None,
+        model_path=str(resolve_model_argument(model)) if model else None,
         end_to_end_size=end_to_end_size,
     )
     m = results["model"]

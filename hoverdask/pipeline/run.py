@@ -113,12 +113,11 @@ def resolve_model(
 ) -> ModelSpec:
     """Validate the checkpoint (or factory) on the client before any worker loads it."""
     if predictor_factory is None:
-        from hoverdask.model.catalog import default_model_path, model_card
-
-        path = Path(model) if model is not None else default_model_path()
-        if not path.is_file():
-            raise HoverdaskError(f"model file {path} does not exist")
+        from hoverdask.model.catalog import model_card
         from hoverdask.model.checkpoints import load_model, sha256_of
+        from hoverdask.model.registry import entry_for_path, resolve_model_argument
+
+        path = resolve_model_argument(model)
 
         network = load_model(path, "cpu")
         predictor_factory = TorchPredictorFactory(
@@ -135,6 +134,9 @@ def resolve_model(
         geometry = patch_geometry(network.mode)
         type_table, why = select_type_table(network.nr_types, network.mode, network.metadata)
         card = model_card(network.metadata)
+        official = entry_for_path(path)
+        if official is not None:
+            card = {"name": official.name, "licence": official.licence, **card}
         description = {"path": str(path.resolve()), "sha256": sha256_of(path),
                        "name": card.get("name", path.stem), "licence": card.get("licence"),
                        "mode": network.mode, "nr_types": network.nr_types,
