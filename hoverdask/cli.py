@@ -31,6 +31,7 @@ R = TypeVar("R")
 
 USAGE_ERROR = 2
 FAILURE = 1  # e.g. a model download that failed: not the user's typing
+INTERRUPTED = 130  # Ctrl-C, as shells report it
 
 
 def user_errors(func: Callable[P, R]) -> Callable[P, R]:
@@ -325,27 +326,28 @@ def run(
     tls_ca: Annotated[Path | None, typer.Option(help="TLS CA certificate (PEM).")] = None,
     tls_cert: Annotated[Path | None, typer.Option(help="TLS certificate (PEM).")] = None,
     tls_key: Annotated[Path | None, typer.Option(help="TLS private key (PEM).")] = None,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Also show Dask's INFO log lines here (they "
+                           "always go to DIR/hoverdask.log).")
+    ] = False,
 ) -> None:
     """Find, outline and classify the nuclei of every slide on a Dask cluster."""
-    from hoverdask.pipeline.region import Region
-    from hoverdask.pipeline.run import RunOptions, run_cohort, run_security
+    from hoverdask.api import run as run_slides
+    from hoverdask.pipeline.run import run_security
 
-    if device not in ("auto", "cpu", "cuda"):
-        raise HoverdaskError(f"--device must be auto, cpu or cuda, not {device!r}")
-    wanted = tuple(f.strip() for f in formats.split(",") if f.strip())
-    unknown = sorted(set(wanted) - {"parquet", "qupath"})
-    if unknown or not wanted:
-        raise HoverdaskError(f"--format takes parquet and/or qupath, not {formats!r}")
-    options = RunOptions(mpp=mpp, chunk_size=chunk_size, batch_size=batch_size, device=device,
-                         autocast=autocast, autocast_dtype=autocast_dtype, compile=compile_model,
-                         read_ahead=read_ahead, formats=wanted, overwrite=overwrite,
-                         keep_work=keep_work, tissue_mask=tissue_mask,
-                         region=Region.parse(region) if region is not None else None)
-    result = run_cohort(
-        slides, out, model=model, options=options, workers=workers,
-        threads_per_worker=threads_per_worker, scheduler=scheduler,
-        security=run_security(tls_ca, tls_cert, tls_key),
-    )
+    try:
+        result = run_slides(
+            slides, out, model, workers=workers, threads_per_worker=threads_per_worker,
+            scheduler=scheduler, security=run_security(tls_ca, tls_cert, tls_key),
+            verbose=verbose, mpp=mpp, chunk_size=chunk_size, batch_size=batch_size,
+            device=device, autocast=autocast, autocast_dtype=autocast_dtype,
+            compile=compile_model, read_ahead=read_ahead, formats=formats,
+            overwrite=overwrite, keep_work=keep_work, tissue_mask=tissue_mask, region=region,
+        )
+    except KeyboardInterrupt:
+        console.print("interrupted; finished slides and blocks are kept: the same command "
+                      "resumes", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=INTERRUPTED) from None
     for slide in result.slides:
         note = f"  {slide.error}" if slide.error else ""
         typer.echo(f"{slide.status:8} {slide.slide_id}  {slide.nuclei} nuclei  "

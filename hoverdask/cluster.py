@@ -99,12 +99,15 @@ def make_client(
     *,
     dashboard: bool = True,
     quiet: bool = False,
+    quiet_workers: bool = False,
     connect_timeout: str = "30s",
 ) -> Client:
     """Connect to ``scheduler`` (an address or a scheduler file), or start a local cluster.
 
     The local cluster's workers follow :func:`local_layout` (GPU workers when ``device``
-    resolves to ``cuda``). The dashboard link is printed unless ``quiet``.
+    resolves to ``cuda``). The dashboard link is printed unless ``quiet``, and so is one line
+    when the workers outnumber the cores (:func:`compute_threads`). ``quiet_workers`` starts the
+    local worker processes with distributed's logging at WARNING level.
     """
     if scheduler is not None:
         client = _connect(scheduler, security, connect_timeout)
@@ -116,15 +119,39 @@ def make_client(
         ):
             raise ClusterError("--workers and --threads-per-worker must be at least 1 (--workers "
                                "may be 0 beside GPU workers)")
-        layout = local_layout(n_gpus, cpu_count(), workers, threads_per_worker)
-        client = start_local_cluster(layout, dashboard=dashboard, security=security)
+        cores = cpu_count()
+        layout = local_layout(n_gpus, cores, workers, threads_per_worker)
+        compute = compute_threads(layout, cores)
+        if compute is not None and not quiet:
+            print(f"{layout.n_workers} workers on {cores} cores: torch and BLAS use {compute} "
+                  f"thread{'s' if compute > 1 else ''} per worker", flush=True)
+        client = start_local_cluster(layout, dashboard=dashboard, security=security,
+                                     quiet_workers=quiet_workers)
+        if compute is not None and client.cluster is not None:
+            client.cluster.compute_threads = compute  # type: ignore[attr-defined]
     if not quiet:
         print(f"Dask dashboard: {client.dashboard_link}", flush=True)
     return client
 
 
+def compute_threads(layout: LocalLayout, cores: int) -> int | None:
+    """Torch/BLAS threads per worker when the workers' threads would outnumber the cores.
+
+    None when they fit. Otherwise the cores shared out (at least one thread each): with more
+    workers than cores nothing better than one thread per worker is possible.
+    """
+    total = layout.gpu_workers * layout.gpu_threads + layout.cpu_workers * layout.cpu_threads
+    if total <= cores or layout.n_workers == 0:
+        return None
+    return max(1, cores // layout.n_workers)
+
+
 def start_local_cluster(
-    layout: LocalLayout, *, dashboard: bool = True, security: object | None = None
+    layout: LocalLayout,
+    *,
+    dashboard: bool = True,
+    security: object | None = None,
+    quiet_workers: bool = False,
 ) -> Client:
     """Worker processes on 127.0.0.1 as ``layout`` says, and a client of them.
 
@@ -146,7 +173,15 @@ def start_local_cluster(
     scheduler = {"cls": Scheduler, "options": {
         "host": "127.0.0.1", "security": security, "protocol": protocol,
         "dashboard_address": "127.0.0.1:8787" if dashboard else "127.0.0.1:0"}}
-    cluster = SpecCluster(workers=workers, scheduler=scheduler, security=security)
+    import dask
+
+    environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {})
+    if quiet_workers:
+        from hoverdask.logs import QUIET_WORKER_ENV
+
+        environ.update(QUIET_WORKER_ENV)
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
+        cluster = SpecCluster(workers=workers, scheduler=scheduler, security=security)
     client = Client(cluster, security=security)
     client.wait_for_workers(layout.n_workers)
     return client

@@ -175,12 +175,14 @@ def run_cohort(
     scheduler: str | None = None,
     security: object | None = None,
     progress: bool = True,
+    quiet_workers: bool = False,
 ) -> CohortResult:
     """Segment every slide into ``out_dir``; one failed slide never stops the others.
 
     Give either ``model`` (a checkpoint path; each worker loads it once) or
     ``predictor_factory`` (any picklable callable returning a predictor). Without ``client`` a
-    local cluster (or ``scheduler``) is started and closed here.
+    local cluster (or ``scheduler``) is started and closed here; ``quiet_workers`` keeps its
+    worker processes' INFO log lines off the terminal (see :mod:`hoverdask.logs`).
     """
     options = options or RunOptions()
     if not slides:
@@ -190,7 +192,8 @@ def run_cohort(
         check_region(options.region, slides, options.mpp)
     check_writable(out)
     spec = resolve_model(model, predictor_factory, options)
-    with _client_for(client, workers, threads_per_worker, scheduler, options, security) as live:
+    with _client_for(client, workers, threads_per_worker, scheduler, options, security,
+                     quiet_workers) as live:
         runner = _CohortRunner(live, out, spec, options, progress=progress)
         return runner.run([str(s) for s in slides])
 
@@ -237,6 +240,7 @@ def _client_for(
     scheduler: str | None,
     options: RunOptions,
     security: object | None,
+    quiet_workers: bool = False,
 ) -> Iterator[Client]:
     if client is not None:
         yield client
@@ -245,7 +249,7 @@ def _client_for(
 
     owned = make_client(workers, threads_per_worker, scheduler,
                         device=options.device,  # type: ignore[arg-type]
-                        security=security)
+                        security=security, quiet_workers=quiet_workers)
     try:
         yield owned
     finally:
@@ -294,6 +298,8 @@ class _CohortRunner:
         info = describe(client)
         self.gpu_resources = {"GPU": 1} if info.has_gpus else None
         threads = max(info.threads.values())
+        cap = getattr(client.cluster, "compute_threads", None)  # more workers than cores
+        threads = min(threads, cap) if cap else threads
         client.register_plugin(PredictorPlugin(spec.factory, torch_threads=threads,
                                                gpu_cluster=info.has_gpus),
                                name=PLUGIN_NAME)
