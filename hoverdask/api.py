@@ -72,10 +72,11 @@ def run(
         when a slide failed.
     """
     from hoverdask.logs import dask_logs
-    from hoverdask.pipeline.run import run_cohort
+    from hoverdask.pipeline.run import check_writable, run_cohort
 
     names = [slides] if isinstance(slides, str | Path) else list(slides)
     run_options = run_options_from(options)
+    check_writable(Path(out))
     with dask_logs(out, verbose=verbose):
         return run_cohort(
             names, out, model=model, client=client, options=run_options, workers=workers,

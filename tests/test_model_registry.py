@@ -179,3 +179,11 @@ def test_models_lists_pullable_and_cached(server, tiny_entry) -> None:
     assert "hovernet_original-kumar" in listing.output
     runner.invoke(app, ["models", "pull", NAME])
     assert "cached:" in runner.invoke(app, ["models"]).output
+
+
+def test_a_name_not_in_the_cache_is_pulled_when_a_run_needs_it(server, tiny_entry) -> None:
+    path = registry.resolve_model_argument(NAME)
+    assert path == registry.cached_path(tiny_entry)
+    assert path.read_bytes() == server.payload
+    assert registry.entry_for_path(path) == tiny_entry  # runs record its name and licence
+    assert registry.entry_for_path(path.with_name("other.pth")) is None
