@@ -137,8 +137,8 @@ def models(ctx: typer.Context) -> None:
     found = bundled_models()
     if not found:
         typer.echo(
-            "No bundled model files (hoverdask/model/weights/*.tar). Pass an official "
-            "HoVer-Net .tar or TIAToolbox .pth file with --model."
+            "No bundled model files (hoverdask/model/weights/*.tar). Pass a checkpoint file "
+            "(official HoVer-Net .tar, TIAToolbox .pth) or an official name (below) with --model."
         )
     for entry in found:
         default = " (default)" if entry.path == default_model_path() else ""

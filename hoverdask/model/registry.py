@@ -264,8 +264,9 @@ def pull_with_bar(name: str, *, force: bool = False) -> Path:
 
     console = Console(stderr=True)
     entry = lookup(name)
-    if entry is not None:
-        console.print(f"{entry.name}: {url_of(entry)}", highlight=False, soft_wrap=True)
+    if entry is not None and (force or not cached_path(entry).is_file()):
+        console.print(f"downloading {entry.name} from {url_of(entry)}", highlight=False,
+                      soft_wrap=True)
     with Progress("{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                   console=console, transient=True) as bar:
         task = bar.add_task(name, total=None)
