@@ -71,18 +71,14 @@ def run(
         One result per slide (status, nuclei, seconds, error, output files); ``exit_code`` is 1
         when a slide failed.
     """
-    from hoverdask.logs import dask_logs
-    from hoverdask.pipeline.run import check_writable, run_cohort
+    from hoverdask.pipeline.run import run_cohort
 
     names = [slides] if isinstance(slides, str | Path) else list(slides)
-    run_options = run_options_from(options)
-    check_writable(Path(out))
-    with dask_logs(out, verbose=verbose):
-        return run_cohort(
-            names, out, model=model, client=client, options=run_options, workers=workers,
-            threads_per_worker=threads_per_worker, scheduler=scheduler, security=security,
-            progress=progress, quiet_workers=not verbose,
-        )
+    return run_cohort(
+        names, out, model=model, client=client, options=run_options_from(options),
+        workers=workers, threads_per_worker=threads_per_worker, scheduler=scheduler,
+        security=security, progress=progress, log_file=True, verbose=verbose,
+    )
 
 
 def run_options_from(options: dict[str, Any]) -> Any:

@@ -187,3 +187,17 @@ def test_a_name_not_in_the_cache_is_pulled_when_a_run_needs_it(server, tiny_entr
     assert path.read_bytes() == server.payload
     assert registry.entry_for_path(path) == tiny_entry  # runs record its name and licence
     assert registry.entry_for_path(path.with_name("other.pth")) is None
+
+
+def test_a_file_put_in_the_cache_by_hand_is_checked_once(tiny_entry, tmp_path) -> None:
+    path = registry.cached_path(tiny_entry)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(bare_state(tmp_path / "three.pth", 3))
+    with pytest.raises(registry.DownloadError, match="wrong layout"):
+        registry.resolve_model_argument(NAME)
+    payload = bare_state(tmp_path / "five.pth", 5)
+    path.write_bytes(payload)
+    assert registry.resolve_model_argument(NAME) == path
+    record = json.loads(registry.record_path(tiny_entry).read_text())
+    assert record["sha256"] == hashlib.sha256(payload).hexdigest()
+    assert record["url"] is None

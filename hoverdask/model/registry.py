@@ -127,16 +127,16 @@ def check_layout(entry: RegistryModel, path: Path) -> str:
     try:
         model = load_model(path, "cpu")
     except CheckpointError as err:
-        raise DownloadError(f"the file downloaded for {entry.name} is broken: {err}") from None
+        raise DownloadError(f"the file for {entry.name} is broken: {err}") from None
     if (model.mode, model.nr_types) != (entry.mode, entry.nr_types):
         raise DownloadError(
-            f"the file downloaded for {entry.name} has the wrong layout: {model.mode} mode, "
+            f"the file for {entry.name} ({path}) has the wrong layout: {model.mode} mode, "
             f"nr_types={model.nr_types}; expected {entry.mode} mode, nr_types={entry.nr_types}"
         )
     digest = sha256_of(path)
     if entry.sha256 is not None and digest != entry.sha256:
         raise DownloadError(
-            f"the file downloaded for {entry.name} has sha256 {digest}, expected {entry.sha256}"
+            f"the file for {entry.name} ({path}) has sha256 {digest}, expected {entry.sha256}"
         )
     return digest
 
@@ -155,7 +155,7 @@ def pull(name: str, *, force: bool = False, progress: Progress | None = None) ->
         raise CheckpointError(f"unknown model {name!r}; known names: {', '.join(OFFICIAL_MODELS)}")
     target = cached_path(entry)
     if target.is_file() and not force:
-        return target
+        return verify_cached(entry)
     url = url_of(entry)
     part = target.with_name(target.name + ".part")
     try:
@@ -169,11 +169,24 @@ def pull(name: str, *, force: bool = False, progress: Progress | None = None) ->
         part.unlink(missing_ok=True)  # a complete but wrong file: never resume from it
         raise
     os.replace(part, target)
+    _record(entry, url, size, digest)
+    return target
+
+
+def _record(entry: RegistryModel, url: str | None, size: int, digest: str) -> None:
     atomic_write_json(record_path(entry), {
         "name": entry.name, "url": url, "bytes": size, "sha256": digest,
         "licence": entry.licence, "mode": entry.mode, "nr_types": entry.nr_types,
     })
-    return target
+
+
+def verify_cached(entry: RegistryModel) -> Path:
+    """The cached file, checked once (layout, sha256) when it has no record: put there by hand."""
+    path = cached_path(entry)
+    if not record_path(entry).is_file():
+        digest = check_layout(entry, path)
+        _record(entry, None, path.stat().st_size, digest)
+    return path
 
 
 def _by_hand(entry: RegistryModel, url: str, err: BaseException) -> str:
@@ -241,9 +254,8 @@ def resolve_model_argument(value: str | Path | None) -> Path:
         return path
     entry = lookup(str(value))
     if entry is not None:
-        cached = cached_path(entry)
-        if cached.is_file():
-            return cached
+        if cached_path(entry).is_file():
+            return verify_cached(entry)
         print(f"{entry.name} is not in the cache; downloading it", file=sys.stderr, flush=True)
         return pull_with_bar(entry.name)
     raise CheckpointError(

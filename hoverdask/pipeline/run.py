@@ -175,14 +175,17 @@ def run_cohort(
     scheduler: str | None = None,
     security: object | None = None,
     progress: bool = True,
-    quiet_workers: bool = False,
+    log_file: bool = False,
+    verbose: bool = True,
 ) -> CohortResult:
     """Segment every slide into ``out_dir``; one failed slide never stops the others.
 
     Give either ``model`` (a checkpoint path; each worker loads it once) or
     ``predictor_factory`` (any picklable callable returning a predictor). Without ``client`` a
-    local cluster (or ``scheduler``) is started and closed here; ``quiet_workers`` keeps its
-    worker processes' INFO log lines off the terminal (see :mod:`hoverdask.logs`).
+    local cluster (or ``scheduler``) is started and closed here. ``log_file`` sends Dask's log
+    records to ``out_dir/hoverdask.log`` once the inputs are checked; unless ``verbose`` the
+    terminal then only gets their warnings and errors, and a local cluster's workers start
+    quiet (see :mod:`hoverdask.logs`).
     """
     options = options or RunOptions()
     if not slides:
@@ -192,8 +195,11 @@ def run_cohort(
         check_region(options.region, slides, options.mpp)
     check_writable(out)
     spec = resolve_model(model, predictor_factory, options)
-    with _client_for(client, workers, threads_per_worker, scheduler, options, security,
-                     quiet_workers) as live:
+    from hoverdask.logs import dask_logs
+
+    logs = dask_logs(out, verbose=verbose) if log_file else contextlib.nullcontext()
+    with logs, _client_for(client, workers, threads_per_worker, scheduler, options, security,
+                           quiet_workers=log_file and not verbose) as live:
         runner = _CohortRunner(live, out, spec, options, progress=progress)
         return runner.run([str(s) for s in slides])
 
