@@ -10,11 +10,15 @@ their Python work never holds the GIL that the thread feeding a GPU needs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from hoverdask.errors import HoverdaskError
 
@@ -99,15 +103,15 @@ def make_client(
     *,
     dashboard: bool = True,
     quiet: bool = False,
-    quiet_workers: bool = False,
+    worker_env: dict[str, str] | None = None,
     connect_timeout: str = "30s",
 ) -> Client:
     """Connect to ``scheduler`` (an address or a scheduler file), or start a local cluster.
 
     The local cluster's workers follow :func:`local_layout` (GPU workers when ``device``
     resolves to ``cuda``). The dashboard link is printed unless ``quiet``, and so is one line
-    when the workers outnumber the cores (:func:`compute_threads`). ``quiet_workers`` starts the
-    local worker processes with distributed's logging at WARNING level.
+    when the workers outnumber the cores (:func:`compute_threads`). ``worker_env`` is added to
+    the environment the local worker processes start with (e.g. their logging set-up).
     """
     if scheduler is not None:
         client = _connect(scheduler, security, connect_timeout)
@@ -126,7 +130,7 @@ def make_client(
             print(f"{layout.n_workers} workers on {cores} cores: torch and BLAS use {compute} "
                   f"thread{'s' if compute > 1 else ''} per worker", flush=True)
         client = start_local_cluster(layout, dashboard=dashboard, security=security,
-                                     quiet_workers=quiet_workers)
+                                     worker_env=worker_env)
         if compute is not None and client.cluster is not None:
             client.cluster.compute_threads = compute  # type: ignore[attr-defined]
     if not quiet:
@@ -151,7 +155,7 @@ def start_local_cluster(
     *,
     dashboard: bool = True,
     security: object | None = None,
-    quiet_workers: bool = False,
+    worker_env: dict[str, str] | None = None,
 ) -> Client:
     """Worker processes on 127.0.0.1 as ``layout`` says, and a client of them.
 
@@ -176,15 +180,57 @@ def start_local_cluster(
     import dask
 
     environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {})
-    if quiet_workers:
-        from hoverdask.logs import QUIET_WORKER_ENV
-
-        environ.update(QUIET_WORKER_ENV)
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
+    environ.update(worker_env or {})
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}), _ctrl_c_to_us():
         cluster = SpecCluster(workers=workers, scheduler=scheduler, security=security)
     client = Client(cluster, security=security)
     client.wait_for_workers(layout.n_workers)
     return client
+
+
+@contextlib.contextmanager
+def _ctrl_c_to_us() -> Iterator[None]:
+    """Start worker processes with SIGINT ignored, so that Ctrl-C reaches only this process.
+
+    A terminal sends Ctrl-C to every process of the foreground group; workers that got it would
+    start closing on their own while this process closes them in order, and time out talking to
+    nannies that are already gone. Python keeps an ignored SIGINT ignored in a child it starts.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+CLOSE_TIMEOUT_S = 60.0
+
+
+def close_client(client: Client, *, timeout: float = CLOSE_TIMEOUT_S) -> None:
+    """Close ``client`` and, when it started one, its local cluster, without killing workers.
+
+    distributed gives a worker process 4 s to exit before it kills it; on a loaded machine that
+    is too short, so the nannies are asked to close first with ``timeout`` seconds to spare.
+    """
+    cluster = client.cluster
+    client.close()
+    if cluster is None:
+        return
+    nannies = list(getattr(cluster, "workers", {}).values())
+    if nannies:
+        with contextlib.suppress(Exception):  # the cluster's own close still ends them
+            cluster.sync(_close_nannies, nannies, timeout)
+    cluster.close()
+
+
+async def _close_nannies(nannies: list[Any], timeout: float) -> None:
+    import asyncio
+
+    await asyncio.gather(*(n.close(timeout=timeout) for n in nannies if hasattr(n, "close")),
+                         return_exceptions=True)
 
 
 def _connect(scheduler: str, security: object | None, timeout: str) -> Client:

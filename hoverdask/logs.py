@@ -3,8 +3,8 @@
 distributed (and tornado, bokeh) log every worker start, connection and shutdown at INFO level
 on stderr. During a run those records go to the log file in the output folder; the terminal
 keeps only warnings and errors, one line each (no tracebacks: those are in the file), unless
-``verbose``. Worker processes of a local cluster are started with distributed's level at
-WARNING (:data:`QUIET_WORKER_ENV`), so their start-up lines stay off the terminal too.
+``verbose``. Worker processes of a local cluster get the same set-up before distributed starts
+in them (:func:`worker_logging_env`), so their lines reach the same file and the same filter.
 """
 
 from __future__ import annotations
@@ -14,16 +14,16 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 LOG_NAME = "hoverdask.log"
 DASK_LOGGERS = ("distributed", "dask", "tornado", "bokeh")
-# environment of quiet local worker processes, set before they start (read by distributed's
-# logging set-up at import)
-QUIET_WORKER_ENV = {
-    "DASK_LOGGING__DISTRIBUTED": "warning",
-    "DASK_DISTRIBUTED__ADMIN__LOG_FORMAT": "%(levelname)s: %(name)s: %(message)s",
-}
 FILE_FORMAT = "%(asctime)s %(process)d %(name)s %(levelname)s %(message)s"
+VERBOSE_FORMAT = "%(asctime)s - %(name)s - %(levelname)s - %(message)s"
+# distributed's own default levels (distributed.config), kept in the worker processes
+WORKER_LEVELS = {"distributed": "INFO", "distributed.client": "WARNING",
+                 "distributed.gc": "WARNING", "bokeh": "ERROR", "tornado": "CRITICAL",
+                 "tornado.application": "ERROR"}
 
 
 class OneLine(logging.Formatter):
@@ -57,8 +57,7 @@ def dask_logs(out_dir: str | Path, *, verbose: bool = False) -> Iterator[Path]:
     to_file.setLevel(logging.INFO)
     terminal = logging.StreamHandler(sys.stderr)
     if verbose:
-        terminal.setFormatter(logging.Formatter("%(asctime)s - %(name)s - %(levelname)s - "
-                                                "%(message)s"))
+        terminal.setFormatter(logging.Formatter(VERBOSE_FORMAT))
     else:
         terminal.setFormatter(OneLine())
         terminal.setLevel(logging.WARNING)
@@ -78,3 +77,28 @@ def dask_logs(out_dir: str | Path, *, verbose: bool = False) -> Iterator[Path]:
             logger.setLevel(level)
             logger.propagate = propagate
         to_file.close()
+
+
+def worker_logging_env(path: str | Path, *, verbose: bool = False) -> dict[str, str]:
+    """Environment that gives a worker process :func:`dask_logs`' set-up, writing to ``path``.
+
+    distributed configures logging when it is imported, from the dask config, which reads
+    ``DASK_*`` variables: ``DASK_LOGGING`` holds a :func:`logging.config.dictConfig` dict.
+    """
+    terminal: dict[str, Any] = (
+        {"format": VERBOSE_FORMAT} if verbose else {"()": f"{__name__}.OneLine"}
+    )
+    config = {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"file": {"format": FILE_FORMAT}, "terminal": terminal},
+        "handlers": {
+            "file": {"class": "logging.FileHandler", "filename": str(path), "formatter": "file",
+                     "level": "INFO", "encoding": "utf-8"},
+            "terminal": {"class": "logging.StreamHandler", "stream": "ext://sys.stderr",
+                         "formatter": "terminal", "level": "INFO" if verbose else "WARNING"},
+        },
+        "loggers": {name: {"level": level, "handlers": ["file", "terminal"], "propagate": False}
+                    for name, level in WORKER_LEVELS.items()},
+    }
+    return {"DASK_LOGGING": repr(config)}

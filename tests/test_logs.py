@@ -37,3 +37,24 @@ def test_threads_are_capped_when_workers_outnumber_cores() -> None:
     assert compute_threads(LocalLayout(0, 0, 4, 1), cores=2) == 1
     assert compute_threads(LocalLayout(0, 0, 2, 4), cores=4) == 2
     assert compute_threads(LocalLayout(1, 2, 3, 1), cores=4) == 1
+
+
+def test_worker_processes_get_the_same_set_up_from_their_environment(tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from hoverdask.logs import worker_logging_env
+
+    path = tmp_path / LOG_NAME
+    code = ("import logging, distributed; log = logging.getLogger('distributed.worker'); "
+            "log.info('Start worker'); log.error('lost\\nsecond', exc_info=ValueError('v'))")
+    root = str(Path(__file__).resolve().parents[1])
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True, env={**os.environ, "PYTHONPATH": root,
+                                           **worker_logging_env(path)})
+    assert done.stderr.strip() == "error: distributed.worker: lost"
+    text = path.read_text()
+    assert "Start worker" in text
+    assert "ValueError: v" in text

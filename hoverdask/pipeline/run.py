@@ -184,8 +184,8 @@ def run_cohort(
     ``predictor_factory`` (any picklable callable returning a predictor). Without ``client`` a
     local cluster (or ``scheduler``) is started and closed here. ``log_file`` sends Dask's log
     records to ``out_dir/hoverdask.log`` once the inputs are checked; unless ``verbose`` the
-    terminal then only gets their warnings and errors, and a local cluster's workers start
-    quiet (see :mod:`hoverdask.logs`).
+    terminal then only gets their warnings and errors, one line each; a local cluster's
+    workers log the same way (see :mod:`hoverdask.logs`).
     """
     options = options or RunOptions()
     if not slides:
@@ -195,11 +195,12 @@ def run_cohort(
         check_region(options.region, slides, options.mpp)
     check_writable(out)
     spec = resolve_model(model, predictor_factory, options)
-    from hoverdask.logs import dask_logs
+    from hoverdask.logs import LOG_NAME, dask_logs, worker_logging_env
 
     logs = dask_logs(out, verbose=verbose) if log_file else contextlib.nullcontext()
+    worker_env = worker_logging_env(out / LOG_NAME, verbose=verbose) if log_file else None
     with logs, _client_for(client, workers, threads_per_worker, scheduler, options, security,
-                           quiet_workers=log_file and not verbose) as live:
+                           worker_env) as live:
         runner = _CohortRunner(live, out, spec, options, progress=progress)
         return runner.run([str(s) for s in slides])
 
@@ -246,23 +247,20 @@ def _client_for(
     scheduler: str | None,
     options: RunOptions,
     security: object | None,
-    quiet_workers: bool = False,
+    worker_env: dict[str, str] | None = None,
 ) -> Iterator[Client]:
     if client is not None:
         yield client
         return
-    from hoverdask.cluster import make_client
+    from hoverdask.cluster import close_client, make_client
 
     owned = make_client(workers, threads_per_worker, scheduler,
                         device=options.device,  # type: ignore[arg-type]
-                        security=security, quiet_workers=quiet_workers)
+                        security=security, worker_env=worker_env)
     try:
         yield owned
     finally:
-        cluster = owned.cluster
-        owned.close()
-        if cluster is not None:
-            cluster.close()
+        close_client(owned)
 
 
 @dataclass
