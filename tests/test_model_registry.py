@@ -201,3 +201,11 @@ def test_a_file_put_in_the_cache_by_hand_is_checked_once(tiny_entry, tmp_path) -
     record = json.loads(registry.record_path(tiny_entry).read_text())
     assert record["sha256"] == hashlib.sha256(payload).hexdigest()
     assert record["url"] is None
+
+
+def test_a_folder_mirror_by_file_url(tiny_entry, tmp_path, monkeypatch) -> None:
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    payload = bare_state(mirror / f"{NAME}.pth", 5)
+    monkeypatch.setenv(registry.BASE_URL_ENV, mirror.as_uri())
+    assert registry.pull(NAME).read_bytes() == payload
