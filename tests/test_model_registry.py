@@ -209,3 +209,11 @@ def test_a_folder_mirror_by_file_url(tiny_entry, tmp_path, monkeypatch) -> None:
     payload = bare_state(mirror / f"{NAME}.pth", 5)
     monkeypatch.setenv(registry.BASE_URL_ENV, mirror.as_uri())
     assert registry.pull(NAME).read_bytes() == payload
+
+
+def test_each_official_entry_names_the_type_table_its_layout_selects() -> None:
+    from hoverdask.model.types import select_type_table
+
+    for entry in registry.OFFICIAL_MODELS.values():
+        table, _ = select_type_table(entry.nr_types, entry.mode, {})
+        assert (table.name if table is not None else None) == entry.table, entry.name
