@@ -30,18 +30,24 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 USAGE_ERROR = 2
+FAILURE = 1  # e.g. a model download that failed: not the user's typing
+INTERRUPTED = 130  # Ctrl-C, as shells report it
 
 
 def user_errors(func: Callable[P, R]) -> Callable[P, R]:
-    """Turn :class:`HoverdaskError` into a red one-line message and exit code 2."""
+    """Turn :class:`HoverdaskError` into a red one-line message and exit code 2 (1 for a failed
+    download)."""
 
     @functools.wraps(func)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return func(*args, **kwargs)
         except HoverdaskError as err:
+            from hoverdask.model.registry import DownloadError
+
             console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
-            raise typer.Exit(code=USAGE_ERROR) from None
+            code = FAILURE if isinstance(err, DownloadError) else USAGE_ERROR
+            raise typer.Exit(code=code) from None
 
     return wrapper
 
@@ -61,17 +67,20 @@ def version() -> None:
 
 # --- commands: model and tile inference (segment, models) ---
 
+ModelOption = Annotated[
+    str | None,
+    typer.Option("--model", "-m", help="Checkpoint file (.tar or .pth) or an official model "
+                 "name (hoverdask models), downloaded when not cached; default: the bundled "
+                 "model."),
+]
+
 
 @app.command()
 @user_errors
 def segment(
     image: Annotated[Path, typer.Argument(help="PNG, JPEG or TIFF image (RGB; alpha is dropped).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
-    model: Annotated[
-        Path | None,
-        typer.Option("--model", "-m", help="HoVer-Net checkpoint (.tar or .pth); default: the "
-                     "bundled model."),
-    ] = None,
+    model: ModelOption = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     batch_size: Annotated[int, typer.Option(min=1, help="Patches per network call.")] = 8,
     types: Annotated[
@@ -79,11 +88,12 @@ def segment(
     ] = None,
 ) -> None:
     """Segment and classify the nuclei of one image (reference tile mode)."""
-    from hoverdask.model.catalog import default_model_path
+    from hoverdask.model.registry import resolve_model_argument
     from hoverdask.model.segment import segment_image
 
     result = segment_image(
-        image, model or default_model_path(), out, device=device, batch_size=batch_size, types_path=types
+        image, resolve_model_argument(model), out, device=device, batch_size=batch_size,
+        types_path=types,
     )
     console.print(f"{result.table_reason}")
     counts = ", ".join(f"{name} {n}" for name, n in sorted(result.type_counts.items()))
@@ -92,12 +102,22 @@ def segment(
         typer.echo(str(path))
 
 
-@app.command()
+models_app = typer.Typer(
+    help="Models: list the bundled, cached and pullable ones; pull an official checkpoint.",
+    invoke_without_command=True,
+)
+app.add_typer(models_app, name="models")
+
+
+@models_app.callback()
 @user_errors
-def models() -> None:
-    """List the known nucleus type tables and any model files shipped with hoverdask."""
+def models(ctx: typer.Context) -> None:
+    """List the type tables, the bundled model and the official checkpoints (cached or not)."""
+    if ctx.invoked_subcommand is not None:
+        return
     from rich.table import Table
 
+    from hoverdask.model import registry
     from hoverdask.model.catalog import bundled_models, default_model_path
     from hoverdask.model.types import KNOWN_TABLES
 
@@ -117,8 +137,8 @@ def models() -> None:
     found = bundled_models()
     if not found:
         typer.echo(
-            "No bundled model files (hoverdask/model/weights/*.tar). Pass an official "
-            "HoVer-Net .tar or TIAToolbox .pth file with --model."
+            "No bundled model files (hoverdask/model/weights/*.tar). Pass a checkpoint file "
+            "(official HoVer-Net .tar, TIAToolbox .pth) or an official name (below) with --model."
         )
     for entry in found:
         default = " (default)" if entry.path == default_model_path() else ""
@@ -129,6 +149,30 @@ def models() -> None:
                 typer.echo(f"  {key}: {entry.card[key]}")
         if entry.card_path.is_file():
             typer.echo(f"  model card: {entry.card_path}")
+    typer.echo(f"\nOfficial HoVer-Net checkpoints (--model NAME; cache {registry.cache_dir()}):")
+    for official in registry.OFFICIAL_MODELS.values():
+        record = registry.cached_record(official)
+        where = (f"cached: {registry.cached_path(official)}" if record is not None
+                 else f"pullable: hoverdask models pull {official.name}")
+        typer.echo(f"  {official.name}: {official.mode} mode, nr_types={official.nr_types}, "
+                   f"types: {official.table or 'none'}, {official.mpp} µm/px, "
+                   f"{official.licence}; {where}")
+
+
+@models_app.command("pull")
+@user_errors
+def models_pull(
+    name: Annotated[str, typer.Argument(help="Official checkpoint name (hoverdask models).")],
+    force: Annotated[bool, typer.Option(help="Download again even when cached.")] = False,
+) -> None:
+    """Download an official HoVer-Net checkpoint into the user cache, verify it, record it."""
+    from hoverdask.model import registry
+
+    path = registry.pull_with_bar(name, force=force)
+    record = registry.cached_record(registry.OFFICIAL_MODELS[name]) or {}
+    if record.get("sha256"):
+        typer.echo(f"sha256 {record['sha256']}")
+    typer.echo(str(path))
 
 
 # --- commands: slides (convert, tissue, synth) ---
@@ -240,11 +284,7 @@ ChunkSizeOption = Annotated[
 def run(
     slides: SlidesArgument,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (one subfolder a slide).")],
-    model: Annotated[
-        Path | None,
-        typer.Option("--model", "-m", help="HoVer-Net checkpoint (.tar or .pth); default: the "
-                     "bundled model."),
-    ] = None,
+    model: ModelOption = None,
     workers: Annotated[
         int | None,
         typer.Option(min=0, help="Local CPU worker processes (default: one per core; with GPUs, "
@@ -296,27 +336,28 @@ def run(
     tls_ca: TlsCaOption = None,
     tls_cert: TlsCertOption = None,
     tls_key: TlsKeyOption = None,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Also show Dask's INFO log lines here (they "
+                           "always go to DIR/hoverdask.log).")
+    ] = False,
 ) -> None:
     """Find, outline and classify the nuclei of every slide on a Dask cluster."""
-    from hoverdask.pipeline.region import Region
-    from hoverdask.pipeline.run import RunOptions, run_cohort, run_security
+    from hoverdask.api import run as run_slides
+    from hoverdask.pipeline.run import run_security
 
-    if device not in ("auto", "cpu", "cuda"):
-        raise HoverdaskError(f"--device must be auto, cpu or cuda, not {device!r}")
-    wanted = tuple(f.strip() for f in formats.split(",") if f.strip())
-    unknown = sorted(set(wanted) - {"parquet", "qupath"})
-    if unknown or not wanted:
-        raise HoverdaskError(f"--format takes parquet and/or qupath, not {formats!r}")
-    options = RunOptions(mpp=mpp, chunk_size=chunk_size, batch_size=batch_size, device=device,
-                         autocast=autocast, autocast_dtype=autocast_dtype, compile=compile_model,
-                         read_ahead=read_ahead, formats=wanted, overwrite=overwrite,
-                         keep_work=keep_work, tissue_mask=tissue_mask,
-                         region=Region.parse(region) if region is not None else None)
-    result = run_cohort(
-        slides, out, model=model, options=options, workers=workers,
-        threads_per_worker=threads_per_worker, scheduler=scheduler,
-        security=run_security(tls_ca, tls_cert, tls_key),
-    )
+    try:
+        result = run_slides(
+            slides, out, model, workers=workers, threads_per_worker=threads_per_worker,
+            scheduler=scheduler, security=run_security(tls_ca, tls_cert, tls_key),
+            verbose=verbose, mpp=mpp, chunk_size=chunk_size, batch_size=batch_size,
+            device=device, autocast=autocast, autocast_dtype=autocast_dtype,
+            compile=compile_model, read_ahead=read_ahead, formats=formats,
+            overwrite=overwrite, keep_work=keep_work, tissue_mask=tissue_mask, region=region,
+        )
+    except KeyboardInterrupt:
+        console.print("interrupted; finished slides and blocks are kept: the same command "
+                      "resumes", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=INTERRUPTED) from None
     for slide in result.slides:
         note = f"  {slide.error}" if slide.error else ""
         typer.echo(f"{slide.status:8} {slide.slide_id}  {slide.nuclei} nuclei  "
@@ -515,10 +556,7 @@ def train(
 def evaluate(
     data: Annotated[Path, typer.Option("--data", help="Annotated dataset folder.")],
     json_path: Annotated[Path, typer.Option("--json", help="Write the scores here (JSON).")],
-    model: Annotated[
-        Path | None,
-        typer.Option("--model", "-m", help="Checkpoint; default: the bundled model."),
-    ] = None,
+    model: ModelOption = None,
     limit: Annotated[int | None, typer.Option(min=1, help="Score only the first N images.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     batch_size: Annotated[int, typer.Option(min=1, help="Patches per network call.")] = 8,
@@ -535,9 +573,10 @@ def evaluate(
 
     from hoverdask.atomic import atomic_write_text
     from hoverdask.evaluate import evaluate_model, format_table
+    from hoverdask.model.registry import resolve_model_argument
 
     report = evaluate_model(
-        data, model, limit=limit, device=device, batch_size=batch_size, method=method,
+        data, resolve_model_argument(model), limit=limit, device=device, batch_size=batch_size, method=method,
         holdout=holdout,
     )
     rows = format_table(report)
@@ -568,10 +607,7 @@ def bench(
     json_path: Annotated[
         Path | None, typer.Option("--json", help="Also write the figures to this JSON file.")
     ] = None,
-    model: Annotated[
-        Path | None,
-        typer.Option("--model", "-m", help="Checkpoint for the end-to-end run (default: random)."),
-    ] = None,
+    model: ModelOption = None,
     seconds: Annotated[
         float, typer.Option(min=1.0, help="Time budget of the network measurement.")
     ] = 20.0,
@@ -585,11 +621,12 @@ def bench(
     from rich.table import Table
 
     from hoverdask.bench import bench_all, bench_rows, latest_figures_path
+    from hoverdask.model.registry import resolve_model_argument
 
     results = bench_all(
         device,
         seconds=seconds,
-        model_path=str(model) if model else None,
+        model_path=str(resolve_model_argument(model)) if model else None,
         end_to_end_size=end_to_end_size,
     )
     m = results["model"]

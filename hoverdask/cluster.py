@@ -13,10 +13,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from hoverdask.errors import HoverdaskError
 
@@ -101,12 +103,15 @@ def make_client(
     *,
     dashboard: bool = True,
     quiet: bool = False,
+    worker_env: dict[str, str] | None = None,
     connect_timeout: str = "30s",
 ) -> Client:
     """Connect to ``scheduler`` (an address or a scheduler file), or start a local cluster.
 
     The local cluster's workers follow :func:`local_layout` (GPU workers when ``device``
-    resolves to ``cuda``). The dashboard link is printed unless ``quiet``.
+    resolves to ``cuda``). The dashboard link is printed unless ``quiet``, and so is one line
+    when the workers outnumber the cores (:func:`compute_threads`). ``worker_env`` is added to
+    the environment the local worker processes start with (e.g. their logging set-up).
     """
     if scheduler is not None:
         client = _connect(scheduler, security, connect_timeout)
@@ -118,8 +123,16 @@ def make_client(
         ):
             raise ClusterError("--workers and --threads-per-worker must be at least 1 (--workers "
                                "may be 0 beside GPU workers)")
-        layout = local_layout(n_gpus, cpu_count(), workers, threads_per_worker)
-        client = start_local_cluster(layout, dashboard=dashboard, security=security)
+        cores = cpu_count()
+        layout = local_layout(n_gpus, cores, workers, threads_per_worker)
+        compute = compute_threads(layout, cores)
+        if compute is not None and not quiet:
+            print(f"{layout.n_workers} workers on {cores} cores: torch and BLAS use {compute} "
+                  f"thread{'s' if compute > 1 else ''} per worker", flush=True)
+        client = start_local_cluster(layout, dashboard=dashboard, security=security,
+                                     worker_env=worker_env)
+        if compute is not None and client.cluster is not None:
+            client.cluster.compute_threads = compute  # type: ignore[attr-defined]
     if not quiet:
         print(f"Dask dashboard: {client.dashboard_link}", flush=True)
     return client
@@ -133,10 +146,11 @@ def client_for(
     scheduler: str | None = None,
     device: Device = "auto",
     security: object | None = None,
-    **options: bool,
+    **options: Any,
 ) -> Iterator[Client]:
     """``client`` as it is, or one from :func:`make_client` (``options``: ``quiet``,
-    ``dashboard``) that is closed, with its local cluster, on leaving."""
+    ``dashboard``, ``worker_env``) that is closed, with its local cluster, on leaving
+    (:func:`close_client`: no worker is killed)."""
     if client is not None:
         yield client
         return
@@ -144,14 +158,27 @@ def client_for(
     try:
         yield owned
     finally:
-        cluster = owned.cluster
-        owned.close()
-        if cluster is not None:
-            cluster.close()
+        close_client(owned)
+
+
+def compute_threads(layout: LocalLayout, cores: int) -> int | None:
+    """Torch/BLAS threads per worker when the workers' threads would outnumber the cores.
+
+    None when they fit. Otherwise the cores shared out (at least one thread each): with more
+    workers than cores nothing better than one thread per worker is possible.
+    """
+    total = layout.gpu_workers * layout.gpu_threads + layout.cpu_workers * layout.cpu_threads
+    if total <= cores or layout.n_workers == 0:
+        return None
+    return max(1, cores // layout.n_workers)
 
 
 def start_local_cluster(
-    layout: LocalLayout, *, dashboard: bool = True, security: object | None = None
+    layout: LocalLayout,
+    *,
+    dashboard: bool = True,
+    security: object | None = None,
+    worker_env: dict[str, str] | None = None,
 ) -> Client:
     """Worker processes on 127.0.0.1 as ``layout`` says, and a client of them.
 
@@ -173,10 +200,60 @@ def start_local_cluster(
     scheduler = {"cls": Scheduler, "options": {
         "host": "127.0.0.1", "security": security, "protocol": protocol,
         "dashboard_address": "127.0.0.1:8787" if dashboard else "127.0.0.1:0"}}
-    cluster = SpecCluster(workers=workers, scheduler=scheduler, security=security)
+    import dask
+
+    environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {})
+    environ.update(worker_env or {})
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}), _ctrl_c_to_us():
+        cluster = SpecCluster(workers=workers, scheduler=scheduler, security=security)
     client = Client(cluster, security=security)
     client.wait_for_workers(layout.n_workers)
     return client
+
+
+@contextlib.contextmanager
+def _ctrl_c_to_us() -> Iterator[None]:
+    """Start worker processes with SIGINT ignored, so that Ctrl-C reaches only this process.
+
+    A terminal sends Ctrl-C to every process of the foreground group; workers that got it would
+    start closing on their own while this process closes them in order, and time out talking to
+    nannies that are already gone. Python keeps an ignored SIGINT ignored in a child it starts.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+CLOSE_TIMEOUT_S = 60.0
+
+
+def close_client(client: Client, *, timeout: float = CLOSE_TIMEOUT_S) -> None:
+    """Close ``client`` and, when it started one, its local cluster, without killing workers.
+
+    distributed gives a worker process 4 s to exit before it kills it; on a loaded machine that
+    is too short, so the nannies are asked to close first with ``timeout`` seconds to spare.
+    """
+    cluster = client.cluster
+    client.close()
+    if cluster is None:
+        return
+    nannies = list(getattr(cluster, "workers", {}).values())
+    if nannies:
+        with contextlib.suppress(Exception):  # the cluster's own close still ends them
+            cluster.sync(_close_nannies, nannies, timeout)
+    cluster.close()
+
+
+async def _close_nannies(nannies: list[Any], timeout: float) -> None:
+    import asyncio
+
+    await asyncio.gather(*(n.close(timeout=timeout) for n in nannies if hasattr(n, "close")),
+                         return_exceptions=True)
 
 
 def _connect(scheduler: str, security: object | None, timeout: str) -> Client:

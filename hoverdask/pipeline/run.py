@@ -12,6 +12,7 @@ others go on.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 import time
@@ -112,13 +113,11 @@ def resolve_model(
 ) -> ModelSpec:
     """Validate the checkpoint (or factory) on the client before any worker loads it."""
     if predictor_factory is None:
-        from hoverdask.model.catalog import default_model_path, model_card
-
-        path = Path(model) if model is not None else default_model_path()
-        if not path.is_file():
-            raise HoverdaskError(f"model file {path} does not exist")
+        from hoverdask.model.catalog import model_card
         from hoverdask.model.checkpoints import load_model, sha256_of
+        from hoverdask.model.registry import entry_for_path, resolve_model_argument
 
+        path = resolve_model_argument(model)
         network = load_model(path, "cpu")
         predictor_factory = TorchPredictorFactory(
             model_path=str(path.resolve()),
@@ -134,6 +133,9 @@ def resolve_model(
         geometry = patch_geometry(network.mode)
         type_table, why = select_type_table(network.nr_types, network.mode, network.metadata)
         card = model_card(network.metadata)
+        official = entry_for_path(path)
+        if official is not None:
+            card = {"name": official.name, "licence": official.licence, **card}
         description = {"path": str(path.resolve()), "sha256": sha256_of(path),
                        "name": card.get("name", path.stem), "licence": card.get("licence"),
                        "mode": network.mode, "nr_types": network.nr_types,
@@ -172,12 +174,17 @@ def run_cohort(
     scheduler: str | None = None,
     security: object | None = None,
     progress: bool = True,
+    log_file: bool = False,
+    verbose: bool = True,
 ) -> CohortResult:
     """Segment every slide into ``out_dir``; one failed slide never stops the others.
 
     Give either ``model`` (a checkpoint path; each worker loads it once) or
     ``predictor_factory`` (any picklable callable returning a predictor). Without ``client`` a
-    local cluster (or ``scheduler``) is started and closed here.
+    local cluster (or ``scheduler``) is started and closed here. ``log_file`` sends Dask's log
+    records to ``out_dir/hoverdask.log`` once the inputs are checked; unless ``verbose`` the
+    terminal then only gets their warnings and errors, one line each; a local cluster's
+    workers log the same way (see :mod:`hoverdask.logs`).
     """
     options = options or RunOptions()
     if not slides:
@@ -188,9 +195,12 @@ def run_cohort(
     check_writable(out)
     spec = resolve_model(model, predictor_factory, options)
     from hoverdask.cluster import client_for
+    from hoverdask.logs import LOG_NAME, dask_logs, worker_logging_env
 
-    with client_for(client, workers, threads_per_worker, scheduler,
-                    options.device, security) as live:  # type: ignore[arg-type]
+    logs = dask_logs(out, verbose=verbose) if log_file else contextlib.nullcontext()
+    worker_env = worker_logging_env(out / LOG_NAME, verbose=verbose) if log_file else None
+    with logs, client_for(client, workers, threads_per_worker, scheduler, options.device,  # type: ignore[arg-type]
+                          security, worker_env=worker_env) as live:
         runner = _CohortRunner(live, out, spec, options, progress=progress)
         return runner.run([str(s) for s in slides])
 
@@ -268,6 +278,8 @@ class _CohortRunner:
         info = describe(client)
         self.gpu_resources = {"GPU": 1} if info.has_gpus else None
         threads = max(info.threads.values())
+        cap = getattr(client.cluster, "compute_threads", None)  # more workers than cores
+        threads = min(threads, cap) if cap else threads
         client.register_plugin(PredictorPlugin(spec.factory, torch_threads=threads,
                                                gpu_cluster=info.has_gpus),
                                name=PLUGIN_NAME)
