@@ -135,3 +135,24 @@ def test_a_few_training_steps_lower_the_loss() -> None:
         optimiser.step()
         losses.append(float(loss.detach()))
     assert losses[-1] < 0.7 * losses[0]
+
+
+def test_bundle_writes_fp16_weights_with_the_card(tmp_path: Path) -> None:
+    from hoverdask.model.bundle import bundle_checkpoint
+    from hoverdask.model.catalog import model_card
+
+    model = _with_running_stats(LiteHoVerNet(5, LiteShape((8, 16), 1)))
+    source = save_checkpoint(model, tmp_path / "trained.tar",
+                             extra={"hoverdask": {"type_table": "consep"}})
+    card = {"name": "tiny", "licence": "CC0"}
+    target = bundle_checkpoint(source, tmp_path / "bundled.tar", card)
+    stored = torch.load(target, weights_only=True)
+    assert all(v.dtype == torch.float16 for v in stored["desc"].values() if v.is_floating_point())
+    assert target.stat().st_size < source.stat().st_size
+    loaded = load_model(target)
+    assert model_card(loaded.metadata) == card
+    assert loaded.metadata["hoverdask"]["type_table"] == "consep"  # training metadata kept
+    x = torch.rand(1, 3, 32, 32) * 255
+    with torch.no_grad():
+        diff = (loaded(x)["hv"] - model(x)["hv"]).abs().max()
+    assert 0 < diff < 0.05

@@ -21,12 +21,8 @@ def bundle_checkpoint(source: str | Path, target: str | Path, card: dict[str, An
     """Write ``source``'s weights in fp16 to ``target`` with ``card`` in its metadata (kept:
     the training metadata and the type table)."""
     model = load_model(source)
-    info = dict(model.metadata.get("hoverdask", {}))
-    info["card"] = card
-    half = model.half() if hasattr(model, "half") else model
-    path = save_checkpoint(half, target, extra={"hoverdask": info})
-    model.float()
-    return path
+    info = {**model.metadata.get("hoverdask", {}), "card": card}
+    return save_checkpoint(model.half(), target, extra={"hoverdask": info})
 
 
 def _main(argv: list[str]) -> int:
