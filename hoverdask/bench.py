@@ -329,8 +329,11 @@ def bench_end_to_end(
         with ExitStack() as cleanup:
             if client is None:  # a local cluster for the measurement; its start is not timed
                 from hoverdask.cluster import make_client
+                from hoverdask.logs import LOG_NAME, dask_logs, worker_logging_env
 
-                client = make_client(device=device, quiet=True, dashboard=False)  # type: ignore[arg-type]
+                cleanup.enter_context(dask_logs(scratch))  # Dask's INFO lines off the terminal
+                client = make_client(device=device, quiet=True, dashboard=False,  # type: ignore[arg-type]
+                                     worker_env=worker_logging_env(scratch / LOG_NAME))
                 if client.cluster is not None:
                     cleanup.callback(client.cluster.close)
                 cleanup.callback(client.close)  # runs first
