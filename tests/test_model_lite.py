@@ -13,7 +13,7 @@ from hoverdask.bench import conv_gflop, mflop_per_output_pixel
 from hoverdask.model import LiteHoVerNet, build_network, patch_geometry
 from hoverdask.model.checkpoints import infer_layout, load_model, save_checkpoint
 from hoverdask.model.infer import cpu_inference_model, predict_image, predict_patches
-from hoverdask.model.lite import LiteShape, mflop_per_pixel, shape_of_state
+from hoverdask.model.lite import LiteShape, shape_of_state
 from hoverdask.model.network import HoVerNet
 from hoverdask.train.loop import _crop_to_targets
 from hoverdask.train.losses import hovernet_loss
@@ -51,7 +51,6 @@ def test_lite_flop_count_and_budget() -> None:
         model(torch.zeros(1, 3, 128, 128))
     counted = counter.get_total_flops()
     assert conv_gflop(size=128, network=model) == pytest.approx(counted / 1e9, rel=1e-9)
-    assert mflop_per_pixel(LiteShape(), 5) == pytest.approx(counted / 128**2 / 1e6, rel=1e-9)
     # the budget: <= 0.4 MFLOP per output pixel (margin included), >= 25x less than fast
     lite = mflop_per_output_pixel(model)
     fast = mflop_per_output_pixel(HoVerNet("fast", 6))

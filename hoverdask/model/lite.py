@@ -3,8 +3,9 @@
 Same contract as :class:`~hoverdask.model.network.HoVerNet` — float NCHW RGB in 0..255 in, a
 dict of NCHW logits ``tp`` (when typed), ``np`` (2) and ``hv`` (2) out — so post-processing,
 seams, features and exports are unchanged. Unlike HoVer-Net its convolutions are padded, so the
-output has the input's size; :data:`LITE_GEOMETRY` still crops a margin so that every kept pixel
-has context on all sides (the network is trained with the same margin).
+output has the input's size; its patch geometry (``patch_geometry("lite")``, 512 -> 448) still
+drops a 32 px margin so that every kept pixel has context on all sides (training supervises all
+but a 16 px border of its 256 px windows).
 
 Shape: a full-resolution stem (two 3x3 convolutions), three stride-2 stages of residual basic
 blocks, and a decoder of nearest upsampling, concatenated skips and one 3x3 convolution per
@@ -177,20 +178,6 @@ def shape_of_state(state: Mapping[str, torch.Tensor]) -> tuple[LiteShape, int | 
     tp = state.get("heads.tp.weight")
     nr_types = None if tp is None else int(tp.shape[0])
     return LiteShape(tuple(widths), len(block_ids)), nr_types
-
-
-def mflop_per_pixel(shape: LiteShape = DEFAULT_SHAPE, nr_types: int | None = 5) -> float:
-    """Multiply-adds x 2 per input pixel, in millions (convolutions only; exact for 3x3/1x1)."""
-    w = shape.widths
-    macs = 9 * (3 * w[0] + w[0] * w[0])
-    for i in range(1, len(w)):
-        area = 4.0 ** -i
-        macs += area * 9 * (w[i - 1] * w[i] + 2 * shape.blocks * w[i] * w[i])
-    for i in range(1, len(w) - 1):
-        macs += 4.0 ** -i * 9 * (w[i + 1] + w[i]) * w[i]
-    macs += 2 * 9 * (w[1] + w[0]) * w[0]
-    macs += w[0] * (4 + (nr_types or 0))
-    return 2 * macs / 1e6
 
 
 class FusedLite(nn.Module):
