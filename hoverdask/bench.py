@@ -286,6 +286,7 @@ def bench_end_to_end(
     predictor_factory: Any = None,
     client: Any = None,
     chunk_size: int | None = None,
+    mode: str | None = None,
 ) -> dict[str, Any]:
     """A whole pipeline run on a synthetic ``size`` x ``size`` slide at 0.25 µm/px.
 
@@ -312,7 +313,9 @@ def bench_end_to_end(
     if chunk_size is not None:
         options = replace(options, chunk_size=chunk_size)
     random_weights = model_path is None and predictor_factory is None
-    geometry = patch_geometry(BENCH_MODE if model_path is None else _mode_of(model_path))
+    if mode is None:  # the checkpoint's, unless the caller has it loaded already
+        mode = BENCH_MODE if model_path is None else _mode_of(model_path)
+    geometry = patch_geometry(mode)
     with tempfile.TemporaryDirectory(prefix="hoverdask-bench-") as scratch_dir:
         scratch = Path(scratch_dir)
         if random_weights:
@@ -423,7 +426,7 @@ def bench_all(
         output = patch_geometry(network.mode).output
         chunk = min(RunOptions().chunk_size, max(output, end_to_end_size // 2))
         results["end_to_end"] = bench_end_to_end(model_path, target.type, end_to_end_size,
-                                                 chunk_size=chunk)
+                                                 chunk_size=chunk, mode=network.mode)
     else:
         results["end_to_end"] = {"mpix_per_s": None, "skipped": "end-to-end size 0"}
     results["measured_at"] = datetime.now(UTC).isoformat(timespec="seconds")
