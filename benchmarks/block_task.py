@@ -40,7 +40,7 @@ WORKER_ENVIRON = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_
 
 
 def load_maps(name: str) -> np.ndarray:
-    from hoverdask.postproc.synthetic import dequantised_pred_map, synthetic_pred_map
+    from hoverdask.slide.synthetic import dequantised_pred_map, synthetic_pred_map
 
     if name == "wsi":
         with np.load(FIXTURE) as data:
@@ -52,7 +52,7 @@ def prepare(name: str, folder: Path, chunk: int) -> Any:
     """A plan over a synthetic slide of the maps' size, with the maps in its cache."""
     from hoverdask.pipeline import maps_store
     from hoverdask.pipeline.plan import plan_slide
-    from hoverdask.synth import write_synthetic_slide
+    from hoverdask.slide.synthetic import write_synthetic_slide
 
     maps = load_maps(name)
     height, width = maps.shape[:2]
@@ -70,8 +70,8 @@ def prepare(name: str, folder: Path, chunk: int) -> Any:
 
 
 def hv_of(plan: Any) -> tuple[tuple[float, float], tuple[float, float]]:
+    from hoverdask.nuclei.stable import value_range
     from hoverdask.pipeline import maps_store
-    from hoverdask.postproc.stable import value_range
 
     height, width = plan.grid.blocks.height, plan.grid.blocks.width
     whole = maps_store.read_window(plan.ledger.maps_store, 0, 0, height, width, NR_TYPES)

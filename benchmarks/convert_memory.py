@@ -22,15 +22,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from hoverdask.synth import write_synthetic_slide
+from hoverdask.slide.synthetic import write_synthetic_slide
 
 # VmHWM (peak RSS of this process image) rather than ru_maxrss, which a child inherits from
 # the parent that made the slide.
 CHILD = """
 import json, re, sys, time
 import dask, dask.array, numcodecs, tiffslide, zarr  # imported before the baseline is taken
-from hoverdask.omezarr import convert_to_omezarr, open_omezarr
-from hoverdask.tissue import tissue_mask, tissue_path
+from hoverdask.slide.convert import convert_to_omezarr
+from hoverdask.slide.omezarr import open_omezarr
+from hoverdask.slide.tissue import tissue_mask, tissue_path
 def hwm():
     with open("/proc/self/status") as f:
         return int(re.search(r"VmHWM:\\s+(\\d+) kB", f.read()).group(1))

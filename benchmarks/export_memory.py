@@ -39,7 +39,7 @@ def synthetic_nuclei(count: int, seed: int = 0):
     import geopandas as gpd
     import shapely
 
-    from hoverdask.features import FEATURE_COLUMNS
+    from hoverdask.nuclei.features import FEATURE_COLUMNS
 
     rng = np.random.default_rng(seed)
     side = int(np.ceil(np.sqrt(count)))

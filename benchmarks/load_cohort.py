@@ -61,8 +61,7 @@ class RssSampler:
 
 
 def make_cohort(folder: Path, count: int, size: int) -> tuple[list[Path], Path]:
-    from hoverdask.postproc.synthetic import synthetic_pred_map
-    from hoverdask.synth import write_synthetic_slide
+    from hoverdask.slide.synthetic import synthetic_pred_map, write_synthetic_slide
 
     folder.mkdir(parents=True, exist_ok=True)
     slides = []
@@ -76,7 +75,7 @@ def make_cohort(folder: Path, count: int, size: int) -> tuple[list[Path], Path]:
 
 def run_once(slides: list[Path], maps: Path, out: Path, workers: int, threads: int,
              chunk: int) -> dict[str, float]:  # fmt: skip
-    from hoverdask.cluster import make_client
+    from hoverdask.deploy.cluster import make_client
     from hoverdask.pipeline.predictors import ArrayPredictorFactory
     from hoverdask.pipeline.run import RunOptions, run_cohort
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from hoverdask.postproc import inst_info_to_json, process
-from hoverdask.postproc.synthetic import dequantised_pred_map, synthetic_pred_map
+from hoverdask.nuclei.postproc import inst_info_to_json, process
+from hoverdask.slide.synthetic import dequantised_pred_map, synthetic_pred_map
 
 FIXTURE = Path(__file__).resolve().parents[1] / "tests/data/parity/wsi_synth_input.npz"
 

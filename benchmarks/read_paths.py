@@ -25,8 +25,8 @@ from hoverdask.pipeline.tasks import SlideSource
 
 def read_all_windows(path: Path, tile: int, threads: int, mpp: float | None) -> tuple[float, int]:
     """Seconds to read every window of the slide's map tiles, and the megapixels read."""
-    from hoverdask.resample import processing_array
     from hoverdask.slide import open_slide
+    from hoverdask.slide.resample import processing_array
 
     tasks.processing_view.cache_clear()
     source = SlideSource(str(path), mpp, 0.25)
@@ -50,7 +50,7 @@ def best_of(repeat: int, func, *args):  # type: ignore[no-untyped-def]
 
 
 def measure(path: Path, tile: int, threads: int, repeat: int, mpp: float | None) -> None:
-    from hoverdask.omezarr import convert_to_omezarr
+    from hoverdask.slide.convert import convert_to_omezarr
 
     seconds, mpix = best_of(repeat, read_all_windows, path, tile, threads, mpp)
     print(f"{path.name}: tiffslide view  {seconds:7.2f} s for {mpix} Mpx of windows "
@@ -82,7 +82,7 @@ def main() -> None:
     scratch = Path(tempfile.mkdtemp(prefix="read-paths-synth-"))
     try:
         if args.synthetic:
-            from hoverdask.synth import write_synthetic_slide
+            from hoverdask.slide.synthetic import write_synthetic_slide
 
             width, height = (int(n) for n in args.synthetic.lower().split("x"))
             path = scratch / "synthetic.tif"

@@ -58,7 +58,7 @@ class PeriodicMapFactory:
     seed: int = 3
 
     def __call__(self) -> PeriodicMapPredictor:
-        from hoverdask.postproc.synthetic import synthetic_pred_map
+        from hoverdask.slide.synthetic import synthetic_pred_map
 
         return PeriodicMapPredictor(synthetic_pred_map(PERIOD, PERIOD, NR_TYPES, seed=self.seed))
 
@@ -73,7 +73,7 @@ def _max_rss_mib() -> float:
 def measure_once(slides: list[Path], workers: int, chunk: int, model: str | None = None
                  ) -> dict[str, Any]:
     """One timed ``run_cohort`` of ``slides`` on a fresh cluster (this process is the client)."""
-    from hoverdask.cluster import make_client
+    from hoverdask.deploy.cluster import make_client
     from hoverdask.pipeline.run import RunOptions, run_cohort
 
     with tempfile.TemporaryDirectory(prefix="hoverdask-scaling-") as scratch_dir:
@@ -143,7 +143,7 @@ def main() -> None:
 
 def _slide(folder: Path, size: int, seed: int = 0) -> Path:
     """A synthetic slide, written here, outside the measured processes."""
-    from hoverdask.synth import write_synthetic_slide
+    from hoverdask.slide.synthetic import write_synthetic_slide
 
     path = folder / f"slide-{size}-{seed}.svs"
     if not path.exists():

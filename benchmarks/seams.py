@@ -5,7 +5,7 @@
 Map: the parity WSI fixture (1000x1400, dequantised) tiled ``--tiles`` x ``--tiles`` times.
 Timings (best of ``--repeats``, single-threaded dask scheduler so the figures compare CPU work):
 
-* ``reference``: ``hoverdask.postproc.process(maps, 6, method="fast")`` on the whole map at once
+* ``reference``: ``hoverdask.nuclei.postproc.process(maps, 6, method="fast")`` on the whole map at once
   (the reference steps with the one-pass record builder; ``method="reference"`` builds records
   in O(nuclei x pixels) and would flatter the seam-stable figures);
 * ``passes 1+2``: the two range reductions alone;
@@ -26,9 +26,10 @@ import dask
 import dask.array as da
 import numpy as np
 
-from hoverdask.pipeline.seams import BlockGrid, nuclei_from_maps, slide_ranges
-from hoverdask.postproc import process
-from hoverdask.postproc.synthetic import dequantised_pred_map
+from hoverdask.nuclei.postproc import process
+from hoverdask.nuclei.seams import BlockGrid
+from hoverdask.pipeline.local import nuclei_from_maps, slide_ranges
+from hoverdask.slide.synthetic import dequantised_pred_map
 
 FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "data" / "parity" / "wsi_synth_input.npz"
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hoverdask.errors import HoverdaskError
+from hoverdask.core.errors import HoverdaskError
 
 if TYPE_CHECKING:
     import geopandas as gpd
@@ -83,8 +83,7 @@ def run(
 
 def run_options_from(options: dict[str, Any]) -> Any:
     """:class:`RunOptions` from keyword options, checked like the command line checks them."""
-    from hoverdask.pipeline.region import Region
-    from hoverdask.pipeline.run import RunOptions
+    from hoverdask.pipeline.spec import Region, RunOptions
 
     known = {f.name for f in dataclasses.fields(RunOptions)}
     unknown = sorted(set(options) - known)
@@ -187,9 +186,9 @@ def segment(
     import numpy as np
     import torch
 
+    from hoverdask.core.types import select_type_table
     from hoverdask.model.infer import predict_image, resolve_device
-    from hoverdask.model.types import select_type_table
-    from hoverdask.postproc import process
+    from hoverdask.nuclei.postproc import process
 
     rgb = np.asarray(image)
     if rgb.ndim != 3 or rgb.shape[2] not in (3, 4) or rgb.dtype != np.uint8:
@@ -211,7 +210,7 @@ def _inst_table(inst_map: Any, inst_info: dict[int, dict[str, Any]], table: Any)
     import numpy as np
     import pandas as pd
 
-    from hoverdask.pipeline.seams import nuclei_table
+    from hoverdask.nuclei.seams import nuclei_table
 
     ids = sorted(inst_info)
     areas = np.bincount(np.asarray(inst_map).ravel().astype(np.int64),

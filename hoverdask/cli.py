@@ -1,7 +1,7 @@
 """The `hoverdask` command line: parse options, call one library function, print, exit.
 
 Heavy imports (torch, dask, geopandas) happen inside the commands so that `--help` stays fast.
-Errors the user can fix (:class:`hoverdask.errors.HoverdaskError`) exit with code 2 and a
+Errors the user can fix (:class:`hoverdask.core.errors.HoverdaskError`) exit with code 2 and a
 one-line message; nothing else is caught here.
 """
 
@@ -15,7 +15,7 @@ from typing import Annotated, ParamSpec, TypeVar
 import typer
 from rich.console import Console
 
-from hoverdask.errors import HoverdaskError
+from hoverdask.core.errors import HoverdaskError
 
 app = typer.Typer(
     name="hoverdask",
@@ -89,7 +89,7 @@ def segment(
 ) -> None:
     """Segment and classify the nuclei of one image (reference tile mode)."""
     from hoverdask.model.registry import resolve_model_argument
-    from hoverdask.model.segment import segment_image
+    from hoverdask.pipeline.segment import segment_image
 
     result = segment_image(
         image, resolve_model_argument(model), out, device=device, batch_size=batch_size,
@@ -117,9 +117,9 @@ def models(ctx: typer.Context) -> None:
         return
     from rich.table import Table
 
+    from hoverdask.core.types import KNOWN_TABLES
     from hoverdask.model import registry
     from hoverdask.model.catalog import bundled_models, default_model_path
-    from hoverdask.model.types import KNOWN_TABLES
 
     table = Table(title="Type tables (id: name)")
     table.add_column("table")
@@ -197,7 +197,7 @@ def convert(
     ] = None,
 ) -> None:
     """Convert a slide to a chunked, compressed OME-Zarr (NGFF 0.4) pyramid; resumable."""
-    from hoverdask.omezarr import convert_to_omezarr
+    from hoverdask.slide.convert import convert_to_omezarr
 
     result = convert_to_omezarr(
         slide, out, mpp=mpp, chunk=chunk, overwrite=overwrite, tissue=tissue, num_workers=workers
@@ -222,7 +222,7 @@ def tissue(
 ) -> None:
     """Detect tissue on a low-resolution thumbnail; print its area, optionally save a picture."""
     from hoverdask.slide import open_slide
-    from hoverdask.tissue import tissue_mask
+    from hoverdask.slide.tissue import tissue_mask
 
     with open_slide(slide, mpp) as opened:
         mask = tissue_mask(opened)
@@ -248,7 +248,7 @@ def synth(
     lossless: Annotated[bool, typer.Option(help="zlib tiles instead of JPEG.")] = False,
 ) -> None:
     """Write a synthetic H&E-like pyramidal slide with known nuclei (for demos and tests)."""
-    from hoverdask.synth import write_synthetic_slide
+    from hoverdask.slide.synthetic import write_synthetic_slide
 
     truth = write_synthetic_slide(
         out, width, height, mpp=mpp, seed=seed, flavour="ome" if ome else "aperio",
@@ -403,7 +403,7 @@ def check(
 
     from rich.table import Table
 
-    from hoverdask.atomic import atomic_write_text
+    from hoverdask.core.atomic import atomic_write_text
     from hoverdask.pipeline.check import COLUMNS, check_cohort, summary_lines, table_rows
     from hoverdask.pipeline.run import run_security
 
@@ -571,8 +571,8 @@ def evaluate(
 
     from rich.table import Table
 
-    from hoverdask.atomic import atomic_write_text
-    from hoverdask.evaluate import evaluate_model, format_table
+    from hoverdask.core.atomic import atomic_write_text
+    from hoverdask.evaluate.scoring import evaluate_model, format_table
     from hoverdask.model.registry import resolve_model_argument
 
     report = evaluate_model(
@@ -672,7 +672,7 @@ def cluster_slurm(
     """Run an adaptive SLURM cluster of GPU workers until Ctrl-C."""
     import time
 
-    from hoverdask.jobqueue import (
+    from hoverdask.deploy.jobqueue import (
         dashboard_link,
         job_script,
         load_slurm_config,

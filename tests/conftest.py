@@ -39,7 +39,7 @@ def shared_dataset(name: str) -> Path:
 @contextlib.contextmanager
 def cpu_client(workers: int, threads: int) -> Iterator[Any]:
     """A local cluster of CPU worker processes (quiet, no dashboard port), closed afterwards."""
-    from hoverdask.cluster import make_client
+    from hoverdask.deploy.cluster import make_client
 
     client = make_client(workers=workers, threads_per_worker=threads, device="cpu", quiet=True,
                          dashboard=False)

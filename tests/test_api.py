@@ -16,11 +16,11 @@ import shapely
 import torch
 
 import hoverdask
-from hoverdask.errors import HoverdaskError
+from hoverdask.core.errors import HoverdaskError
 from hoverdask.export.geoparquet import add_to_dataset, write_geoparquet
 from hoverdask.model import LiteHoVerNet, save_checkpoint
 from hoverdask.model.lite import LiteShape
-from hoverdask.synth import write_synthetic_slide
+from hoverdask.slide.synthetic import write_synthetic_slide
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from hoverdask.atomic import atomic_path, atomic_write_json, atomic_write_text
+from hoverdask.core.atomic import atomic_path, atomic_write_json, atomic_write_text
 
 
 def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path) -> None:

@@ -129,7 +129,7 @@ def client():
 @pytest.mark.parametrize("glass", [0.0, 0.5])
 def test_end_to_end_counts_processed_and_slide_pixels(client, tmp_path: Path, glass: float):
     from hoverdask.pipeline.predictors import ArrayPredictorFactory
-    from hoverdask.postproc.synthetic import synthetic_pred_map
+    from hoverdask.slide.synthetic import synthetic_pred_map
 
     size, chunk = 984, 328  # a 3 x 3 grid of 328-pixel map tiles (2 patch outputs each)
     np.save(tmp_path / "maps.npy", synthetic_pred_map(size, size, 6, seed=1))

@@ -13,16 +13,15 @@ import pytest
 import tifffile
 from typer.testing import CliRunner
 
-from hoverdask.errors import HoverdaskError
+from hoverdask.core.errors import HoverdaskError
 from hoverdask.pipeline.check import (
     BENCH_HINT,
     check_slide,
-    magnification_from_mpp,
     model_geometry,
-    sample_boxes,
     seconds_per_megapixel,
 )
 from hoverdask.pipeline.plan import PlanFailure, plan_slide, plan_task
+from hoverdask.slide.inspect import magnification_from_mpp, sample_boxes
 from tests.conftest import CMU_SLIDE
 from tests.test_drills import _bad_slides
 
@@ -52,7 +51,7 @@ LEVEL_KEYS = {"level", "width", "height", "downsample", "mpp", "tile_width", "ti
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """A good synthetic slide with tissue, the drills' bad cohort and three more broken inputs."""
-    from hoverdask.synth import write_synthetic_slide
+    from hoverdask.slide.synthetic import write_synthetic_slide
 
     folder = tmp_path_factory.mktemp("check-cohort")
     good = folder / "good.svs"
@@ -159,7 +158,7 @@ def test_a_good_slide_is_described_and_planned_as_run_plans_it(cohort, name, tmp
 def test_an_ome_zarr_store_is_checked_like_its_slide(cohort, tmp_path) -> None:
     import shutil
 
-    from hoverdask.omezarr import convert_to_omezarr
+    from hoverdask.slide.convert import convert_to_omezarr
 
     store = tmp_path / "good.zarr"
     convert_to_omezarr(cohort["good"], store, num_workers=1)
@@ -231,7 +230,7 @@ def client():
 
 def _bench_figures(monkeypatch: pytest.MonkeyPatch, folder: Path, e2e_mpix_per_s: float | None):
     """This machine's latest `hoverdask bench` figures, as a file in ``folder`` (or none)."""
-    import hoverdask.bench_figures as figures
+    from hoverdask.deploy import figures
 
     path = folder / "bench.json"
     if e2e_mpix_per_s is not None:

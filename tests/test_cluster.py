@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from hoverdask.cluster import ClusterError, describe, make_client
+from hoverdask.deploy.cluster import ClusterError, describe, make_client
 from hoverdask.pipeline.run import run_security
 
 
@@ -45,7 +45,7 @@ def test_partial_tls_options_are_a_usage_error(tmp_path) -> None:
 
 
 def test_local_cluster_speaks_tls_when_given_certificates(tmp_path) -> None:
-    from hoverdask.security import make_self_signed
+    from hoverdask.deploy.security import make_self_signed
 
     files = make_self_signed(tmp_path / "tls")
     security = run_security(files.ca_file, files.cert_file, files.key_file)
@@ -101,7 +101,7 @@ def test_describe_waits_for_late_workers_then_gives_up() -> None:
     ],
 )
 def test_local_layout(gpus, cores, workers, threads, expected) -> None:
-    from hoverdask.cluster import local_layout
+    from hoverdask.deploy.cluster import local_layout
 
     layout = local_layout(gpus, cores, workers, threads)
     got = (layout.gpu_workers, layout.gpu_threads, layout.cpu_workers, layout.cpu_threads)
@@ -115,11 +115,10 @@ def test_gpu_layout_puts_inference_on_gpu_workers_only_and_loads_no_model_elsewh
     import numpy as np
     from distributed import get_task_stream
 
-    from hoverdask.cluster import LocalLayout, start_local_cluster
+    from hoverdask.deploy.cluster import LocalLayout, start_local_cluster
     from hoverdask.pipeline.predictors import PLUGIN_NAME, ArrayPredictorFactory
     from hoverdask.pipeline.run import RunOptions, run_cohort
-    from hoverdask.postproc.synthetic import synthetic_pred_map
-    from hoverdask.synth import write_synthetic_slide
+    from hoverdask.slide.synthetic import synthetic_pred_map, write_synthetic_slide
 
     slide = tmp_path / "s.svs"
     write_synthetic_slide(slide, 656, 492, mpp=0.25, seed=1, compression="lossless",

@@ -23,8 +23,8 @@ import yaml
 from typer.testing import CliRunner
 
 from hoverdask.cli import app
-from hoverdask.errors import HoverdaskError
-from hoverdask.jobqueue import job_script, load_slurm_config, parse_slurm_config
+from hoverdask.core.errors import HoverdaskError
+from hoverdask.deploy.jobqueue import job_script, load_slurm_config, parse_slurm_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -302,7 +302,7 @@ def test_cpu_only_jobs_ask_for_no_gpus(in_tmp: Path) -> None:
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="no openssl command")
 def test_tls_config_reaches_the_worker_command(in_tmp: Path) -> None:
-    from hoverdask.security import make_self_signed
+    from hoverdask.deploy.security import make_self_signed
 
     tls = make_self_signed(in_tmp / "tls")
     config = dataclasses.replace(
@@ -372,7 +372,7 @@ def test_cli_bad_config_is_one_line_and_exit_2(in_tmp: Path) -> None:
 
 
 def test_slurm_scheduler_dashboard_listens_on_localhost_only(in_tmp: Path) -> None:
-    from hoverdask.jobqueue import dashboard_link, slurm_cluster
+    from hoverdask.deploy.jobqueue import dashboard_link, slurm_cluster
 
     config = dataclasses.replace(parse_slurm_config({"slurm": MINIMAL}),
                                  dashboard_address="127.0.0.1:0")  # fmt: skip
@@ -391,7 +391,7 @@ def test_started_cluster_submits_its_minimum_jobs(in_tmp: Path,
     the scripts they are given."""
     import time
 
-    from hoverdask.jobqueue import start_slurm_cluster
+    from hoverdask.deploy.jobqueue import start_slurm_cluster
 
     bin_dir = in_tmp / "bin"
     bin_dir.mkdir()
@@ -506,7 +506,7 @@ def _pid_after(seconds: float) -> int:
 def test_scheduler_and_workers_as_separate_processes(
     process_cluster: tuple[str, list[subprocess.Popen]],
 ) -> None:
-    from hoverdask.cluster import describe, make_client
+    from hoverdask.deploy.cluster import describe, make_client
 
     scheduler_file, processes = process_cluster
     client = make_client(scheduler=scheduler_file, quiet=True)
@@ -534,8 +534,7 @@ def test_run_cohort_through_an_external_gpu_cluster(
     from hoverdask.pipeline import maps_store, nuclei_from_maps
     from hoverdask.pipeline.predictors import ArrayPredictorFactory
     from hoverdask.pipeline.run import RunOptions, run_cohort
-    from hoverdask.postproc.synthetic import synthetic_pred_map
-    from hoverdask.synth import write_synthetic_slide
+    from hoverdask.slide.synthetic import synthetic_pred_map, write_synthetic_slide
 
     scheduler_file, _ = process_cluster
     size, nr_types = 328, 6

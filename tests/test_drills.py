@@ -118,7 +118,7 @@ def _blob_maps(patches: np.ndarray, *, limit: int, log: str) -> np.ndarray:
     import torch
     from scipy import ndimage
 
-    from hoverdask.postproc.synthetic import hv_maps
+    from hoverdask.slide.synthetic import hv_maps
 
     too_big = len(patches) > limit
     with open(log, "a") as handle:
@@ -140,8 +140,7 @@ def _blob_maps(patches: np.ndarray, *, limit: int, log: str) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from hoverdask.postproc.synthetic import synthetic_pred_map
-    from hoverdask.synth import write_synthetic_slide
+    from hoverdask.slide.synthetic import synthetic_pred_map, write_synthetic_slide
 
     folder = tmp_path_factory.mktemp("drill-cohort")
     paths = {}

@@ -11,7 +11,12 @@ from conftest import parity_json, parity_npz, shared_dataset
 from typer.testing import CliRunner
 
 from hoverdask.cli import app
-from hoverdask.evaluate import Prediction, evaluate_predictions, nucleus_points, score_instances
+from hoverdask.evaluate.scoring import (
+    Prediction,
+    evaluate_predictions,
+    nucleus_points,
+    score_instances,
+)
 from hoverdask.train.datasets import open_dataset
 
 

@@ -15,7 +15,7 @@ from test_features import TYPES, synthetic_block
 
 from hoverdask.export import write_cohort_summary, write_geoparquet, write_slide_outputs
 from hoverdask.export.qupath import nucleus_uuids
-from hoverdask.features import measure
+from hoverdask.nuclei.features import measure
 
 
 def _slide(seed: int, slide_id: str) -> gpd.GeoDataFrame:

@@ -17,7 +17,7 @@ from hoverdask.cli import app
 from hoverdask.export import validate_qupath, write_qupath
 from hoverdask.export.qupath import MEASUREMENT_NAMES, nucleus_uuids
 from hoverdask.export.validate import UnreadableGeoJSON
-from hoverdask.features import measure
+from hoverdask.nuclei.features import measure
 
 
 @pytest.fixture(scope="module")

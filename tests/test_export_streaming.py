@@ -22,7 +22,7 @@ from hoverdask.export import summary, write_geoparquet, write_qc_picture, write_
 from hoverdask.export.parts import index_parts
 from hoverdask.export.qc import QcDots, write_qc_picture_dots
 from hoverdask.export.summary import write_slide_outputs_from_parts
-from hoverdask.features import FEATURE_COLUMNS, measure
+from hoverdask.nuclei.features import FEATURE_COLUMNS, measure
 from hoverdask.pipeline.outputs import finish_slide, finish_slide_parts, slide_rows
 
 SIDE = 600

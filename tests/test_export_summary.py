@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from test_features import TYPES, synthetic_block
 
-from hoverdask.errors import HoverdaskError
+from hoverdask.core.errors import HoverdaskError
 from hoverdask.export import (
     validate_qupath,
     write_cohort_summary,
@@ -18,7 +18,7 @@ from hoverdask.export import (
 )
 from hoverdask.export.qc import OUTLINE_COLOR, UNCLASSIFIED_COLOR
 from hoverdask.export.summary import parse_formats
-from hoverdask.features import measure
+from hoverdask.nuclei.features import measure
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ from skimage.color import rgb2hed
 from skimage.draw import ellipse
 from skimage.measure import regionprops
 
-from hoverdask.features import FEATURE_COLUMNS, measure
-from hoverdask.nuclei import to_level0
+from hoverdask.core.schema import to_level0
+from hoverdask.nuclei.features import FEATURE_COLUMNS, measure
 
 TYPES = {1: ("Neoplastic", (255, 0, 0)), 2: ("Inflammatory", (0, 255, 0))}
 
@@ -154,8 +154,8 @@ def test_nucleus_outside_block_gets_nan_and_bad_input_raises():
 
 
 def test_type_table_from_the_model_package():
-    from hoverdask.features import type_info
-    from hoverdask.model.types import PANNUKE
+    from hoverdask.core.types import PANNUKE
+    from hoverdask.nuclei.features import type_info
 
     nuclei, image, _ = synthetic_block(seed=6)
     out = measure(nuclei, image, 0.25, type_table=PANNUKE)

@@ -8,7 +8,7 @@ import shapely
 from scipy import ndimage
 from skimage.morphology import convex_hull_image
 
-from hoverdask.features import _border_mask, _convex_area
+from hoverdask.nuclei.features import _border_mask, _convex_area
 
 
 def per_pixel_convex_area(mask: np.ndarray) -> int:
@@ -48,7 +48,7 @@ def test_convex_area_equals_the_per_pixel_test(seed: int) -> None:
 
 
 def test_rasterise_multipolygons_and_empty_rows_as_their_parts() -> None:
-    from hoverdask.features import rasterise
+    from hoverdask.nuclei.features import rasterise
 
     a = shapely.box(2, 2, 9, 7)
     b = shapely.Polygon([(12, 3), (20, 4), (15, 12)])

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from hoverdask.cluster import LocalLayout, compute_threads
-from hoverdask.logs import LOG_NAME, dask_logs
+from hoverdask.deploy.cluster import LocalLayout, compute_threads
+from hoverdask.deploy.logs import LOG_NAME, dask_logs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,7 +49,7 @@ def test_threads_are_capped_when_workers_outnumber_cores() -> None:
 def test_worker_processes_get_the_same_set_up_from_their_environment(tmp_path) -> None:
     import subprocess
 
-    from hoverdask.logs import worker_logging_env
+    from hoverdask.deploy.logs import worker_logging_env
 
     path = tmp_path / LOG_NAME
     code = ("import logging, distributed; log = logging.getLogger('distributed.worker'); "
@@ -75,7 +75,7 @@ def test_ctrl_c_closes_the_cluster_cleanly(tmp_path) -> None:
 
     from hoverdask.model import LiteHoVerNet, save_checkpoint
     from hoverdask.model.lite import LiteShape
-    from hoverdask.synth import write_synthetic_slide
+    from hoverdask.slide.synthetic import write_synthetic_slide
 
     slide = tmp_path / "big.svs"
     write_synthetic_slide(slide, 3000, 3000, mpp=0.25, seed=3, compression="lossless",

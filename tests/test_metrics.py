@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.optimize import linear_sum_assignment
 
-from hoverdask import metrics
+from hoverdask.evaluate import metrics
 
 EXPECTED = parity_json("metrics_expected.json")
 TOL = 1e-12

@@ -13,7 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from hoverdask.cli import app
-from hoverdask.errors import CheckpointError, HoverdaskError
+from hoverdask.core.errors import CheckpointError, HoverdaskError
 from hoverdask.model import (
     CONSEP,
     MONUSAC,

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hoverdask.errors import HoverdaskError
+from hoverdask.core.errors import HoverdaskError
 from hoverdask.model import HoVerNet, predict_patches
 from hoverdask.model.gpu import (
     PrecisionDrift,

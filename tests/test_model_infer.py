@@ -11,7 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from hoverdask.cli import app
-from hoverdask.errors import HoverdaskError
+from hoverdask.core.errors import HoverdaskError
 from hoverdask.model import (
     HoVerNet,
     patch_geometry,
@@ -134,7 +134,7 @@ def test_input_checks() -> None:
 def test_segment_command_writes_reference_tile_outputs(tmp_path: Path) -> None:
     import cv2
 
-    from hoverdask.postproc import inst_info_to_json, process
+    from hoverdask.nuclei.postproc import inst_info_to_json, process
 
     model = parity_model("original_t5")
     checkpoint = save_checkpoint(model, tmp_path / "consep.tar")

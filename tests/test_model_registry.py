@@ -19,7 +19,7 @@ import torch
 from typer.testing import CliRunner
 
 from hoverdask.cli import app
-from hoverdask.errors import CheckpointError
+from hoverdask.core.errors import CheckpointError
 from hoverdask.model import LiteHoVerNet, registry
 from hoverdask.model.lite import LiteShape
 
@@ -212,7 +212,7 @@ def test_a_folder_mirror_by_file_url(tiny_entry, tmp_path, monkeypatch) -> None:
 
 
 def test_each_official_entry_names_the_type_table_its_layout_selects() -> None:
-    from hoverdask.model.types import select_type_table
+    from hoverdask.core.types import select_type_table
 
     for entry in registry.OFFICIAL_MODELS.values():
         table, _ = select_type_table(entry.nr_types, entry.mode, {})

@@ -11,14 +11,13 @@ import pytest
 from tiffslide import TiffSlide
 from typer.testing import CliRunner
 
-from hoverdask import omezarr
 from hoverdask.cli import app
-from hoverdask.errors import SlideError
-from hoverdask.omezarr import convert_to_omezarr
-from hoverdask.resample import processing_array
-from hoverdask.slide import open_slide
-from hoverdask.synth import write_synthetic_slide
-from hoverdask.tissue import TissueMask, tissue_path
+from hoverdask.core.errors import SlideError
+from hoverdask.slide import convert, open_slide
+from hoverdask.slide.convert import convert_to_omezarr
+from hoverdask.slide.resample import processing_array
+from hoverdask.slide.synthetic import write_synthetic_slide
+from hoverdask.slide.tissue import TissueMask, tissue_path
 from tests.conftest import CMU_SLIDE, SHARED_DATA
 
 TCGA_SLIDE = SHARED_DATA / "slides" / "tcga-cr-7395-01a-01-ts1.svs"
@@ -126,7 +125,7 @@ def test_interrupted_conversion_resumes(tmp_path: Path, monkeypatch: pytest.Monk
     source = tmp_path / "s.svs"
     write_synthetic_slide(source, 1000, 700, compression="lossless")
     out = tmp_path / "s.zarr"
-    original = omezarr._write_unit
+    original = convert._write_unit
     calls = {"n": 0}
 
     def flaky(*args: object) -> None:
@@ -135,16 +134,16 @@ def test_interrupted_conversion_resumes(tmp_path: Path, monkeypatch: pytest.Monk
             raise _Interrupted
         original(*args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(omezarr, "_write_unit", flaky)
+    monkeypatch.setattr(convert, "_write_unit", flaky)
     with pytest.raises(_Interrupted):
         convert_to_omezarr(source, out, chunk=128, tissue=False, scheduler="sync")
     assert not out.exists()
     assert out.with_name("s.zarr.partial").is_dir()
-    monkeypatch.setattr(omezarr, "_write_unit", original)
+    monkeypatch.setattr(convert, "_write_unit", original)
     result = convert_to_omezarr(source, out, chunk=128, tissue=False)
     assert result.chunks_resumed == 5
     assert not out.with_name("s.zarr.partial").exists()
-    assert not (out / omezarr.LEDGER).exists()
+    assert not (out / convert.LEDGER).exists()
     _assert_levels_equal_tiffslide(out, source)
 
 
@@ -158,7 +157,7 @@ def test_damage_found_mid_conversion_leaves_nothing(
     def broken(*args: object) -> None:
         raise SlideError("cannot decode level 0 pixels")
 
-    monkeypatch.setattr(omezarr, "_write_unit", broken)
+    monkeypatch.setattr(convert, "_write_unit", broken)
     with pytest.raises(SlideError, match="decode"):
         convert_to_omezarr(source, out, tissue=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.svs"]

@@ -23,9 +23,9 @@ from typer.testing import CliRunner
 from hoverdask.cli import app
 from hoverdask.model import HoVerNet, predict_image, save_checkpoint
 from hoverdask.pipeline import maps_store
-from hoverdask.resample import processing_array
 from hoverdask.slide import open_slide
-from hoverdask.synth import write_synthetic_slide
+from hoverdask.slide.resample import processing_array
+from hoverdask.slide.synthetic import write_synthetic_slide
 
 runner = CliRunner()
 

@@ -23,7 +23,7 @@ from hoverdask.model.infer import predict_image
 from hoverdask.pipeline import maps_store, nuclei_from_maps
 from hoverdask.pipeline.run import RunOptions, run_cohort
 from hoverdask.slide import open_slide
-from hoverdask.synth import write_synthetic_slide
+from hoverdask.slide.synthetic import write_synthetic_slide
 from tests.conftest import cpu_client
 
 WIDTH, HEIGHT = 1000, 700

@@ -16,7 +16,7 @@ import pytest
 from hoverdask.pipeline import maps_store, tasks
 from hoverdask.pipeline.grid import TileGrid
 from hoverdask.pipeline.ledger import SlideLedger
-from hoverdask.synth import write_synthetic_slide
+from hoverdask.slide.synthetic import write_synthetic_slide
 
 MARGIN, OUTPUT = 46, 164
 

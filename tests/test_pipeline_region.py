@@ -19,17 +19,16 @@ import tifffile
 from typer.testing import CliRunner
 
 from hoverdask.cli import app
-from hoverdask.errors import HoverdaskError
+from hoverdask.core.errors import HoverdaskError
 from hoverdask.pipeline import maps_store, nuclei_from_maps
 from hoverdask.pipeline.grid import TileGrid, window_indices
 from hoverdask.pipeline.predictors import ArrayPredictorFactory
-from hoverdask.pipeline.region import Region
 from hoverdask.pipeline.run import RunOptions, run_cohort
+from hoverdask.pipeline.spec import Region
 from hoverdask.pipeline.tasks import SlideSource, read_rgb
-from hoverdask.postproc.synthetic import synthetic_pred_map
-from hoverdask.resample import processing_array
 from hoverdask.slide import open_slide
-from hoverdask.synth import write_synthetic_slide
+from hoverdask.slide.resample import processing_array
+from hoverdask.slide.synthetic import synthetic_pred_map, write_synthetic_slide
 
 WIDTH, HEIGHT = 800, 600
 NR_TYPES = 6

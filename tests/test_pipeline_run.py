@@ -17,8 +17,7 @@ import pytest
 from hoverdask.pipeline import maps_store, nuclei_from_maps
 from hoverdask.pipeline.predictors import ArrayPredictorFactory
 from hoverdask.pipeline.run import RunOptions, run_cohort
-from hoverdask.postproc.synthetic import synthetic_pred_map
-from hoverdask.synth import write_synthetic_slide
+from hoverdask.slide.synthetic import synthetic_pred_map, write_synthetic_slide
 from tests.conftest import cpu_client
 
 WIDTH, HEIGHT = 800, 600
@@ -74,14 +73,14 @@ def _assert_same_nuclei(got: gpd.GeoDataFrame, want: gpd.GeoDataFrame) -> None:
 @pytest.mark.slow
 def test_chunked_cluster_run_equals_untiled_post_processing(client, cohort, expected, tmp_path,
                                                             monkeypatch):
-    import hoverdask.bench_figures
+    import hoverdask.deploy.figures
 
     figures = {
         "model": {"device": "cpu", "gflop_per_s": 12.5, "peak_gflop_per_s": 50.0, "mpix_per_s": 0.1},
         "postproc": {"mpix_per_s": 9.0},
     }
-    monkeypatch.setattr(hoverdask.bench_figures, "latest_figures_path", lambda: tmp_path / "bench.json")
-    hoverdask.bench_figures.remember_figures(figures)
+    monkeypatch.setattr(hoverdask.deploy.figures, "latest_figures_path", lambda: tmp_path / "bench.json")
+    hoverdask.deploy.figures.remember_figures(figures)
     out = tmp_path / "out"
     result = run_cohort(
         [cohort["alpha"], cohort["beta"]], out, predictor_factory=_factory(cohort),

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from hoverdask.atomic import atomic_write_text
+from hoverdask.core.atomic import atomic_write_text
 from hoverdask.pipeline import maps_store
 from hoverdask.pipeline.grid import TileGrid, reflect_indices, window_indices
 from hoverdask.pipeline.ledger import SlideLedger
@@ -181,7 +181,7 @@ def test_gpu_index_from_worker_name(worker_name: object, devices: int, expected:
 def test_inference_busy_fraction_from_the_tile_markers(tmp_path) -> None:
     from types import SimpleNamespace
 
-    from hoverdask.atomic import atomic_write_json
+    from hoverdask.core.atomic import atomic_write_json
     from hoverdask.pipeline.postprocess import inference_busy_fraction, tile_markers
 
     ledger = SlideLedger(tmp_path)

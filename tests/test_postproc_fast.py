@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import ndimage
 
-from hoverdask.postproc import fast as fast_module
-from hoverdask.postproc import (
+from hoverdask.nuclei import fast as fast_module
+from hoverdask.nuclei.postproc import (
     fill_holes,
     inst_info_to_json,
     instance_info_fast,
@@ -20,7 +20,7 @@ from hoverdask.postproc import (
     split_channels,
     watershed_by_component,
 )
-from hoverdask.postproc.synthetic import dequantised_pred_map, synthetic_pred_map
+from hoverdask.slide.synthetic import dequantised_pred_map, synthetic_pred_map
 
 
 @pytest.fixture(scope="module")

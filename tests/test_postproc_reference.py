@@ -7,7 +7,7 @@ import pytest
 from conftest import parity_json, parity_npz
 from scipy import ndimage
 
-from hoverdask.postproc import (
+from hoverdask.nuclei.postproc import (
     inst_info_to_json,
     instance_info_reference,
     proc_np_hv_reference,

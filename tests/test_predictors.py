@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from hoverdask.errors import HoverdaskError
+from hoverdask.core.errors import HoverdaskError
 from hoverdask.model import HoVerNet, predict_patches, save_checkpoint
 from hoverdask.model.gpu import StagedPatchRunner
 from hoverdask.pipeline.predictors import (

@@ -15,16 +15,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.spatial import cKDTree
 
-from hoverdask.pipeline import nuclei_from_maps
-from hoverdask.pipeline.seams import (
+from hoverdask.nuclei.postproc import process
+from hoverdask.nuclei.seams import (
     CONTEXT_MARGIN,
     BlockGrid,
     OversizedClusterWarning,
     contour_polygon,
     merge_boxes,
 )
-from hoverdask.postproc import process
-from hoverdask.postproc.stable import (
+from hoverdask.nuclei.stable import (
     NormRanges,
     WindowSegmentation,
     find_clusters,
@@ -35,7 +34,8 @@ from hoverdask.postproc.stable import (
     sobel_responses,
     value_range,
 )
-from hoverdask.postproc.synthetic import dequantised_pred_map
+from hoverdask.pipeline import nuclei_from_maps
+from hoverdask.slide.synthetic import dequantised_pred_map
 
 NR_TYPES = 6
 

@@ -21,17 +21,18 @@ import pytest
 import shapely
 from conftest import DATA, parity_npz
 
-from hoverdask.features import measure
-from hoverdask.nuclei import to_level0
-from hoverdask.pipeline import seams
-from hoverdask.postproc.stable import (
+from hoverdask.core.schema import to_level0
+from hoverdask.nuclei import seams
+from hoverdask.nuclei.features import measure
+from hoverdask.nuclei.stable import (
     CONTEXT_MARGIN,
     SOBEL_REACH,
     NormRanges,
     merge_ranges,
     value_range,
 )
-from hoverdask.postproc.synthetic import dequantised_pred_map, synthetic_pred_map
+from hoverdask.pipeline import local
+from hoverdask.slide.synthetic import dequantised_pred_map, synthetic_pred_map
 
 NR_TYPES = 6
 MPP = 0.25
@@ -152,7 +153,7 @@ def test_the_small_halo_case_exercises_the_oversize_path() -> None:
     maps = case_maps("wsi")
     _, chunk, halo, _, _ = CASES["wsi_chunk256_halo40"]
     with pytest.warns(seams.OversizedClusterWarning, match="did not fit a 40 px halo"):
-        table = seams.nuclei_from_maps(maps, chunk, NR_TYPES, halo=halo)
+        table = local.nuclei_from_maps(maps, chunk, NR_TYPES, halo=halo)
     assert table.attrs["oversized_clusters"]
 
 
@@ -178,7 +179,7 @@ def windows():
     """(maps window, origin, ranges) of pass-3 windows of a synthetic map: corner, interior, edge."""
     maps = synthetic_pred_map(1100, 1100, NR_TYPES, seed=11)
     grid = seams.BlockGrid(1100, 1100, 300, seams.DEFAULT_HALO)
-    ranges = seams.slide_ranges(maps, grid)
+    ranges = local.slide_ranges(maps, grid)
     out = []
     for block in ((0, 0), (1, 1), (2, 3), (3, 1)):
         box = grid.window(*block)
@@ -187,9 +188,9 @@ def windows():
 
 
 def test_pass3_markers_equal_the_reference_markers(windows) -> None:
-    from hoverdask.postproc.fast import markers_fast
-    from hoverdask.postproc.reference import foreground_mask, markers_from_energy
-    from hoverdask.postproc.stable import energy_with_ranges
+    from hoverdask.nuclei.fast import markers_fast
+    from hoverdask.nuclei.reference import foreground_mask, markers_from_energy
+    from hoverdask.nuclei.stable import energy_with_ranges
 
     for window, _, ranges in windows:
         blb = foreground_mask(window[..., 1])
@@ -206,7 +207,7 @@ def test_pass3_markers_equal_the_reference_markers(windows) -> None:
 def test_flood_equals_one_skimage_call_on_the_untied_clusters(windows) -> None:
     from skimage.segmentation import watershed
 
-    from hoverdask.postproc.stable import flood_clusters, seed_ties, segment_window
+    from hoverdask.nuclei.stable import flood_clusters, seed_ties, segment_window
 
     for window, origin, ranges in windows:
         seg = segment_window(window, origin, ranges, NR_TYPES)
@@ -221,8 +222,8 @@ def test_flood_equals_one_skimage_call_on_the_untied_clusters(windows) -> None:
 
 
 def test_contour_polygons_equal_one_by_one_polygons_repairs_included() -> None:
-    from hoverdask.postproc import process
-    from hoverdask.postproc.instances import crop_record
+    from hoverdask.nuclei.instances import crop_record
+    from hoverdask.nuclei.postproc import process
 
     _, info = process(synthetic_pred_map(300, 300, NR_TYPES, seed=2), NR_TYPES, method="fast")
     contours = [record["contour"] for record in info.values()]
@@ -248,7 +249,7 @@ def test_pipeline_tasks_equal_the_pure_composition(tmp_path, monkeypatch, halo: 
     from hoverdask.pipeline import maps_store, postprocess
     from hoverdask.pipeline.plan import plan_slide
     from hoverdask.pipeline.tasks import read_rgb
-    from hoverdask.synth import write_synthetic_slide
+    from hoverdask.slide.synthetic import write_synthetic_slide
 
     maps = case_maps("wsi")
     height, width = maps.shape[:2]
@@ -282,7 +283,7 @@ def test_pipeline_tasks_equal_the_pure_composition(tmp_path, monkeypatch, halo: 
 
 
 def test_ownership_shortcut_equals_the_reporter_rule() -> None:
-    from hoverdask.postproc.stable import window_foreground
+    from hoverdask.nuclei.stable import window_foreground
 
     maps = synthetic_pred_map(600, 600, NR_TYPES, seed=9)
     checked = owned = 0

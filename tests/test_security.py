@@ -23,8 +23,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from test_deploy import start_process, stop_processes, wait_for_file
 
-from hoverdask.errors import HoverdaskError
-from hoverdask.security import TlsFiles, make_self_signed, tls_security
+from hoverdask.core.errors import HoverdaskError
+from hoverdask.deploy.security import TlsFiles, make_self_signed, tls_security
 from hoverdask.slide import sanitize_slide_id
 
 LOOPBACK = {"127.0.0.1", "::1"}
@@ -142,7 +142,7 @@ def _port(address: str) -> int:
 
 @pytest.mark.slow
 def test_local_cluster_listens_on_loopback_only() -> None:
-    from hoverdask.cluster import make_client
+    from hoverdask.deploy.cluster import make_client
 
     client = make_client(workers=2, threads_per_worker=1, device="cpu", quiet=True)
     try:
@@ -189,8 +189,7 @@ def test_hostile_slide_file_names_write_only_inside_out(tmp_path: Path) -> None:
 
     from hoverdask.pipeline.predictors import ArrayPredictorFactory
     from hoverdask.pipeline.run import RunOptions, run_cohort
-    from hoverdask.postproc.synthetic import synthetic_pred_map
-    from hoverdask.synth import write_synthetic_slide
+    from hoverdask.slide.synthetic import synthetic_pred_map, write_synthetic_slide
 
     source = tmp_path / "src" / "plain.svs"
     source.parent.mkdir()

@@ -13,11 +13,11 @@ from tiffslide import TiffSlide
 from typer.testing import CliRunner
 
 from hoverdask.cli import app
-from hoverdask.errors import SlideError
-from hoverdask.nuclei import to_level0
-from hoverdask.resample import choose_level, processing_array
+from hoverdask.core.errors import SlideError
+from hoverdask.core.schema import to_level0
 from hoverdask.slide import Slide, open_slide, sanitize_slide_id, slide_stem
-from hoverdask.synth import write_synthetic_slide
+from hoverdask.slide.resample import choose_level, processing_array
+from hoverdask.slide.synthetic import write_synthetic_slide
 from tests.conftest import CMU_SLIDE, SHARED_DATA
 
 TCGA_SLIDE = SHARED_DATA / "slides" / "tcga-cr-7395-01a-01-ts1.svs"

@@ -10,10 +10,10 @@ from scipy import ndimage
 from skimage.color import rgb2hed
 from typer.testing import CliRunner
 
-from hoverdask import synth
 from hoverdask.cli import app
 from hoverdask.slide import open_slide
-from hoverdask.synth import write_synthetic_slide
+from hoverdask.slide import synthetic as synth
+from hoverdask.slide.synthetic import write_synthetic_slide
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from hoverdask.cli import app
 from hoverdask.slide import open_slide
-from hoverdask.synth import SyntheticTruth, write_synthetic_slide
-from hoverdask.tissue import TissueMask, detect_tissue, thumbnail, tissue_mask, tissue_path
+from hoverdask.slide.synthetic import SyntheticTruth, write_synthetic_slide
+from hoverdask.slide.tissue import TissueMask, detect_tissue, thumbnail, tissue_mask, tissue_path
 from tests.conftest import CMU_SLIDE
 
 

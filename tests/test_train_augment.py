@@ -96,7 +96,7 @@ def test_batches_are_reproducible_and_targets_match_labels(augment: bool) -> Non
 
 
 def test_window_source_without_types_refuses_nr_types() -> None:
-    from hoverdask.errors import DatasetError
+    from hoverdask.core.errors import DatasetError
 
     data = open_dataset(shared_dataset("cpm15"))
     with pytest.raises(DatasetError, match="no dataset has nucleus types"):

@@ -11,7 +11,7 @@ import scipy.io
 from conftest import shared_dataset
 from PIL import Image
 
-from hoverdask.errors import DatasetError
+from hoverdask.core.errors import DatasetError
 from hoverdask.train.datasets import (
     LabelledImage,
     open_dataset,
@@ -156,9 +156,9 @@ def test_resample_keeps_near_model_pixel_size() -> None:
 
 
 def test_training_images_are_resampled_exactly_as_slides_are(tmp_path: Path) -> None:
-    from hoverdask.resample import processing_array
     from hoverdask.slide import open_slide
-    from hoverdask.synth import write_synthetic_slide
+    from hoverdask.slide.resample import processing_array
+    from hoverdask.slide.synthetic import write_synthetic_slide
     from hoverdask.train.datasets import MODEL_MPP
 
     path = tmp_path / "20x.svs"

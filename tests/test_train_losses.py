@@ -109,7 +109,7 @@ def test_total_uses_paper_weights_and_skips_untyped_samples() -> None:
 
 
 def test_parse_loss_weights() -> None:
-    from hoverdask.errors import HoverdaskError
+    from hoverdask.core.errors import HoverdaskError
     from hoverdask.train.losses import LossWeights, parse_loss_weights
 
     weights = parse_loss_weights(["hv_mse=2", "hv_msge=4"])

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 import shapely
 
 from hoverdask import __version__
-from hoverdask.atomic import atomic_path
+from hoverdask.core.atomic import atomic_path
 from hoverdask.export.qupath import nucleus_uuids
 
 ROW_GROUP_SIZE = 100_000

@@ -15,8 +15,8 @@ import cv2
 import geopandas as gpd
 import numpy as np
 
-from hoverdask.atomic import atomic_path
-from hoverdask.features import type_info, type_name_and_color
+from hoverdask.core.atomic import atomic_path
+from hoverdask.nuclei.features import type_info, type_name_and_color
 
 UNCLASSIFIED_COLOR = (160, 160, 160)
 OUTLINE_COLOR = (20, 20, 20)

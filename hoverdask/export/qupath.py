@@ -1,7 +1,7 @@
 """QuPath GeoJSON: one ``detection`` (or ``cell``) per nucleus, streamed to a (gzip) file.
 
 Table coordinates already follow QuPath's convention (continuous level-0 pixels, origin at the
-top-left corner of the top-left pixel; see :mod:`hoverdask.nuclei`), so no half-pixel shift is
+top-left corner of the top-left pixel; see :mod:`hoverdask.core.schema`), so no half-pixel shift is
 applied here; ``offset`` subtracts an OpenSlide bounds origin when QuPath crops to it.
 QuPath snaps imported geometry to a 0.01-px grid and rejects the whole file when one polygon is
 invalid after that, so coordinates are rounded to 0.01 px here and any polygon that the rounding
@@ -25,8 +25,8 @@ import geopandas as gpd
 import numpy as np
 import shapely
 
-from hoverdask.atomic import atomic_path
-from hoverdask.features import type_info, type_name_and_color
+from hoverdask.core.atomic import atomic_path
+from hoverdask.nuclei.features import type_info, type_name_and_color
 
 NUCLEUS_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_OID, "hoverdask.nucleus")
 CHUNK_SIZE = 10_000

@@ -30,8 +30,8 @@ from typing import Any
 import geopandas as gpd
 import numpy as np
 
-from hoverdask.atomic import atomic_path, atomic_write_text
-from hoverdask.errors import HoverdaskError
+from hoverdask.core.atomic import atomic_path, atomic_write_text
+from hoverdask.core.errors import HoverdaskError
 from hoverdask.export.geoparquet import (
     ROW_GROUP_SIZE,
     GeoParquetStream,
@@ -41,7 +41,7 @@ from hoverdask.export.geoparquet import (
 )
 from hoverdask.export.parts import SlideParts
 from hoverdask.export.qupath import QuPathStream, write_qupath
-from hoverdask.features import FEATURE_COLUMNS, type_info, type_name_and_color
+from hoverdask.nuclei.features import FEATURE_COLUMNS, type_info, type_name_and_color
 
 FORMATS = ("parquet", "qupath")
 _FILES = {"parquet": "nuclei.parquet", "qupath": "nuclei.geojson.gz"}  # per format, in a slide

@@ -23,7 +23,7 @@ from typing import IO, Any
 import numpy as np
 import shapely
 
-from hoverdask.errors import HoverdaskError
+from hoverdask.core.errors import HoverdaskError
 
 OBJECT_TYPES = frozenset({"detection", "cell", "tile", "tmaCore", "tma_core", "annotation", "root"})
 GEOMETRY_TYPES = frozenset(

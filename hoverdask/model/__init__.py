@@ -2,6 +2,17 @@
 
 from __future__ import annotations
 
+from hoverdask.core.types import (
+    CONSEP,
+    KNOWN_TABLES,
+    MONUSAC,
+    PANNUKE,
+    NucleusType,
+    TypeTable,
+    generic_table,
+    load_type_table,
+    select_type_table,
+)
 from hoverdask.model.build import Network, build_network
 from hoverdask.model.checkpoints import (
     infer_layout,
@@ -22,17 +33,6 @@ from hoverdask.model.infer import (
 )
 from hoverdask.model.lite import LiteHoVerNet
 from hoverdask.model.network import HoVerNet
-from hoverdask.model.types import (
-    CONSEP,
-    KNOWN_TABLES,
-    MONUSAC,
-    PANNUKE,
-    NucleusType,
-    TypeTable,
-    generic_table,
-    load_type_table,
-    select_type_table,
-)
 
 __all__ = [
     "CONSEP",

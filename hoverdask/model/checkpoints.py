@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-from hoverdask.atomic import atomic_write
-from hoverdask.errors import CheckpointError
+from hoverdask.core.atomic import atomic_write
+from hoverdask.core.errors import CheckpointError
 from hoverdask.model.build import Network
 from hoverdask.model.infer import resolve_device
 from hoverdask.model.lite import LITE_MODE, LiteHoVerNet, is_lite_state, shape_of_state

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from hoverdask.errors import HoverdaskError
+from hoverdask.core.errors import HoverdaskError
 from hoverdask.model.build import Network
 from hoverdask.model.fused import FusedHoVerNet, NearestUpSample2x, can_fuse
 from hoverdask.model.geometry import PatchGeometry

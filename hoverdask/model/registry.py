@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hoverdask.atomic import atomic_write_json
-from hoverdask.errors import CheckpointError, HoverdaskError
+from hoverdask.core.atomic import atomic_write_json
+from hoverdask.core.errors import CheckpointError, HoverdaskError
 
 DEFAULT_BASE_URL = "https://huggingface.co/TIACentre/TIAToolbox_pretrained_weights/resolve/main"
 BASE_URL_ENV = "HOVERDASK_WEIGHTS_URL"
@@ -44,7 +44,7 @@ class RegistryModel:
     file: str
     mode: str
     nr_types: int | None
-    table: str | None  # name of the type table in hoverdask.model.types.KNOWN_TABLES
+    table: str | None  # name of the type table in hoverdask.core.types.KNOWN_TABLES
     mpp: float
     licence: str
     sha256: str | None = None

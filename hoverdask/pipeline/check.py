@@ -7,7 +7,7 @@ number of map tiles ``run`` would send to the network and, from this machine's l
 one-line reason ``run`` would record for it and the fix.
 
 One implementation: ``run``'s plan step (:func:`hoverdask.pipeline.plan.plan_slide`) opens the
-slide with the same :func:`~hoverdask.slide.open_slide`, runs the same :func:`inspect_slide`
+slide with the same :func:`~hoverdask.slide.open_slide`, runs the same :func:`~hoverdask.slide.inspect.inspect_slide`
 decode test and plans with the same :func:`~hoverdask.pipeline.plan.plan_open_slide`, so a slide
 that ``check`` fails, ``run`` fails with the same reason. Each slide is one Dask task
 (:func:`check_task`), so a cohort is checked in parallel on a local cluster or ``--scheduler``.
@@ -16,33 +16,29 @@ that ``check`` fails, ``run`` fails with the same reason. Each slide is one Dask
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from hoverdask.errors import HoverdaskError, SlideError, one_line
+from hoverdask.core.errors import HoverdaskError, SlideError, one_line
+from hoverdask.slide.inspect import RECOPY, SlideFacts, inspect_slide, magnification_from_mpp
 
 if TYPE_CHECKING:
     from distributed import Client
 
     from hoverdask.slide import Slide
 
-SAMPLE_GRID = 4  # storage tiles decoded per level: up to SAMPLE_GRID x SAMPLE_GRID, spread out
 PLACEHOLDER_MPP = 1.0  # opens a slide without a pixel size, only to describe and decode it
 MPP_CODES = ("no-mpp", "bad-mpp")
 BENCH_HINT = "run hoverdask bench for an estimate"
 
-_RECOPY = "copy the file again from its source"
 FIXES = {
     "not-found": "check the path",
-    "empty": _RECOPY,
-    "truncated": _RECOPY,
-    "damaged": _RECOPY + " (or export/scan the slide again)",
+    "empty": RECOPY,
+    "truncated": RECOPY,
+    "damaged": RECOPY + " (or export/scan the slide again)",
     "not-a-slide": "leave it out, or convert it to a slide format hoverdask reads "
                    "(svs, ndpi, tif/tiff, ome-tiff, OME-Zarr from `hoverdask convert`)",
     "not-rgb": "leave it out: hoverdask reads RGB brightfield (H&E) slides",
@@ -51,128 +47,6 @@ FIXES = {
     "unreadable": "check that the file is a whole slide that opens in a viewer",
     "error": "see the reason; the file may need re-exporting",
 }
-
-
-# --- what a slide is made of (used by run's plan step too) -----------------------------------
-
-
-@dataclass(frozen=True)
-class BadTile:
-    level: int
-    x: int  # level pixels of the storage tile's top-left corner
-    y: int
-    error: str
-
-
-@dataclass(frozen=True)
-class LevelFacts:
-    level: int
-    width: int
-    height: int
-    downsample: float
-    mpp: float | None
-    tile_width: int
-    tile_height: int
-    tiles: int
-    tiles_decoded: int
-    tiles_bad: int
-
-
-@dataclass(frozen=True)
-class SlideFacts:
-    """What opening a slide and decoding sampled tiles of each level found."""
-
-    path: str
-    format: str
-    levels: tuple[LevelFacts, ...]
-    objective_power: float | None
-    bad_tiles: tuple[BadTile, ...]
-
-    @property
-    def tiles_decoded(self) -> int:
-        return sum(level.tiles_decoded for level in self.levels)
-
-    def damage_error(self) -> SlideError | None:
-        """The error of a slide whose sampled tiles do not all decode, else None."""
-        if not self.bad_tiles:
-            return None
-        first = self.bad_tiles[0]
-        return SlideError(
-            f"{self.path}: {len(self.bad_tiles)} of {self.tiles_decoded} sampled tiles do not "
-            f"decode (first: level {first.level} at x {first.x}, y {first.y}: {first.error}); "
-            f"the file is damaged, {_RECOPY}",
-            code="damaged",
-        )
-
-    def raise_if_damaged(self) -> None:
-        error = self.damage_error()
-        if error is not None:
-            raise error
-
-
-def slide_format(slide: Slide) -> str:
-    """``aperio``, ``generic-tiff``, ``ome-zarr``...: what kind of file the slide is."""
-    path = Path(slide.path)
-    if path.is_dir():
-        return "ome-zarr"
-    if slide.properties.get("hoverdask.mpp-source") == "ome" or path.name.lower().endswith(
-        (".ome.tif", ".ome.tiff")
-    ):
-        return "ome-tiff"
-    return str(slide.properties.get("tiffslide.vendor") or "tiff")
-
-
-def sample_boxes(width: int, height: int, tile: tuple[int, int],
-                 grid: int = SAMPLE_GRID) -> list[tuple[int, int, int, int]]:
-    """``(x0, y0, x1, y1)`` of up to ``grid`` x ``grid`` storage tiles spread over a level
-    (every tile when there are fewer), corners and the last row/column included."""
-    tw, th = max(1, int(tile[0])), max(1, int(tile[1]))
-    cols, rows = math.ceil(width / tw), math.ceil(height / th)
-    pick_cols = np.unique(np.linspace(0, cols - 1, min(cols, grid)).round().astype(int))
-    pick_rows = np.unique(np.linspace(0, rows - 1, min(rows, grid)).round().astype(int))
-    return [(int(c) * tw, int(r) * th, min(width, (int(c) + 1) * tw), min(height, (int(r) + 1) * th))
-            for r in pick_rows for c in pick_cols]
-
-
-def inspect_slide(slide: Slide, grid: int = SAMPLE_GRID) -> SlideFacts:
-    """Levels and format of an open slide, and a decode of sampled tiles of every level."""
-    levels, bad = [], []
-    for level, (width, height) in enumerate(slide.level_dimensions):
-        th, tw = slide.reader.tile_size(level)  # (rows, cols) of a storage tile
-        boxes = sample_boxes(width, height, (tw, th), grid) if width and height else []
-        failed = 0
-        for x0, y0, x1, y1 in boxes:
-            try:
-                pixels = slide.reader.read(level, y0, y1, x0, x1)
-                if pixels.shape[:2] != (y1 - y0, x1 - x0):
-                    raise ValueError(f"decoded {pixels.shape[:2]}, expected {(y1 - y0, x1 - x0)}")
-            except Exception as err:  # noqa: BLE001 - any decoder failure means a damaged tile
-                failed += 1
-                bad.append(BadTile(level, x0, y0, _decode_error(err)))
-        downsample = slide.level_downsample_xy(level)[2]
-        levels.append(LevelFacts(
-            level=level, width=int(width), height=int(height), downsample=round(downsample, 4),
-            mpp=None, tile_width=int(tw), tile_height=int(th),
-            tiles=math.ceil(width / max(tw, 1)) * math.ceil(height / max(th, 1)),
-            tiles_decoded=len(boxes), tiles_bad=failed,
-        ))  # fmt: skip
-    return SlideFacts(str(slide.path), slide_format(slide), tuple(levels), slide.objective_power,
-                      tuple(bad))
-
-
-def _decode_error(err: BaseException) -> str:
-    """The decoder's own words (a SlideError from a reader wraps them with the location)."""
-    cause = err.__cause__ if isinstance(err, SlideError) and err.__cause__ else err
-    return one_line(cause)
-
-
-OBJECTIVES = (2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 80.0, 100.0)
-
-
-def magnification_from_mpp(mpp: float) -> float:
-    """The usual objective closest (by ratio) to ``10 / mpp``: scanners image about 1 µm/px
-    at 10x, 0.5 at 20x, 0.25 at 40x (a Leica GT450's 0.263 µm/px is 40x)."""
-    return min(OBJECTIVES, key=lambda power: abs(math.log(power * mpp / 10.0)))
 
 
 # --- one slide's check -----------------------------------------------------------------------
@@ -288,7 +162,7 @@ def check_slide(
     result.map_tiles, result.map_tiles_total = len(plan.tissue_tiles), rows * cols
     result.processed_megapixels = round(plan.grid.pixels(plan.tissue_tiles) / 1e6, 4)
     if use_tissue_mask and not plan.tissue_tiles:
-        from hoverdask.pipeline.run import NO_TISSUE_WARNING
+        from hoverdask.pipeline.spec import NO_TISSUE_WARNING
 
         result.warnings.append(NO_TISSUE_WARNING.removeprefix("warning: "))
     return result
@@ -432,7 +306,7 @@ def check_cohort(
     """Check every slide, one Dask task each (``client``, or a local cluster / ``scheduler``).
 
     ``figures``: the bench figures for the estimate; True reads this machine's latest
-    (:func:`hoverdask.bench_figures.latest_figures`), None gives no estimate.
+    (:func:`hoverdask.deploy.figures.latest_figures`), None gives no estimate.
     """
     from hoverdask.slide import check_mpp
 
@@ -444,13 +318,13 @@ def check_cohort(
         raise HoverdaskError(f"--chunk-size must be at least 1, got {chunk_size}")
     geometry = model_geometry(model)
     if figures is True:
-        from hoverdask.bench_figures import latest_figures
+        from hoverdask.deploy.figures import latest_figures
 
         figures = latest_figures()
     settings = {"mpp": mpp, "target_mpp": target_mpp, "chunk_size": chunk_size,
                 "output": geometry.output, "margin": geometry.margin,
                 "use_tissue_mask": use_tissue_mask}
-    from hoverdask.cluster import client_for, cpu_count
+    from hoverdask.deploy.cluster import client_for, cpu_count
 
     if client is None and workers is None and scheduler is None:
         workers = max(1, min(cpu_count(), len(slides)))  # no idle workers for a few slides

@@ -24,14 +24,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hoverdask.pipeline import maps_store, tasks
-from hoverdask.pipeline.outputs import tissue_file
+from hoverdask.pipeline.ledger import tissue_file
 from hoverdask.pipeline.postprocess import SlideFinish, assemble_slide, submit_postprocess
 
 if TYPE_CHECKING:
     from distributed import Client, Future
 
     from hoverdask.pipeline.plan import SlidePlan
-    from hoverdask.pipeline.run import ModelSpec, RunOptions
+    from hoverdask.pipeline.spec import ModelSpec, RunOptions
 
 def submit_slide(
     client: Client,

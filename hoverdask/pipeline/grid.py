@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hoverdask.pipeline.seams import BlockGrid
+from hoverdask.nuclei.seams import BlockGrid
 
 
 @dataclass(frozen=True)

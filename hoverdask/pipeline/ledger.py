@@ -16,12 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hoverdask.atomic import atomic_write_json
+import numpy as np
+
+from hoverdask.core.atomic import atomic_write, atomic_write_json
 
 WORK_DIR = ".work"
 PARAMS_FILE = "params.json"
 RUN_FILE = "run.json"
 NUCLEI_FILE = "nuclei.parquet"
+TISSUE_FILE = "tissue.npz"  # the tissue mask and its thumbnail, kept for the QC picture
 
 
 @dataclass(frozen=True)
@@ -90,3 +93,34 @@ class SlideLedger:
 
     def clean_work(self) -> None:
         shutil.rmtree(self.work, ignore_errors=True)
+
+
+# --- the tissue mask kept for the QC picture -------------------------------------------------
+
+
+def save_tissue(path: Path, mask: Any) -> None:
+    """Keep the tissue mask and its thumbnail (at ``path``) for the QC picture drawn at the end."""
+    if mask is None or mask.thumbnail is None:
+        return
+    thumbnail = mask.thumbnail
+    downsample = mask.downsample * mask.mask.shape[1] / max(1, thumbnail.shape[1])
+
+    def write(tmp: Path) -> None:
+        with tmp.open("wb") as handle:
+            np.savez_compressed(handle, mask=mask.mask, thumbnail=thumbnail,
+                                thumbnail_downsample=downsample)
+
+    atomic_write(path, write)
+
+
+def tissue_file(ledger: SlideLedger) -> Path:
+    return ledger.work / TISSUE_FILE
+
+
+def saved_tissue(ledger: SlideLedger) -> dict[str, np.ndarray] | None:
+    """The mask and thumbnail :func:`save_tissue` kept (None: the slide has no QC picture)."""
+    path = tissue_file(ledger)
+    if not path.exists():
+        return None
+    with np.load(path) as data:
+        return dict(data)

@@ -13,20 +13,17 @@ import platform
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from hoverdask.atomic import atomic_write, atomic_write_json
-from hoverdask.nuclei import PIPELINE_COLUMNS
-from hoverdask.pipeline.ledger import SlideLedger
+from hoverdask.core.atomic import atomic_write_json
+from hoverdask.core.schema import PIPELINE_COLUMNS
+from hoverdask.pipeline.ledger import saved_tissue
 
 if TYPE_CHECKING:
     import geopandas as gpd
 
     from hoverdask.export.parts import SlideParts
     from hoverdask.pipeline.plan import SlidePlan
-    from hoverdask.pipeline.run import RunOptions
+    from hoverdask.pipeline.spec import RunOptions
 
-TISSUE_FILE = "tissue.npz"
 
 
 def finish_slide(
@@ -47,7 +44,7 @@ def finish_slide(
         metadata=_file_metadata(plan, model),
     )
     files = {key: str(path) for key, path in written.items()}
-    tissue = _saved_tissue(plan.ledger)
+    tissue = saved_tissue(plan.ledger)
     if tissue is not None:
         qc = write_qc_picture(tissue["thumbnail"], tissue["mask"], table, _qc_path(plan),
                               downsample=float(tissue["thumbnail_downsample"]),
@@ -69,7 +66,7 @@ def finish_slide_parts(
     from hoverdask.export.qc import QcDots, write_qc_picture_dots
     from hoverdask.export.summary import write_slide_outputs_from_parts
 
-    tissue = _saved_tissue(plan.ledger)
+    tissue = saved_tissue(plan.ledger)
     dots = None
     if tissue is not None:
         dots = QcDots(tissue["thumbnail"].shape[:2], median_area=parts.median_area,
@@ -93,15 +90,6 @@ def slide_rows(table: gpd.GeoDataFrame, slide_id: str) -> gpd.GeoDataFrame:
     table["slide_id"] = pd_string(slide_id, len(table))
     front = [c for c in PIPELINE_COLUMNS if c in table.columns]
     return table[front + [c for c in table.columns if c not in front]]
-
-
-def _saved_tissue(ledger: SlideLedger) -> dict[str, np.ndarray] | None:
-    """The mask and thumbnail :func:`save_tissue` kept (None: the slide has no QC picture)."""
-    path = tissue_file(ledger)
-    if not path.exists():
-        return None
-    with np.load(path) as data:
-        return dict(data)
 
 
 def _qc_path(plan: SlidePlan) -> Path:
@@ -129,25 +117,6 @@ def pd_string(value: str, n: int) -> Any:
     import pandas as pd
 
     return pd.array([value] * n, dtype="string")
-
-
-def save_tissue(path: Path, mask: Any) -> None:
-    """Keep the tissue mask and its thumbnail (at ``path``) for the QC picture drawn at the end."""
-    if mask is None or mask.thumbnail is None:
-        return
-    thumbnail = mask.thumbnail
-    downsample = mask.downsample * mask.mask.shape[1] / max(1, thumbnail.shape[1])
-
-    def write(tmp: Path) -> None:
-        with tmp.open("wb") as handle:
-            np.savez_compressed(handle, mask=mask.mask, thumbnail=thumbnail,
-                                thumbnail_downsample=downsample)
-
-    atomic_write(path, write)
-
-
-def tissue_file(ledger: SlideLedger) -> Path:
-    return ledger.work / TISSUE_FILE
 
 
 def write_run_record(

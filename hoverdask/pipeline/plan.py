@@ -4,7 +4,7 @@ A :class:`SlidePlan` is everything the task graph of one slide needs, all small 
 Planning is each slide's first task (:func:`plan_task`, on a worker, so the slides of a cohort
 are planned in parallel and the client stays free); its result decides the rest of the graph,
 and a slide that cannot be opened fails there, alone, with its
-:class:`~hoverdask.errors.SlideError`.
+:class:`~hoverdask.core.errors.SlideError`.
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hoverdask.core.errors import HoverdaskError, one_line
 from hoverdask.pipeline.grid import TileGrid
-from hoverdask.pipeline.ledger import SlideLedger
-from hoverdask.pipeline.region import Region, region_level0_box
+from hoverdask.pipeline.ledger import SlideLedger, save_tissue
+from hoverdask.pipeline.spec import Region, region_level0_box
 from hoverdask.pipeline.tasks import SlideSource
 
 
@@ -48,7 +49,7 @@ class SlidePlan:
     @property
     def offset(self) -> tuple[int, int]:
         """Processing-pixel ``(x, y)`` of the grid's origin in the slide (non-zero for a region):
-        the ``offset`` of :func:`hoverdask.nuclei.to_level0`."""
+        the ``offset`` of :func:`hoverdask.core.schema.to_level0`."""
         return self.source.origin[1], self.source.origin[0]
 
     @property
@@ -66,10 +67,10 @@ def plan_slide(
     With ``region`` the grid covers only that level-0 rectangle (see :mod:`.region`). Returns
     the plan and the tissue mask (None without ``use_tissue_mask``), which is kept out of the
     plan because tasks never need its pixels. A slide ``check`` fails raises the same
-    :class:`~hoverdask.errors.SlideError` here.
+    :class:`~hoverdask.core.errors.SlideError` here.
     """
-    from hoverdask.pipeline.check import inspect_slide
     from hoverdask.slide import open_slide
+    from hoverdask.slide.inspect import inspect_slide
 
     with open_slide(slide_path, mpp) as slide:
         inspect_slide(slide).raise_if_damaged()
@@ -91,7 +92,7 @@ def plan_open_slide(
     region: Region | None = None,
 ) -> tuple[SlidePlan, Any]:
     """:func:`plan_slide` on a slide that is already open (and checked); it stays open."""
-    from hoverdask.resample import processing_array
+    from hoverdask.slide.resample import processing_array
 
     view = processing_array(slide, target_mpp=target_mpp)
     scale = float(view.scale)
@@ -109,7 +110,7 @@ def plan_open_slide(
         extent = region_level0_box(box, scale)
     mask = None
     if use_tissue_mask:
-        from hoverdask.tissue import tissue_mask
+        from hoverdask.slide.tissue import tissue_mask
 
         mask = tissue_mask(slide)
         tiles = tuple(t for t in tiles if _has_tissue(mask, grid, scale, (y0, x0), *t))
@@ -182,9 +183,6 @@ def plan_task(
     spread nested tasks over the cluster it runs on.
     """
     import dask
-
-    from hoverdask.errors import HoverdaskError, one_line
-    from hoverdask.pipeline.outputs import save_tissue
 
     try:
         with dask.config.set(scheduler="synchronous"):

@@ -1,6 +1,6 @@
 """Post-processing as committed Dask tasks: the three seam-stable passes over the map cache.
 
-The passes and the ownership rule are :mod:`hoverdask.pipeline.seams`; this module schedules
+The passes and the ownership rule are :mod:`hoverdask.nuclei.seams`; this module schedules
 them as futures and commits each block's result through the ledger, so a rerun redoes only the
 blocks whose part is missing. Post-processing blocks use the map-tile grid (a block's core is
 one map tile), so a block's maps are ready as soon as the tiles of its window are.
@@ -24,16 +24,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from hoverdask.atomic import atomic_write, atomic_write_json
-from hoverdask.pipeline import maps_store, seams
-from hoverdask.postproc.stable import CONTEXT_MARGIN, SOBEL_REACH, Box, NormRanges, merge_ranges
+from hoverdask.core.atomic import atomic_write, atomic_write_json
+from hoverdask.nuclei import seams
+from hoverdask.nuclei.stable import CONTEXT_MARGIN, SOBEL_REACH, Box, NormRanges, merge_ranges
+from hoverdask.pipeline import maps_store
 
 if TYPE_CHECKING:
     import geopandas as gpd
     from distributed import Future
 
     from hoverdask.pipeline.plan import SlidePlan
-    from hoverdask.pipeline.run import ModelSpec, RunOptions
+    from hoverdask.pipeline.spec import ModelSpec, RunOptions
 
 BACKGROUND_RANGE = (0.0, 0.0)
 
@@ -193,7 +194,7 @@ def measured_table(plan: SlidePlan, records: list[Any]) -> gpd.GeoDataFrame:
     table = seams.nuclei_table(frame, plan.scale, (ox, oy))
     if not len(table):
         return table
-    from hoverdask.features import measure
+    from hoverdask.nuclei.features import measure
     from hoverdask.pipeline.tasks import read_rgb_box
 
     points = np.concatenate(list(frame["contour"]))  # (x, y) pixel indices

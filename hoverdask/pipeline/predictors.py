@@ -23,24 +23,12 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from hoverdask.pipeline.spec import PredictorFactory, TilePredictor
+
 PLUGIN_NAME = "hoverdask-predictor"
 DEFAULT_BATCH_SIZE = 8  # patches per network call on CPU, and without a way to measure memory
 AUTO_BATCH_SIZE = 0  # batch_size meaning "as many as fit in free GPU memory"
 log = logging.getLogger(__name__)
-
-
-class TilePredictor(Protocol):
-    margin: int
-    output: int
-    nr_types: int | None
-
-    def predict_tile(self, window: np.ndarray, tile_origin_yx: tuple[int, int]) -> np.ndarray:
-        """Maps (H - 2*margin, W - 2*margin, C) float32 for a (H, W, 3) uint8 window."""
-        ...
-
-
-class PredictorFactory(Protocol):
-    def __call__(self) -> TilePredictor: ...
 
 
 def split_patches(window: np.ndarray, margin: int, output: int) -> np.ndarray:
@@ -183,7 +171,7 @@ class TorchPredictorFactory:
     compile: bool = False
 
     def __post_init__(self) -> None:
-        from hoverdask.errors import HoverdaskError
+        from hoverdask.core.errors import HoverdaskError
         from hoverdask.model.infer import parse_autocast_dtype
 
         if self.batch_size < 0:

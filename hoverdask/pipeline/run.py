@@ -22,46 +22,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hoverdask.errors import HoverdaskError, one_line
+from hoverdask.core.errors import HoverdaskError, one_line
 from hoverdask.pipeline import outputs
 from hoverdask.pipeline.plan import PlanFailure, SlidePlan
 from hoverdask.pipeline.predictors import (
     PLUGIN_NAME,
-    PredictorFactory,
     PredictorPlugin,
     TorchPredictorFactory,
 )
-from hoverdask.pipeline.region import Region
+from hoverdask.pipeline.spec import (
+    NO_TISSUE_WARNING,
+    ModelSpec,
+    PredictorFactory,
+    Region,
+    RunOptions,
+)
 
 if TYPE_CHECKING:
     from distributed import Client, Future
-
-NO_TISSUE_WARNING = (
-    "warning: the tissue mask found no tissue (blank or glass-only slide?), so nothing was "
-    "segmented; pass --no-tissue-mask to process every tile"
-)
-
-
-@dataclass(frozen=True)
-class RunOptions:
-    """Parameters that shape the results (all recorded in run.json)."""
-
-    target_mpp: float = 0.25
-    mpp: float | None = None
-    chunk_size: int = 2048
-    batch_size: int = 0  # 0: fit the GPU's free memory (8 on CPU)
-    device: str = "auto"
-    autocast: bool = False
-    autocast_dtype: str = "bfloat16"
-    compile: bool = False
-    formats: tuple[str, ...] = ("parquet", "qupath")
-    tissue_mask: bool = True
-    overwrite: bool = False
-    keep_work: bool = False
-    retries: int = 1
-    region: Region | None = None  # a level-0 rectangle of the (single) slide, run as the slide
-    read_ahead: int | None = None  # tiles read ahead per inference task; None: 2 on GPU, 0 on CPU
-
 
 @dataclass
 class SlideResult:
@@ -94,18 +72,6 @@ class CohortResult:
         return 1 if self.failed else 0
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """The predictor's geometry and provenance, fixed for the whole run."""
-
-    factory: PredictorFactory
-    output: int
-    margin: int
-    nr_types: int | None
-    description: dict[str, Any]
-    type_table: Any = None
-
-
 def resolve_model(
     model: str | Path | None,
     predictor_factory: PredictorFactory | None,
@@ -127,8 +93,8 @@ def resolve_model(
             autocast_dtype=options.autocast_dtype,
             compile=options.compile,
         )
+        from hoverdask.core.types import select_type_table
         from hoverdask.model import patch_geometry
-        from hoverdask.model.types import select_type_table
 
         geometry = patch_geometry(network.mode)
         type_table, why = select_type_table(network.nr_types, network.mode, network.metadata)
@@ -156,7 +122,7 @@ def run_security(
         return None
     if len(given) != 3:
         raise HoverdaskError("TLS needs all three of --tls-ca, --tls-cert and --tls-key")
-    from hoverdask.security import tls_security
+    from hoverdask.deploy.security import tls_security
 
     return tls_security(ca, cert, key)  # type: ignore[arg-type]
 
@@ -184,7 +150,7 @@ def run_cohort(
     local cluster (or ``scheduler``) is started and closed here. ``log_file`` sends Dask's log
     records to ``out_dir/hoverdask.log`` once the inputs are checked; unless ``verbose`` the
     terminal then only gets their warnings and errors, one line each; a local cluster's
-    workers log the same way (see :mod:`hoverdask.logs`).
+    workers log the same way (see :mod:`hoverdask.deploy.logs`).
     """
     options = options or RunOptions()
     if not slides:
@@ -194,8 +160,8 @@ def run_cohort(
         check_region(options.region, slides, options.mpp)
     check_writable(out)
     spec = resolve_model(model, predictor_factory, options)
-    from hoverdask.cluster import client_for
-    from hoverdask.logs import LOG_NAME, dask_logs, worker_logging_env
+    from hoverdask.deploy.cluster import client_for
+    from hoverdask.deploy.logs import LOG_NAME, dask_logs, worker_logging_env
 
     logs = dask_logs(out, verbose=verbose) if log_file else contextlib.nullcontext()
     worker_env = worker_logging_env(out / LOG_NAME, verbose=verbose) if log_file else None
@@ -225,7 +191,7 @@ def check_region(region: Region, slides: Sequence[str | Path], mpp: float | None
     """
     if len(slides) != 1:
         raise HoverdaskError(f"--region needs exactly one slide, got {len(slides)}")
-    from hoverdask.errors import SlideError
+    from hoverdask.core.errors import SlideError
     from hoverdask.slide import open_slide
 
     try:
@@ -268,7 +234,7 @@ class _CohortRunner:
 
     def __init__(self, client: Client, out: Path, spec: ModelSpec, options: RunOptions,
                  *, progress: bool) -> None:
-        from hoverdask.cluster import describe
+        from hoverdask.deploy.cluster import describe
 
         self.client = client
         self.out = out
@@ -287,7 +253,7 @@ class _CohortRunner:
         self.order: list[str] = []
         self.summary = outputs.CohortSummary(out)
         self.states: dict[str, _SlideState] = {}
-        from hoverdask.bench_figures import latest_figures
+        from hoverdask.deploy.figures import latest_figures
 
         self.bench = latest_figures()  # quoted in each run.json, to estimate cohort times
         self.token = uuid.uuid4().hex[:10]

@@ -20,11 +20,12 @@ from typing import Any
 
 import numpy as np
 
-from hoverdask.atomic import atomic_write_json
+from hoverdask.core.atomic import atomic_write_json
 from hoverdask.pipeline import maps_store
 from hoverdask.pipeline.grid import TileGrid, window_indices
 from hoverdask.pipeline.ledger import SlideLedger
-from hoverdask.pipeline.predictors import PredictorFactory, current_predictor
+from hoverdask.pipeline.predictors import current_predictor
+from hoverdask.pipeline.spec import PredictorFactory
 
 
 @dataclass(frozen=True)
@@ -44,8 +45,8 @@ class SlideSource:
 @functools.lru_cache(maxsize=8)
 def processing_view(source: SlideSource) -> Any:
     """The slide's lazy processing view, opened once per worker process."""
-    from hoverdask.resample import processing_array
     from hoverdask.slide import open_slide
+    from hoverdask.slide.resample import processing_array
 
     slide = open_slide(source.path, source.mpp)
     return processing_array(slide, target_mpp=source.target_mpp)

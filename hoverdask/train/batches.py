@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from hoverdask.errors import DatasetError
+from hoverdask.core.errors import DatasetError
 from hoverdask.train.augment import (
     Window,
     affine_crop,

@@ -20,8 +20,8 @@ Supported folder layouts (detected from the files present):
   ``types/`` per-pixel type maps. Pixel size from ``dataset.json`` (``{"mpp": 0.5}``), else 0.25.
 
 Every image is resampled to the model's pixel size (``target_mpp``, 0.25 µm/px) when its own
-differs by more than the project's mpp rule allows (``hoverdask.resample.SAME_MPP_TOLERANCE``,
-2 %) with the functions that resample slides (:mod:`hoverdask.resample`: antialiased linear for
+differs by more than the project's mpp rule allows (``hoverdask.slide.resample.SAME_MPP_TOLERANCE``,
+2 %) with the functions that resample slides (:mod:`hoverdask.slide.resample`: antialiased linear for
 the image, nearest on the same pixel-centre grid for labels), so training sees what inference sees.
 """
 
@@ -36,8 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
-from hoverdask.errors import DatasetError
-from hoverdask.resample import SAME_MPP_TOLERANCE, resample_image, resample_labels
+from hoverdask.core.errors import DatasetError
+from hoverdask.slide.resample import SAME_MPP_TOLERANCE, resample_image, resample_labels
 
 MODEL_MPP = 0.25
 MPP_40X = 0.25
@@ -79,7 +79,7 @@ class LabelledSet(Sequence[LabelledImage]):
     layout: str
     refs: list[ImageRef]
     has_types: bool
-    type_table: str | None = None  # a name known to hoverdask.model.types, when the layout says
+    type_table: str | None = None  # a name known to hoverdask.core.types, when the layout says
     target_mpp: float = MODEL_MPP
     cache: bool = True
     _loaded: dict[int, LabelledImage] = field(default_factory=dict, repr=False)

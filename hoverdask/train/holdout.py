@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from hoverdask.errors import DatasetError
+from hoverdask.core.errors import DatasetError
 from hoverdask.train.datasets import LabelledSet
 
 

@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from hoverdask.atomic import atomic_write
-from hoverdask.errors import CheckpointError, HoverdaskError
+from hoverdask.core.atomic import atomic_write
+from hoverdask.core.errors import CheckpointError, HoverdaskError
 from hoverdask.model.build import Network, build_network
 from hoverdask.model.checkpoints import load_model, save_checkpoint
 from hoverdask.model.geometry import MODES, patch_geometry

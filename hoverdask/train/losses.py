@@ -21,7 +21,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 import torch.nn.functional as F
 
-from hoverdask.errors import HoverdaskError
+from hoverdask.core.errors import HoverdaskError
 
 DICE_SMOOTH = 1e-3
 SOBEL_RADIUS = 2

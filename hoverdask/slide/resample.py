@@ -15,7 +15,7 @@ Edges repeat the border pixel. Each output pixel depends only on its own positio
 chunking gives the same values.
 
 Coordinates go back to the original slide with ``scale`` (level-0 px per processing px), see
-:func:`hoverdask.nuclei.to_level0`: processing pixel ``i`` covers level-0 ``[i*scale, (i+1)*scale)``.
+:func:`hoverdask.core.schema.to_level0`: processing pixel ``i`` covers level-0 ``[i*scale, (i+1)*scale)``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from hoverdask.slide import Slide, lazy_rgb
+from hoverdask.slide.base import Slide, lazy_rgb
 
 if TYPE_CHECKING:
     import dask.array as da

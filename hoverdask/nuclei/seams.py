@@ -5,7 +5,7 @@ Three passes over a grid of blocks (``docs/seams.md`` has the argument):
 1. :func:`hv_ranges` on each block core: min/max of h and v, merged into slide-wide ranges.
 2. :func:`sobel_ranges` on each core plus a 10 px context: min/max of the two Sobel responses.
 3. :func:`block_nuclei` on each core plus ``halo``: the reference post-processing with those
-   slide-wide ranges (:mod:`hoverdask.postproc.stable`), keeping the clusters this block owns.
+   slide-wide ranges (:mod:`hoverdask.nuclei.stable`), keeping the clusters this block owns.
 
 Ownership rule: a *cluster* (8-connected component of the hole-filled foreground; touching
 nuclei form one) is reported by the block whose core holds the floor of its centroid, if that
@@ -17,28 +17,26 @@ the whole slide processed at once gives. Oversized clusters are listed in the ta
 and announced with an :class:`OversizedClusterWarning`.
 
 The pass functions are plain numpy functions on a window and its box, so the pipeline can run
-them on any scheduler; :func:`nuclei_from_maps` composes them with dask.
+them on any scheduler: :func:`hoverdask.pipeline.local.nuclei_from_maps` composes them with
+dask on one map, :mod:`hoverdask.pipeline.postprocess` as committed tasks of a slide's graph.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from hoverdask.nuclei import to_level0
-from hoverdask.postproc.stable import (
+from hoverdask.core.schema import to_level0
+from hoverdask.nuclei.stable import (
     CONTEXT_MARGIN,
-    SOBEL_REACH,
     Box,
     Cluster,
     NormRanges,
     NucleusRecord,
-    merge_ranges,
     segment_window,
     sobel_responses,
     value_range,
@@ -137,7 +135,7 @@ class BlockGrid:
         return None
 
 
-def _slices(box: Box, origin: tuple[int, int] = (0, 0)) -> tuple[slice, slice]:
+def box_slices(box: Box, origin: tuple[int, int] = (0, 0)) -> tuple[slice, slice]:
     y0, x0, y1, x1 = box
     return slice(y0 - origin[0], y1 - origin[0]), slice(x0 - origin[1], x1 - origin[1])
 
@@ -156,7 +154,7 @@ def sobel_ranges(
     (``BlockGrid.grow(core, SOBEL_REACH)``), so the core values are the whole-slide values.
     """
     sobel_h, sobel_v = sobel_responses(window[..., -2], window[..., -1], ranges)
-    inner = _slices(core, window_box[:2])
+    inner = box_slices(core, window_box[:2])
     return value_range(sobel_h[inner]), value_range(sobel_v[inner])
 
 
@@ -186,7 +184,7 @@ def block_nuclei(
     """
     foreground = window_foreground(window[..., -3], window_box[:2])
     clusters_map = foreground.clusters_map
-    core = clusters_map[_slices(grid.core(*block), window_box[:2])]
+    core = clusters_map[box_slices(grid.core(*block), window_box[:2])]
     in_core = np.bincount(core.ravel(), minlength=len(foreground.clusters) + 1) > 0
     out = BlockNuclei()
     owned = []
@@ -199,7 +197,7 @@ def block_nuclei(
     if not owned:
         return out
     part = _intersection(grid.grow(_union([c.box for c in owned]), CONTEXT_MARGIN), window_box)
-    seg = segment_window(window[_slices(part, window_box[:2])], part[:2], ranges, nr_types,
+    seg = segment_window(window[box_slices(part, window_box[:2])], part[:2], ranges, nr_types,
                          foreground)  # fmt: skip
     out.records, out.seed_ties = window_nuclei(seg, owned, grid.width)
     return out
@@ -357,7 +355,7 @@ def contour_polygons(
 def nuclei_table(
     frame: Any, scale: float = 1.0, offset: tuple[float, float] = (0.0, 0.0)
 ) -> gpd.GeoDataFrame:
-    """The nuclei table (``hoverdask.nuclei`` schema, no ``slide_id``) from a pixel-index frame."""
+    """The nuclei table (``hoverdask.core.schema`` schema, no ``slide_id``) from a pixel-index frame."""
     import geopandas as gpd
 
     polygons, repaired = contour_polygons(list(frame["contour"]), scale, offset)
@@ -380,133 +378,4 @@ def nuclei_table(
         crs=None,
     )
     table.attrs["polygons_repaired"] = int(repaired)
-    return table
-
-
-def _as_array(maps: Any) -> Any:
-    """``maps`` as a dask array, or as numpy if it is in memory: windows of an in-memory map are
-    views handed to the tasks directly, which spares the scheduler a graph of slices."""
-    import dask.array as da
-
-    return maps if isinstance(maps, da.Array) else np.asarray(maps)
-
-
-def _check_maps(maps: Any, nr_types: int | None) -> None:
-    if maps.ndim != 3 or maps.shape[-1] not in (3, 4):
-        raise ValueError(
-            f"maps must be (H, W, 4) [tp, np, h, v] or (H, W, 3) [np, h, v], got {maps.shape}"
-        )
-    if nr_types is not None and maps.shape[-1] != 4:
-        raise ValueError(f"nr_types={nr_types} needs a tp channel: (H, W, 4) [tp, np, h, v] maps")
-
-
-def slide_ranges(maps: Any, grid: BlockGrid) -> NormRanges:
-    """Passes 1 and 2 with dask: the slide-wide normalisation ranges."""
-    import dask
-
-    cores = [grid.core(*b) for b in grid.blocks()]
-    hv = dask.compute(*[dask.delayed(hv_ranges)(maps[_slices(c)]) for c in cores])
-    ranges = NormRanges(merge_ranges([r[0] for r in hv]), merge_ranges([r[1] for r in hv]))
-    tasks = []
-    for core in cores:
-        context = grid.grow(core, SOBEL_REACH)
-        tasks.append(dask.delayed(sobel_ranges)(maps[_slices(context)], context, core, ranges))
-    sobel = dask.compute(*tasks)
-    return NormRanges(
-        ranges.h, ranges.v, merge_ranges([s[0] for s in sobel]), merge_ranges([s[1] for s in sobel])
-    )
-
-
-def resolve_oversized(
-    maps: Any,
-    grid: BlockGrid,
-    fragments: Sequence[Box],
-    ranges: NormRanges,
-    nr_types: int | None,
-) -> RefitNuclei:
-    """Decide every oversized cluster from the cut pieces the blocks reported."""
-    import dask
-
-    result = RefitNuclei()
-    seen: set[tuple[int, int, int, int]] = set()
-    reported: set[int] = set()  # overlapping refits decide some clusters twice, identically
-    pending = [(grid.grow(t, CONTEXT_MARGIN), t) for t in merge_boxes(fragments)]
-    while pending:
-        tasks = [
-            dask.delayed(refit_nuclei)(maps[_slices(w)], w, grid, target, ranges, nr_types)
-            for w, target in pending
-        ]
-        done = dask.compute(*tasks)
-        retry = []
-        for (_, target), refit in zip(pending, done, strict=True):
-            if refit.grow_to is not None:
-                retry.append((refit.grow_to, target))
-                continue
-            result.records.extend(r for r in refit.records if r.nucleus_id not in reported)
-            reported.update(r.nucleus_id for r in refit.records)
-            result.seed_ties.extend(box for box in refit.seed_ties if box not in seen)
-            for box in refit.oversized:
-                if box not in seen:
-                    seen.add(box)
-                    result.oversized.append(box)
-        pending = retry
-    return result
-
-
-def nuclei_from_maps(
-    maps: Any,
-    chunk_size: int,
-    nr_types: int | None = None,
-    *,
-    halo: int = DEFAULT_HALO,
-    scale: float = 1.0,
-) -> gpd.GeoDataFrame:
-    """Nuclei of a whole map, identical for every ``chunk_size``; no two polygons overlap.
-
-    ``maps`` is an ``(H, W, 4)`` ``[tp, np, h, v]`` (or ``(H, W, 3)`` ``[np, h, v]``) numpy or
-    dask array (e.g. ``da.from_zarr``). With ``nr_types`` None the tp channel is ignored, ``type``
-    is 0 and ``type_prob`` NaN. ``scale`` is level-0 px per map px. Rows are sorted by
-    ``nucleus_id`` (``y * W + x`` of the nucleus's first pixel). ``attrs`` holds
-    ``oversized_clusters`` (boxes ``(y0, x0, y1, x1)`` of clusters decided on fitted windows)
-    and ``seed_tie_clusters`` (clusters where two watershed seeds tie, flooded on their own: there
-    the reference's whole-map result depends on the rest of the map, ours does not).
-    """
-    import dask
-
-    arr = _as_array(maps)
-    _check_maps(arr, nr_types)
-    height, width = int(arr.shape[0]), int(arr.shape[1])
-    grid = BlockGrid(height, width, chunk_size, halo)
-    ranges = slide_ranges(arr, grid)
-    tasks = []
-    for block in grid.blocks():
-        box = grid.window(*block)
-        tasks.append(
-            dask.delayed(block_nuclei)(arr[_slices(box)], box, grid, block, ranges, nr_types)
-        )
-    blocks = dask.compute(*tasks)
-    records = [r for b in blocks for r in b.records]
-    fragments = [f for b in blocks for f in b.fragments]
-    oversized = resolve_oversized(arr, grid, fragments, ranges, nr_types)
-    ids = [r.nucleus_id for r in records]
-    if len(set(ids)) != len(ids) or not set(ids).isdisjoint(
-        r.nucleus_id for r in oversized.records
-    ):
-        raise RuntimeError("ownership rule broken: a nucleus was reported by two blocks")
-    if oversized.oversized:
-        warnings.warn(
-            f"{len(oversized.oversized)} nucleus cluster(s) did not fit a {halo} px halo and were "
-            "decided on fitted windows (exact, but slower); see attrs['oversized_clusters']",
-            OversizedClusterWarning,
-            stacklevel=2,
-        )
-    table = nuclei_table(records_frame(records + oversized.records), scale)
-    table.attrs.update(
-        oversized_clusters=sorted(oversized.oversized),
-        seed_tie_clusters=sorted(
-            {box for b in blocks for box in b.seed_ties} | set(oversized.seed_ties)
-        ),
-        chunk_size=chunk_size,
-        halo=halo,
-    )
     return table

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hoverdask.errors import HoverdaskError
+from hoverdask.core.errors import HoverdaskError
 
 RGB = tuple[int, int, int]
 

@@ -7,7 +7,7 @@ What changes here, each with the reason the result cannot change:
 
 * Instance records: one ``find_objects`` pass and per-instance crops; the crops equal the
   reference's, so moments and contours are computed on identical arrays
-  (:func:`hoverdask.postproc.instances.instance_info_fast`).
+  (:func:`hoverdask.nuclei.instances.instance_info_fast`).
 * Hole filling: a hole is a 4-connected background component that does not touch the image
   border; that is exactly what ``binary_fill_holes`` (cross structure, dilation from the
   border) fills, so one ``ndimage.label`` of the background replaces the iterated dilation.
@@ -31,13 +31,11 @@ What changes here, each with the reason the result cannot change:
 
 from __future__ import annotations
 
-import time
-
 import cv2
 import numpy as np
 from scipy import ndimage
 
-from hoverdask.postproc.reference import (
+from hoverdask.nuclei.reference import (
     FG_THRESHOLD,
     MARKER_ENERGY_THRESHOLD,
     MIN_OBJECT_PX,
@@ -95,7 +93,7 @@ def markers_fast(
     threshold: float = MARKER_ENERGY_THRESHOLD,
     min_size: int = MIN_OBJECT_PX,
 ) -> np.ndarray:
-    """:func:`~hoverdask.postproc.reference.markers_from_energy` with labelled hole filling.
+    """:func:`~hoverdask.nuclei.reference.markers_from_energy` with labelled hole filling.
 
     ``overall`` only needs to be right inside ``blb``; it is compared in float64 as there.
     ``blb - (overall >= t)`` clipped at 0 is 1 exactly where ``blb`` is 1 and ``overall >= t``
@@ -126,7 +124,7 @@ def watershed_by_component(
     components: np.ndarray | None = None,
     band_rows: int = BAND_ROWS,
 ) -> np.ndarray:
-    """:func:`~hoverdask.postproc.reference.watershed_instances`, component by component.
+    """:func:`~hoverdask.nuclei.reference.watershed_instances`, component by component.
 
     ``components`` are 4-connected labels of ``blb`` (any ids); labelled here when not given.
     """
@@ -193,27 +191,9 @@ def _values_tie(values: np.ndarray, group: np.ndarray) -> bool:
 
 
 def proc_np_hv_fast(np_prob: np.ndarray, h: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Instance map equal to :func:`~hoverdask.postproc.reference.proc_np_hv_reference`'s."""
+    """Instance map equal to :func:`~hoverdask.nuclei.reference.proc_np_hv_reference`'s."""
     blb, components = foreground_components(np_prob)
     energy = energy_in_foreground(h, v)
     dist = surface_from_energy(energy, blb)
     marker = markers_fast(energy, blb)
     return watershed_by_component(dist, marker, blb, components)
-
-
-def benchmark_mpix_per_s(seconds: float = 3.0, size: int = 2048) -> float:
-    """Megapixels per second of ``process(..., method="fast")`` on a synthetic ``size``² map.
-
-    Runs at least once and until ``seconds`` have passed; map building is not timed.
-    """
-    from hoverdask.postproc import process
-    from hoverdask.postproc.synthetic import synthetic_pred_map
-
-    pred_map = synthetic_pred_map(size, size, nr_types=6, seed=0)
-    runs, elapsed = 0, 0.0
-    while runs == 0 or elapsed < seconds:
-        start = time.perf_counter()
-        process(pred_map, nr_types=6, method="fast")
-        elapsed += time.perf_counter() - start
-        runs += 1
-    return runs * size * size / 1e6 / elapsed

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hoverdask.errors import HoverdaskError
+from hoverdask.core.errors import HoverdaskError
 
 if TYPE_CHECKING:
     from distributed import Security

@@ -20,9 +20,16 @@ from typing import Any
 
 import numpy as np
 
-from hoverdask.errors import DatasetError, HoverdaskError
-from hoverdask.metrics import aji, aji_plus, dice, panoptic_quality, remap_label, type_stats
-from hoverdask.postproc.instances import instance_info_fast
+from hoverdask.core.errors import DatasetError, HoverdaskError
+from hoverdask.evaluate.metrics import (
+    aji,
+    aji_plus,
+    dice,
+    panoptic_quality,
+    remap_label,
+    type_stats,
+)
+from hoverdask.nuclei.instances import instance_info_fast
 
 INSTANCE_METRICS = ("dice", "aji", "aji_plus", "dq", "sq", "pq")
 
@@ -156,11 +163,11 @@ def evaluate_model(
 ) -> EvaluationReport:
     """Run tile inference and post-processing on each image of ``data`` and score it
     (only its held-out images when a ``holdout`` file is given)."""
+    from hoverdask.core.types import select_type_table
     from hoverdask.model.catalog import default_model_path
     from hoverdask.model.checkpoints import load_model
     from hoverdask.model.infer import predict_image, resolve_device
-    from hoverdask.model.types import select_type_table
-    from hoverdask.postproc import METHODS, process
+    from hoverdask.nuclei.postproc import METHODS, process
     from hoverdask.train.datasets import open_dataset
 
     if method not in METHODS:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hoverdask.errors import HoverdaskError
+from hoverdask.core.errors import HoverdaskError
 
 if TYPE_CHECKING:
     from dask_jobqueue import SLURMCluster
@@ -157,7 +157,7 @@ def slurm_cluster(config: SlurmConfig) -> SLURMCluster:
         raise HoverdaskError(
             "SLURM clusters need dask-jobqueue: pip install 'hoverdask[slurm]'"
         ) from None
-    from hoverdask.security import tls_security
+    from hoverdask.deploy.security import tls_security
 
     directives = list(config.job_extra_directives)
     if config.gpus_per_job:

@@ -84,7 +84,7 @@ TypeInfo = dict[int, tuple[str, tuple[int, int, int]]]
 
 
 def type_info(type_table: Any = None) -> TypeInfo:
-    """``{id: (name, (r, g, b))}`` from a ``hoverdask.model.types.TypeTable``, a plain mapping
+    """``{id: (name, (r, g, b))}`` from a ``hoverdask.core.types.TypeTable``, a plain mapping
     ``{id: (name, (r, g, b))}`` (or ``{id: NucleusType}``), or ``None`` (no table).
 
     Ids missing from the table are named ``"Type <id>"`` with a palette colour (the same palette
@@ -129,7 +129,7 @@ def measure(
     Parameters
     ----------
     nuclei
-        Nuclei table (see :mod:`hoverdask.nuclei`), level-0 coordinates.
+        Nuclei table (see :mod:`hoverdask.core.schema`), level-0 coordinates.
     image
         RGB uint8 block at processing resolution, ``(H, W, 3)``.
     mpp

@@ -2,7 +2,7 @@
 
 ``process(pred_map, nr_types, method="reference")`` reproduces the reference
 ``post_proc.process(pred_map, nr_types, return_centroids=True)`` bit for bit; ``method="fast"``
-gives identical output faster (see :mod:`hoverdask.postproc.fast`).
+gives identical output faster (see :mod:`hoverdask.nuclei.fast`).
 """
 
 from __future__ import annotations
@@ -11,8 +11,7 @@ from typing import Literal
 
 import numpy as np
 
-from hoverdask.postproc.fast import (
-    benchmark_mpix_per_s,
+from hoverdask.nuclei.fast import (
     energy_in_foreground,
     fill_holes,
     foreground_components,
@@ -21,7 +20,7 @@ from hoverdask.postproc.fast import (
     surface_from_energy,
     watershed_by_component,
 )
-from hoverdask.postproc.instances import (
+from hoverdask.nuclei.instances import (
     InstInfo,
     bounding_box,
     crop_record,
@@ -32,7 +31,7 @@ from hoverdask.postproc.instances import (
     vote_type_reference,
     vote_types,
 )
-from hoverdask.postproc.reference import (
+from hoverdask.nuclei.reference import (
     Intermediates,
     foreground_mask,
     inverted_gradients,
@@ -53,7 +52,6 @@ __all__ = [
     "METHODS",
     "InstInfo",
     "Intermediates",
-    "benchmark_mpix_per_s",
     "bounding_box",
     "crop_record",
     "energy_in_foreground",

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from hoverdask.atomic import atomic_write_json
+from hoverdask.core.atomic import atomic_write_json
 
 
 def latest_figures_path() -> Path:

@@ -10,7 +10,7 @@ left is local: inside a window, every pixel of a *cluster* (an 8-connected compo
 hole-filled foreground) whose pixels lie at least :data:`CONTEXT_MARGIN` pixels from every window
 edge that is not a slide edge gets exactly the value it gets on the whole slide, and its instances
 depend on that cluster alone. The block layout and the rule that says which block reports which
-cluster live in :mod:`hoverdask.pipeline.seams`; everything here works on plain numpy windows.
+cluster live in :mod:`hoverdask.nuclei.seams`; everything here works on plain numpy windows.
 
 One choice the reference leaves open: skimage orders two watershed seeds with the same ``dist``
 value by the layout of its queue, i.e. by everything else in the call, so the reference's result
@@ -29,14 +29,14 @@ import numpy as np
 from scipy import ndimage
 from skimage.segmentation import watershed
 
-from hoverdask.postproc.fast import (
+from hoverdask.nuclei.fast import (
     SEEDS_QUEUE_BY_VALUE,
     fill_holes,
     markers_fast,
     watershed_by_component,
 )
-from hoverdask.postproc.instances import crop_record, type_votes, vote_types
-from hoverdask.postproc.reference import (
+from hoverdask.nuclei.instances import crop_record, type_votes, vote_types
+from hoverdask.nuclei.reference import (
     SOBEL_KSIZE,
     foreground_mask,
     split_channels,
@@ -280,7 +280,7 @@ def flood_clusters(
     """Watershed labels (window-sized, marker ids) of ``clusters``, each as if flooded alone.
 
     Clusters without a seed tie share one flood (identical to flooding each alone, see
-    :func:`seed_ties`), done by :func:`~hoverdask.postproc.fast.watershed_by_component`, which
+    :func:`seed_ties`), done by :func:`~hoverdask.nuclei.fast.watershed_by_component`, which
     gives exactly skimage's single call on the same region (components with one marker label
     take it whole, seeds that cannot grow stay out of the queue, bands of rows instead of the
     whole window); a tied cluster gets its own call, so its result depends on it alone.

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from hoverdask.atomic import atomic_write
-from hoverdask.slide import Slide
+from hoverdask.core.atomic import atomic_write
+from hoverdask.slide.base import Slide
 
 MASK_MPP = 8.0
 MIN_TISSUE_UM2 = 20_000.0  # smaller specks are dust or debris (about 140 µm across)

@@ -1,9 +1,15 @@
-"""``--region X,Y,W,H``: run the pipeline on a level-0 rectangle of a slide as if it were the slide.
+"""What a run is asked to do, as plain data: its options, the model it runs, the region.
+
+Every other pipeline module reads these; this one imports no other pipeline module, so the
+options are one place (the defaults included: :data:`DEFAULT_CHUNK_SIZE`) and planning, the
+graph and the outputs do not import the driver to learn them.
+
+``--region X,Y,W,H``: run the pipeline on a level-0 rectangle of a slide as if it were the slide.
 
 A region is cut out of the processing view (0.25 µm/px) once, at planning: the map-tile grid,
 the reflection padding, the post-processing blocks and the nucleus ids all live in the cut-out,
 exactly as for a slide whose pixels were only the region. Its processing-pixel origin is the
-``offset`` that :func:`hoverdask.nuclei.to_level0` adds when the table is made, so every written
+``offset`` that :func:`hoverdask.core.schema.to_level0` adds when the table is made, so every written
 coordinate is in level-0 pixels of the original slide. A region run writes to its own folder
 (``<slide id>-region-X-Y-W-H``), so its map cache and parts never mix with another region's.
 """
@@ -11,8 +17,21 @@ coordinate is in level-0 pixels of the original slide. A region run writes to it
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Protocol
 
-from hoverdask.errors import HoverdaskError
+import numpy as np
+
+from hoverdask.core.errors import HoverdaskError
+
+# Map tile side in processing pixels: 12 whole outputs of the fast model's 164 px patches; the
+# plan rounds it down to whole outputs of the model that runs (docs/pipeline.md).
+DEFAULT_CHUNK_SIZE = 1968
+
+NO_TISSUE_WARNING = (
+    "warning: the tissue mask found no tissue (blank or glass-only slide?), so nothing was "
+    "segmented; pass --no-tissue-mask to process every tile"
+)
+
 
 USAGE = "--region takes X,Y,W,H: four non-negative integers (level-0 pixels) with W and H > 0"
 
@@ -74,3 +93,50 @@ def region_level0_box(
     """``(x0, y0, x1, y1)`` level-0 bounds of a processing-pixel box ``(y0, x0, y1, x1)``."""
     y0, x0, y1, x1 = box
     return x0 * scale, y0 * scale, x1 * scale, y1 * scale
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Parameters that shape the results (all recorded in run.json)."""
+
+    target_mpp: float = 0.25
+    mpp: float | None = None
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    batch_size: int = 0  # 0: fit the GPU's free memory (8 on CPU)
+    device: str = "auto"
+    autocast: bool = False
+    autocast_dtype: str = "bfloat16"
+    compile: bool = False
+    formats: tuple[str, ...] = ("parquet", "qupath")
+    tissue_mask: bool = True
+    overwrite: bool = False
+    keep_work: bool = False
+    retries: int = 1
+    region: Region | None = None  # a level-0 rectangle of the (single) slide, run as the slide
+    read_ahead: int | None = None  # tiles read ahead per inference task; None: 2 on GPU, 0 on CPU
+
+
+class TilePredictor(Protocol):
+    margin: int
+    output: int
+    nr_types: int | None
+
+    def predict_tile(self, window: np.ndarray, tile_origin_yx: tuple[int, int]) -> np.ndarray:
+        """Maps (H - 2*margin, W - 2*margin, C) float32 for a (H, W, 3) uint8 window."""
+        ...
+
+
+class PredictorFactory(Protocol):
+    def __call__(self) -> TilePredictor: ...
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The predictor's geometry and provenance, fixed for the whole run."""
+
+    factory: PredictorFactory
+    output: int
+    margin: int
+    nr_types: int | None
+    description: dict[str, Any]
+    type_table: Any = None
