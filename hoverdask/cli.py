@@ -60,7 +60,7 @@ def main() -> None:
 @app.command()
 def version() -> None:
     """Print the hoverdask version."""
-    from hoverdask import __version__
+    from hoverdask.core.version import __version__
 
     typer.echo(__version__)
 

@@ -32,8 +32,6 @@ ALLOWED: dict[str, set[str]] = {
     "evaluate": {"core", "slide", "model", "nuclei", "train"},
 }
 TOP = "top"
-# ``from hoverdask import __version__`` reads the root's constant, not the API behind it
-ROOT_CONSTANTS = {"__version__"}
 
 
 def module_name(path: Path) -> str:
@@ -66,8 +64,6 @@ def imported(module: str, path: Path) -> list[tuple[str, int]]:
             if not source.startswith("hoverdask"):
                 continue
             for alias in node.names:
-                if source == "hoverdask" and alias.name in ROOT_CONSTANTS:
-                    continue
                 child = f"{source}.{alias.name}"
                 found.append((child if child in MODULES else source, node.lineno))
     return found

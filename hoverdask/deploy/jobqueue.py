@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hoverdask.core.errors import HoverdaskError
+from hoverdask.deploy.security import tls_security
 
 if TYPE_CHECKING:
     from dask_jobqueue import SLURMCluster
@@ -157,7 +158,6 @@ def slurm_cluster(config: SlurmConfig) -> SLURMCluster:
         raise HoverdaskError(
             "SLURM clusters need dask-jobqueue: pip install 'hoverdask[slurm]'"
         ) from None
-    from hoverdask.deploy.security import tls_security
 
     directives = list(config.job_extra_directives)
     if config.gpus_per_job:

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from hoverdask.core.errors import DatasetError, HoverdaskError
+from hoverdask.core.types import select_type_table
 from hoverdask.evaluate.metrics import (
     aji,
     aji_plus,
@@ -30,6 +31,7 @@ from hoverdask.evaluate.metrics import (
     type_stats,
 )
 from hoverdask.nuclei.instances import instance_info_fast
+from hoverdask.nuclei.postproc import METHODS, process
 
 INSTANCE_METRICS = ("dice", "aji", "aji_plus", "dq", "sq", "pq")
 
@@ -163,11 +165,9 @@ def evaluate_model(
 ) -> EvaluationReport:
     """Run tile inference and post-processing on each image of ``data`` and score it
     (only its held-out images when a ``holdout`` file is given)."""
-    from hoverdask.core.types import select_type_table
     from hoverdask.model.catalog import default_model_path
     from hoverdask.model.checkpoints import load_model
     from hoverdask.model.infer import predict_image, resolve_device
-    from hoverdask.nuclei.postproc import METHODS, process
     from hoverdask.train.datasets import open_dataset
 
     if method not in METHODS:

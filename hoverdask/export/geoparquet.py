@@ -26,8 +26,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import shapely
 
-from hoverdask import __version__
 from hoverdask.core.atomic import atomic_path
+from hoverdask.core.version import __version__
 from hoverdask.export.qupath import nucleus_uuids
 
 ROW_GROUP_SIZE = 100_000

@@ -23,12 +23,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hoverdask.core.errors import HoverdaskError, SlideError, one_line
+from hoverdask.core.version import __version__
+from hoverdask.deploy.cluster import client_for, cpu_count
+from hoverdask.deploy.figures import latest_figures
+from hoverdask.pipeline.plan import plan_open_slide
+from hoverdask.pipeline.spec import NO_TISSUE_WARNING
+from hoverdask.slide import Slide, check_mpp, open_slide, sanitize_slide_id, slide_stem
 from hoverdask.slide.inspect import RECOPY, SlideFacts, inspect_slide, magnification_from_mpp
 
 if TYPE_CHECKING:
     from distributed import Client
 
-    from hoverdask.slide import Slide
 
 PLACEHOLDER_MPP = 1.0  # opens a slide without a pixel size, only to describe and decode it
 MPP_CODES = ("no-mpp", "bad-mpp")
@@ -121,9 +126,6 @@ def check_slide(
     use_tissue_mask: bool = True,
 ) -> SlideCheck:
     """Check one slide as ``run`` would plan it; never raises for a bad slide."""
-    from hoverdask.pipeline.plan import plan_open_slide
-    from hoverdask.slide import open_slide, sanitize_slide_id, slide_stem
-
     path = Path(slide_path)
     result = SlideCheck(str(slide_path), sanitize_slide_id(slide_stem(path)))
     with contextlib.suppress(OSError):
@@ -162,8 +164,6 @@ def check_slide(
     result.map_tiles, result.map_tiles_total = len(plan.tissue_tiles), rows * cols
     result.processed_megapixels = round(plan.grid.pixels(plan.tissue_tiles) / 1e6, 4)
     if use_tissue_mask and not plan.tissue_tiles:
-        from hoverdask.pipeline.spec import NO_TISSUE_WARNING
-
         result.warnings.append(NO_TISSUE_WARNING.removeprefix("warning: "))
     return result
 
@@ -273,8 +273,6 @@ class CohortCheck:
         }
 
     def to_json(self) -> dict[str, Any]:
-        from hoverdask import __version__
-
         return {
             "hoverdask_version": __version__,
             "checked_at": self.checked_at,
@@ -308,8 +306,6 @@ def check_cohort(
     ``figures``: the bench figures for the estimate; True reads this machine's latest
     (:func:`hoverdask.deploy.figures.latest_figures`), None gives no estimate.
     """
-    from hoverdask.slide import check_mpp
-
     if not slides:
         raise HoverdaskError("no slides given")
     if mpp is not None:
@@ -318,14 +314,10 @@ def check_cohort(
         raise HoverdaskError(f"--chunk-size must be at least 1, got {chunk_size}")
     geometry = model_geometry(model)
     if figures is True:
-        from hoverdask.deploy.figures import latest_figures
-
         figures = latest_figures()
     settings = {"mpp": mpp, "target_mpp": target_mpp, "chunk_size": chunk_size,
                 "output": geometry.output, "margin": geometry.margin,
                 "use_tissue_mask": use_tissue_mask}
-    from hoverdask.deploy.cluster import client_for, cpu_count
-
     if client is None and workers is None and scheduler is None:
         workers = max(1, min(cpu_count(), len(slides)))  # no idle workers for a few slides
     with client_for(client, workers, threads_per_worker, scheduler, "cpu", security,
@@ -342,8 +334,6 @@ def check_cohort(
 
 
 def _gather(future: Any, slide: str | Path) -> SlideCheck:
-    from hoverdask.slide import sanitize_slide_id, slide_stem
-
     try:
         return future.result()
     except Exception as err:  # noqa: BLE001 - an unexpected failure fails its slide only

@@ -15,12 +15,19 @@ from typing import TYPE_CHECKING, Any
 
 from hoverdask.core.atomic import atomic_write_json
 from hoverdask.core.schema import PIPELINE_COLUMNS
+from hoverdask.export import write_qc_picture, write_slide_outputs
+from hoverdask.export.parts import SlideParts
+from hoverdask.export.qc import QcDots, write_qc_picture_dots
+from hoverdask.export.summary import (
+    summary_row,
+    write_slide_outputs_from_parts,
+    write_summary_files,
+)
 from hoverdask.pipeline.ledger import saved_tissue
 
 if TYPE_CHECKING:
     import geopandas as gpd
 
-    from hoverdask.export.parts import SlideParts
     from hoverdask.pipeline.plan import SlidePlan
     from hoverdask.pipeline.spec import RunOptions
 
@@ -34,8 +41,6 @@ def finish_slide(
 
     The whole table in memory: :func:`finish_slide_parts` writes the same files from the parts.
     """
-    from hoverdask.export import write_qc_picture, write_slide_outputs
-
     table = table.sort_values("nucleus_id", kind="stable").reset_index(drop=True)
     table = slide_rows(table, plan.slide_id)
     written = write_slide_outputs(
@@ -63,9 +68,6 @@ def finish_slide_parts(
     Parquet file, ``stats.json`` and ``qc.png`` are those of :func:`finish_slide`; the QuPath
     file has the same features in the Parquet file's row order.
     """
-    from hoverdask.export.qc import QcDots, write_qc_picture_dots
-    from hoverdask.export.summary import write_slide_outputs_from_parts
-
     tissue = saved_tissue(plan.ledger)
     dots = None
     if tissue is not None:
@@ -181,8 +183,6 @@ class CohortSummary:
 
     def write(self, rows: list[dict[str, Any]]) -> None:
         """Rewrite the files for ``rows`` (one per slide with a result, in cohort order)."""
-        from hoverdask.export.summary import summary_row, write_summary_files
-
         table = []
         for row in rows:
             key = f"{row['slide']}\0{row['status']}"

@@ -20,6 +20,10 @@ from hoverdask.pipeline.grid import TileGrid
 from hoverdask.pipeline.ledger import SlideLedger, save_tissue
 from hoverdask.pipeline.spec import Region, region_level0_box
 from hoverdask.pipeline.tasks import SlideSource
+from hoverdask.slide import open_slide
+from hoverdask.slide.inspect import inspect_slide
+from hoverdask.slide.resample import processing_array
+from hoverdask.slide.tissue import tissue_mask
 
 
 @dataclass(frozen=True)
@@ -69,9 +73,6 @@ def plan_slide(
     plan because tasks never need its pixels. A slide ``check`` fails raises the same
     :class:`~hoverdask.core.errors.SlideError` here.
     """
-    from hoverdask.slide import open_slide
-    from hoverdask.slide.inspect import inspect_slide
-
     with open_slide(slide_path, mpp) as slide:
         inspect_slide(slide).raise_if_damaged()
         return plan_open_slide(slide, slide_path, out_dir, mpp=mpp, **settings)
@@ -92,8 +93,6 @@ def plan_open_slide(
     region: Region | None = None,
 ) -> tuple[SlidePlan, Any]:
     """:func:`plan_slide` on a slide that is already open (and checked); it stays open."""
-    from hoverdask.slide.resample import processing_array
-
     view = processing_array(slide, target_mpp=target_mpp)
     scale = float(view.scale)
     level0 = (int(slide.dimensions[0]), int(slide.dimensions[1]))
@@ -110,8 +109,6 @@ def plan_open_slide(
         extent = region_level0_box(box, scale)
     mask = None
     if use_tissue_mask:
-        from hoverdask.slide.tissue import tissue_mask
-
         mask = tissue_mask(slide)
         tiles = tuple(t for t in tiles if _has_tissue(mask, grid, scale, (y0, x0), *t))
     slide_id = str(slide.slide_id) + (region.suffix if region is not None else "")

@@ -25,16 +25,20 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from hoverdask.core.atomic import atomic_write, atomic_write_json
+from hoverdask.export.parts import index_parts
 from hoverdask.nuclei import seams
+from hoverdask.nuclei.features import measure
 from hoverdask.nuclei.stable import CONTEXT_MARGIN, SOBEL_REACH, Box, NormRanges, merge_ranges
 from hoverdask.pipeline import maps_store
+from hoverdask.pipeline.outputs import finish_slide, finish_slide_parts, write_run_record
+from hoverdask.pipeline.plan import SlidePlan
+from hoverdask.pipeline.spec import ModelSpec, RunOptions
+from hoverdask.pipeline.tasks import read_rgb_box
 
 if TYPE_CHECKING:
     import geopandas as gpd
     from distributed import Future
 
-    from hoverdask.pipeline.plan import SlidePlan
-    from hoverdask.pipeline.spec import ModelSpec, RunOptions
 
 BACKGROUND_RANGE = (0.0, 0.0)
 
@@ -194,8 +198,6 @@ def measured_table(plan: SlidePlan, records: list[Any]) -> gpd.GeoDataFrame:
     table = seams.nuclei_table(frame, plan.scale, (ox, oy))
     if not len(table):
         return table
-    from hoverdask.nuclei.features import measure
-    from hoverdask.pipeline.tasks import read_rgb_box
 
     points = np.concatenate(list(frame["contour"]))  # (x, y) pixel indices
     (x0, y0), (x1, y1) = points.min(axis=0), points.max(axis=0) + 1
@@ -224,9 +226,6 @@ def assemble_slide(plan: SlidePlan, finish: SlideFinish, refit: dict[str, Any]) 
     slide finished), then the work folder goes unless the run keeps it. All of it runs on a
     worker, so the client only keeps the score.
     """
-    from hoverdask.export.parts import index_parts
-    from hoverdask.pipeline.outputs import finish_slide, finish_slide_parts, write_run_record
-
     paths = [Path(p) for p in refit["parts"]]
     formats, oversized = finish.options.formats, refit["oversized"]
     parts = index_parts(paths, extent=plan.extent)

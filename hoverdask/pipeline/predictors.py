@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from hoverdask.core.errors import HoverdaskError
 from hoverdask.pipeline.spec import PredictorFactory, TilePredictor
 
 PLUGIN_NAME = "hoverdask-predictor"
@@ -171,7 +172,6 @@ class TorchPredictorFactory:
     compile: bool = False
 
     def __post_init__(self) -> None:
-        from hoverdask.core.errors import HoverdaskError
         from hoverdask.model.infer import parse_autocast_dtype
 
         if self.batch_size < 0:

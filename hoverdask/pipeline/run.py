@@ -22,14 +22,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hoverdask.core.errors import HoverdaskError, one_line
+from hoverdask.core.errors import HoverdaskError, SlideError, one_line
+from hoverdask.core.types import select_type_table
+from hoverdask.deploy.cluster import client_for, describe
+from hoverdask.deploy.figures import latest_figures
+from hoverdask.deploy.logs import LOG_NAME, dask_logs, worker_logging_env
+from hoverdask.deploy.security import tls_security
 from hoverdask.pipeline import outputs
-from hoverdask.pipeline.plan import PlanFailure, SlidePlan
+from hoverdask.pipeline.graph import submit_slide
+from hoverdask.pipeline.plan import PlanFailure, SlidePlan, plan_task
 from hoverdask.pipeline.predictors import (
     PLUGIN_NAME,
     PredictorPlugin,
     TorchPredictorFactory,
 )
+from hoverdask.pipeline.progress import CohortProgress
 from hoverdask.pipeline.spec import (
     NO_TISSUE_WARNING,
     ModelSpec,
@@ -37,6 +44,7 @@ from hoverdask.pipeline.spec import (
     Region,
     RunOptions,
 )
+from hoverdask.slide import open_slide
 
 if TYPE_CHECKING:
     from distributed import Client, Future
@@ -93,7 +101,6 @@ def resolve_model(
             autocast_dtype=options.autocast_dtype,
             compile=options.compile,
         )
-        from hoverdask.core.types import select_type_table
         from hoverdask.model import patch_geometry
 
         geometry = patch_geometry(network.mode)
@@ -122,7 +129,6 @@ def run_security(
         return None
     if len(given) != 3:
         raise HoverdaskError("TLS needs all three of --tls-ca, --tls-cert and --tls-key")
-    from hoverdask.deploy.security import tls_security
 
     return tls_security(ca, cert, key)  # type: ignore[arg-type]
 
@@ -160,8 +166,6 @@ def run_cohort(
         check_region(options.region, slides, options.mpp)
     check_writable(out)
     spec = resolve_model(model, predictor_factory, options)
-    from hoverdask.deploy.cluster import client_for
-    from hoverdask.deploy.logs import LOG_NAME, dask_logs, worker_logging_env
 
     logs = dask_logs(out, verbose=verbose) if log_file else contextlib.nullcontext()
     worker_env = worker_logging_env(out / LOG_NAME, verbose=verbose) if log_file else None
@@ -191,8 +195,6 @@ def check_region(region: Region, slides: Sequence[str | Path], mpp: float | None
     """
     if len(slides) != 1:
         raise HoverdaskError(f"--region needs exactly one slide, got {len(slides)}")
-    from hoverdask.core.errors import SlideError
-    from hoverdask.slide import open_slide
 
     try:
         slide = open_slide(slides[0], mpp)
@@ -234,8 +236,6 @@ class _CohortRunner:
 
     def __init__(self, client: Client, out: Path, spec: ModelSpec, options: RunOptions,
                  *, progress: bool) -> None:
-        from hoverdask.deploy.cluster import describe
-
         self.client = client
         self.out = out
         self.spec = spec
@@ -253,7 +253,6 @@ class _CohortRunner:
         self.order: list[str] = []
         self.summary = outputs.CohortSummary(out)
         self.states: dict[str, _SlideState] = {}
-        from hoverdask.deploy.figures import latest_figures
 
         self.bench = latest_figures()  # quoted in each run.json, to estimate cohort times
         self.token = uuid.uuid4().hex[:10]
@@ -262,7 +261,6 @@ class _CohortRunner:
     def run(self, slides: list[str]) -> CohortResult:
         from distributed import as_completed
 
-        from hoverdask.pipeline.progress import CohortProgress
 
         self.order = list(slides)
         self.staging.mkdir(parents=True, exist_ok=True)
@@ -282,8 +280,6 @@ class _CohortRunner:
         return CohortResult(self.out, [self.results[s] for s in self.order])
 
     def _submit_plan(self, slide: str, index: int, count: int) -> _Pending:
-        from hoverdask.pipeline.plan import plan_task
-
         staged = self.staging / f"{index}.npz"
         started_at = time.time()
         future = self.client.submit(
@@ -350,7 +346,6 @@ class _CohortRunner:
             self._record(_finished_result(slide, plan))
             bar.skip(plan.slide_id)
             return None
-        from hoverdask.pipeline.graph import submit_slide
 
         try:
             futures, final = submit_slide(

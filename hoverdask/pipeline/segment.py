@@ -16,7 +16,8 @@ import numpy as np
 
 from hoverdask.core.atomic import atomic_write
 from hoverdask.core.errors import HoverdaskError
-from hoverdask.core.types import TypeTable
+from hoverdask.core.types import TypeTable, load_type_table, select_type_table
+from hoverdask.nuclei.postproc import inst_info_to_json, process
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 
@@ -89,10 +90,8 @@ def segment_image(
     types_path: str | Path | None = None,
 ) -> SegmentResult:
     """Segment and classify the nuclei of one image and write the three output files."""
-    from hoverdask.core.types import load_type_table, select_type_table
     from hoverdask.model.checkpoints import load_model
     from hoverdask.model.infer import predict_image, resolve_device
-    from hoverdask.nuclei.postproc import inst_info_to_json, process
 
     image_path, out_dir = Path(image_path), Path(out_dir)
     image = read_rgb_image(image_path)

@@ -26,6 +26,8 @@ from hoverdask.pipeline.grid import TileGrid, window_indices
 from hoverdask.pipeline.ledger import SlideLedger
 from hoverdask.pipeline.predictors import current_predictor
 from hoverdask.pipeline.spec import PredictorFactory
+from hoverdask.slide import open_slide
+from hoverdask.slide.resample import processing_array
 
 
 @dataclass(frozen=True)
@@ -45,9 +47,6 @@ class SlideSource:
 @functools.lru_cache(maxsize=8)
 def processing_view(source: SlideSource) -> Any:
     """The slide's lazy processing view, opened once per worker process."""
-    from hoverdask.slide import open_slide
-    from hoverdask.slide.resample import processing_array
-
     slide = open_slide(source.path, source.mpp)
     return processing_array(slide, target_mpp=source.target_mpp)
 
