@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     import geopandas as gpd
     import numpy as np
 
+    from hoverdask.core.types import TypeTable
     from hoverdask.model.build import Network
     from hoverdask.pipeline.run import CohortResult
 
@@ -205,7 +206,8 @@ def segment(
     return _inst_table(inst_map, inst_info, table)
 
 
-def _inst_table(inst_map: Any, inst_info: dict[int, dict[str, Any]], table: Any) -> Any:
+def _inst_table(inst_map: Any, inst_info: dict[int, dict[str, Any]],
+                table: TypeTable | None) -> gpd.GeoDataFrame:
     """The nuclei table (image pixel coordinates) of the reference's instance records."""
     import numpy as np
     import pandas as pd

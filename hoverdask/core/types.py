@@ -52,6 +52,11 @@ class TypeTable:
         return {str(k): {"name": t.name, "color": list(t.color)} for k, t in self.types.items()}
 
 
+# What the writers and features accept as a type table: a TypeTable, or a plain mapping
+# ``{id: NucleusType}`` / ``{id: (name, (r, g, b))}``.
+TypeTableLike = TypeTable | Mapping[int, NucleusType | tuple[str, RGB]]
+
+
 def _table(name: str, entries: list[tuple[str, RGB]]) -> TypeTable:
     return TypeTable(name, {i: NucleusType(n, c) for i, (n, c) in enumerate(entries)})
 

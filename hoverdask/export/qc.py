@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
 import cv2
 import geopandas as gpd
 import numpy as np
 
 from hoverdask.core.atomic import atomic_path
+from hoverdask.core.types import TypeTableLike
 from hoverdask.nuclei.features import type_info, type_name_and_color
 
 UNCLASSIFIED_COLOR = (160, 160, 160)
@@ -29,7 +29,7 @@ def write_qc_picture(
     path: str | os.PathLike[str],
     *,
     downsample: float,
-    type_table: Any = None,
+    type_table: TypeTableLike | None = None,
 ) -> Path:
     """Draw the QC picture and write it as PNG (temp name, then rename).
 
@@ -69,7 +69,7 @@ class QcDots:
             for x, y in zip(xs[sel].tolist(), ys[sel].tolist(), strict=True):
                 cv2.circle(mask, (x, y), self.radius, 1, -1)
 
-    def paint(self, picture: np.ndarray, type_table: Any = None) -> None:
+    def paint(self, picture: np.ndarray, type_table: TypeTableLike | None = None) -> None:
         info = type_info(type_table)
         for type_id in sorted(self.masks):
             picture[self.masks[type_id] > 0] = _type_color(type_id, info)
@@ -81,7 +81,7 @@ def write_qc_picture_dots(
     dots: QcDots,
     path: str | os.PathLike[str],
     *,
-    type_table: Any = None,
+    type_table: TypeTableLike | None = None,
 ) -> Path:
     """:func:`write_qc_picture` for nuclei already drawn into ``dots`` (same picture)."""
     picture = _background(thumbnail_rgb, tissue_mask, dots.downsample)

@@ -26,6 +26,7 @@ import numpy as np
 import shapely
 
 from hoverdask.core.atomic import atomic_path
+from hoverdask.core.types import TypeTableLike
 from hoverdask.nuclei.features import type_info, type_name_and_color
 
 NUCLEUS_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_OID, "hoverdask.nucleus")
@@ -70,7 +71,7 @@ def write_qupath(
     path: str | os.PathLike[str],
     *,
     slide_id: str | None = None,
-    type_table: Any = None,
+    type_table: TypeTableLike | None = None,
     as_cells: bool = False,
     cell_expansion_px: float = 0.0,
     offset: tuple[float, float] = (0.0, 0.0),
@@ -122,7 +123,7 @@ class QuPathStream:
         path: str | os.PathLike[str],
         *,
         slide_id: str | None = None,
-        type_table: Any = None,
+        type_table: TypeTableLike | None = None,
         offset: tuple[float, float] = (0.0, 0.0),
         chunk_size: int = CHUNK_SIZE,
         metadata: dict[str, Any] | None = None,

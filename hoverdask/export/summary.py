@@ -32,6 +32,7 @@ import numpy as np
 
 from hoverdask.core.atomic import atomic_path, atomic_write_text
 from hoverdask.core.errors import HoverdaskError
+from hoverdask.core.types import TypeTableLike
 from hoverdask.export.geoparquet import (
     ROW_GROUP_SIZE,
     GeoParquetStream,
@@ -72,7 +73,7 @@ def write_slide_outputs(
     *,
     slide_id: str,
     formats: Sequence[str] = FORMATS,
-    type_table: Any = None,
+    type_table: TypeTableLike | None = None,
     tissue_mm2: float | None = None,
     extent: tuple[float, float, float, float] | None = None,
     metadata: dict[str, Any] | None = None,
@@ -117,7 +118,7 @@ def write_slide_outputs_from_parts(
     *,
     slide_id: str,
     formats: Sequence[str] = FORMATS,
-    type_table: Any = None,
+    type_table: TypeTableLike | None = None,
     tissue_mm2: float | None = None,
     metadata: dict[str, Any] | None = None,
     offset: tuple[float, float] = (0.0, 0.0),
@@ -169,7 +170,7 @@ def slide_stats(
     *,
     slide_id: str,
     tissue_mm2: float | None = None,
-    type_table: Any = None,
+    type_table: TypeTableLike | None = None,
 ) -> dict[str, Any]:
     """Counts and densities per type (per mm² of tissue) and mean features of one slide."""
     stats = SlideStats()
@@ -202,7 +203,7 @@ class SlideStats:
             self.finite[column] = self.finite.get(column, 0) + int(present.sum())
 
     def result(
-        self, *, slide_id: str, tissue_mm2: float | None = None, type_table: Any = None
+        self, *, slide_id: str, tissue_mm2: float | None = None, type_table: TypeTableLike | None = None
     ) -> dict[str, Any]:
         info = type_info(type_table)
         counts: dict[str, int] = {}

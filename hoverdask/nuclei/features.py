@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Mapping
-from typing import Any
 
 import cv2
 import geopandas as gpd
@@ -32,6 +31,8 @@ import pandas as pd
 import shapely
 from scipy import ndimage
 from skimage.color import hed_from_rgb
+
+from hoverdask.core.types import TypeTableLike
 
 FEATURE_COLUMNS: tuple[str, ...] = (
     "area_um2",
@@ -83,7 +84,7 @@ _OD_LUT = -np.log10(np.maximum(np.arange(256) / 255.0, 1e-6))
 TypeInfo = dict[int, tuple[str, tuple[int, int, int]]]
 
 
-def type_info(type_table: Any = None) -> TypeInfo:
+def type_info(type_table: TypeTableLike | None = None) -> TypeInfo:
     """``{id: (name, (r, g, b))}`` from a ``hoverdask.core.types.TypeTable``, a plain mapping
     ``{id: (name, (r, g, b))}`` (or ``{id: NucleusType}``), or ``None`` (no table).
 
@@ -120,7 +121,7 @@ def measure(
     *,
     origin: tuple[float, float] = (0.0, 0.0),
     scale: float = 1.0,
-    type_table: Any = None,
+    type_table: TypeTableLike | None = None,
     labels: np.ndarray | None = None,
     label_column: str = "label_id",
 ) -> gpd.GeoDataFrame:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from hoverdask.core.errors import HoverdaskError, one_line
+from hoverdask.core.types import TypeTable
 from hoverdask.pipeline.grid import TileGrid
 from hoverdask.pipeline.ledger import SlideLedger, save_tissue
 from hoverdask.pipeline.spec import Region, region_level0_box
@@ -39,7 +40,7 @@ class SlidePlan:
     tissue_tiles: tuple[tuple[int, int], ...]
     tissue_mm2: float | None
     extent: tuple[float, float, float, float]  # level-0 (x0, y0, x1, y1) of what was processed
-    type_table: Any = field(default=None, hash=False, compare=False)
+    type_table: TypeTable | None = field(default=None, hash=False, compare=False)
     params: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
     @property
@@ -89,7 +90,7 @@ def plan_open_slide(
     output: int,
     margin: int,
     use_tissue_mask: bool = True,
-    type_table: Any = None,
+    type_table: TypeTable | None = None,
     region: Region | None = None,
 ) -> tuple[SlidePlan, Any]:
     """:func:`plan_slide` on a slide that is already open (and checked); it stays open."""

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from hoverdask.core.errors import HoverdaskError
+from hoverdask.core.types import TypeTable
 
 # Map tile side in processing pixels: 12 whole outputs of the fast model's 164 px patches; the
 # plan rounds it down to whole outputs of the model that runs (docs/pipeline.md).
@@ -139,4 +140,4 @@ class ModelSpec:
     margin: int
     nr_types: int | None
     description: dict[str, Any]
-    type_table: Any = None
+    type_table: TypeTable | None = None
