@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 
 from hoverdask.core.errors import HoverdaskError
+from hoverdask.pipeline.spec import DEFAULT_CHUNK_SIZE
 
 app = typer.Typer(
     name="hoverdask",
@@ -297,7 +298,7 @@ def run(
     scheduler: SchedulerOption = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     mpp: SlideMppOption = None,
-    chunk_size: ChunkSizeOption = 1968,
+    chunk_size: ChunkSizeOption = DEFAULT_CHUNK_SIZE,
     batch_size: Annotated[
         int, typer.Option(min=0, help="Patches per network call; 0: fit the GPU's free memory "
                           "(8 on CPU).")
@@ -379,7 +380,7 @@ def check(
         typer.Option("--model", "-m", help="The checkpoint run would use (its patch geometry "
                      "sizes the map tiles); default: the bundled model."),
     ] = None,
-    chunk_size: ChunkSizeOption = 1968,
+    chunk_size: ChunkSizeOption = DEFAULT_CHUNK_SIZE,
     tissue_mask: Annotated[
         bool, typer.Option(help="Count only map tiles with tissue, as run does.")
     ] = True,

@@ -27,7 +27,7 @@ from hoverdask.core.version import __version__
 from hoverdask.deploy.cluster import client_for, cpu_count
 from hoverdask.deploy.figures import latest_figures
 from hoverdask.pipeline.plan import plan_open_slide
-from hoverdask.pipeline.spec import NO_TISSUE_WARNING
+from hoverdask.pipeline.spec import DEFAULT_CHUNK_SIZE, NO_TISSUE_WARNING
 from hoverdask.slide import Slide, check_mpp, open_slide, sanitize_slide_id, slide_stem
 from hoverdask.slide.inspect import RECOPY, SlideFacts, inspect_slide, magnification_from_mpp
 
@@ -120,7 +120,7 @@ def check_slide(
     *,
     mpp: float | None = None,
     target_mpp: float = 0.25,
-    chunk_size: int = 1968,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
     output: int,
     margin: int,
     use_tissue_mask: bool = True,
@@ -291,7 +291,7 @@ def check_cohort(
     *,
     model: str | Path | None = None,
     mpp: float | None = None,
-    chunk_size: int = 1968,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
     target_mpp: float = 0.25,
     use_tissue_mask: bool = True,
     client: Client | None = None,
