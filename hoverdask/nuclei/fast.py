@@ -105,12 +105,16 @@ def markers_fast(
 
 def _seeds_queue_by_value() -> bool:
     """Whether this skimage queues seed pixels at their image value (0.26 does) or all at -inf
-    (newer releases, ``from_minima``); with -inf every seed ties and bands never apply."""
-    import inspect
+    (newer releases, ``from_minima``); with -inf every seed ties and bands never apply.
 
-    from skimage.segmentation import _watershed
+    Asked of the watershed itself: on ``5 1 1 1 0`` with seeds at both ends, the seed at 0 is
+    popped first and floods the plateau only when seeds queue at their value; at -inf the first
+    seed in raster order goes first and the plateau is shared.
+    """
+    from skimage.segmentation import watershed
 
-    return "from_minima" not in inspect.getsource(_watershed)
+    labels = watershed(np.array([[5.0, 1.0, 1.0, 1.0, 0.0]]), np.array([[1, 0, 0, 0, 2]]))
+    return bool(labels[0, 1] == 2)
 
 
 SEEDS_QUEUE_BY_VALUE = _seeds_queue_by_value()
