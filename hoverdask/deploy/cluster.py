@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import threading
 from collections.abc import Iterator
@@ -261,7 +260,7 @@ def _connect(scheduler: str, security: object | None, timeout: str) -> Client:
 
     path = Path(scheduler)
     try:
-        if path.is_file():
+        if path.is_file():  # not Client(scheduler_file=): it fails obscurely on a broken file
             address = json.loads(path.read_text())["address"]
             return Client(address, security=security, timeout=timeout)
         return Client(scheduler, security=security, timeout=timeout)
@@ -294,4 +293,7 @@ def describe(client: Client, *, wait_s: float = WORKER_WAIT_S) -> ClusterInfo:
 
 
 def cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """Cores this process may use: dask's count (CPU affinity and a cgroup CPU quota)."""
+    from dask.system import CPU_COUNT
+
+    return CPU_COUNT

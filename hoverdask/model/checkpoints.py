@@ -38,13 +38,10 @@ _MODE_BY_KSIZE = {3: "fast", 5: "original"}
 _TRAINING_STATE = ("optimizer", "lr_scheduler")
 
 
-def sha256_of(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
+def sha256_of(path: str | Path) -> str:
     """Hex SHA-256 of a file, read in chunks (checkpoints are hundreds of MB)."""
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        while block := handle.read(chunk_bytes):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def _read_file(path: Path) -> Any:

@@ -24,7 +24,7 @@ dask on one map, :mod:`hoverdask.pipeline.postprocess` as committed tasks of a s
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -247,6 +247,30 @@ def refit_nuclei(
     oversized = [c for c in meeting if grid.reporter(c) is None]
     records, ties = window_nuclei(seg, oversized, grid.width)
     return RefitNuclei(records, [c.box for c in oversized], seed_ties=ties)
+
+
+RefitJobs = Callable[[list[tuple[Box, Box]]], Sequence[RefitNuclei]]
+
+
+def refit_rounds(fragments: Sequence[Box], grid: BlockGrid, run: RefitJobs) -> Iterator[RefitNuclei]:
+    """The oversize pass's driver: every cluster cut at a block's edge, decided on a fitted window.
+
+    The fragments the blocks reported are merged into targets; each target's window starts at
+    the target plus :data:`CONTEXT_MARGIN` and grows (``grow_to``) until its clusters fit.
+    ``run`` computes one round, a list of ``(window box, target)`` jobs, as :func:`refit_nuclei`
+    on each window, on whatever scheduler the caller has (``dask.delayed`` for one map, plain
+    calls inside a committed task of the distributed graph). Yields the decided refits, round
+    by round, in job order.
+    """
+    pending = [(grid.grow(t, CONTEXT_MARGIN), t) for t in merge_boxes(fragments)]
+    while pending:
+        retry = []
+        for (_, target), refit in zip(pending, run(pending), strict=True):
+            if refit.grow_to is not None:
+                retry.append((refit.grow_to, target))
+                continue
+            yield refit
+        pending = retry
 
 
 def _intersects(a: Box, b: Box) -> bool:

@@ -22,13 +22,13 @@ from hoverdask.nuclei.seams import (
     block_nuclei,
     box_slices,
     hv_ranges,
-    merge_boxes,
     nuclei_table,
     records_frame,
     refit_nuclei,
+    refit_rounds,
     sobel_ranges,
 )
-from hoverdask.nuclei.stable import CONTEXT_MARGIN, SOBEL_REACH, Box, NormRanges, merge_ranges
+from hoverdask.nuclei.stable import SOBEL_REACH, Box, NormRanges, merge_ranges
 
 if TYPE_CHECKING:
     import geopandas as gpd
@@ -81,26 +81,21 @@ def resolve_oversized(
     result = RefitNuclei()
     seen: set[tuple[int, int, int, int]] = set()
     reported: set[int] = set()  # overlapping refits decide some clusters twice, identically
-    pending = [(grid.grow(t, CONTEXT_MARGIN), t) for t in merge_boxes(fragments)]
-    while pending:
-        tasks = [
+
+    def run(jobs: list[tuple[Box, Box]]) -> Sequence[RefitNuclei]:
+        return dask.compute(*[
             dask.delayed(refit_nuclei)(maps[box_slices(w)], w, grid, target, ranges, nr_types)
-            for w, target in pending
-        ]
-        done = dask.compute(*tasks)
-        retry = []
-        for (_, target), refit in zip(pending, done, strict=True):
-            if refit.grow_to is not None:
-                retry.append((refit.grow_to, target))
-                continue
-            result.records.extend(r for r in refit.records if r.nucleus_id not in reported)
-            reported.update(r.nucleus_id for r in refit.records)
-            result.seed_ties.extend(box for box in refit.seed_ties if box not in seen)
-            for box in refit.oversized:
-                if box not in seen:
-                    seen.add(box)
-                    result.oversized.append(box)
-        pending = retry
+            for w, target in jobs
+        ])
+
+    for refit in refit_rounds(fragments, grid, run):
+        result.records.extend(r for r in refit.records if r.nucleus_id not in reported)
+        reported.update(r.nucleus_id for r in refit.records)
+        result.seed_ties.extend(box for box in refit.seed_ties if box not in seen)
+        for box in refit.oversized:
+            if box not in seen:
+                seen.add(box)
+                result.oversized.append(box)
     return result
 
 

@@ -28,7 +28,7 @@ from hoverdask.core.atomic import atomic_write, atomic_write_json
 from hoverdask.export.parts import index_parts
 from hoverdask.nuclei import seams
 from hoverdask.nuclei.features import measure
-from hoverdask.nuclei.stable import CONTEXT_MARGIN, SOBEL_REACH, Box, NormRanges, merge_ranges
+from hoverdask.nuclei.stable import SOBEL_REACH, Box, NormRanges, merge_ranges
 from hoverdask.pipeline import maps_store
 from hoverdask.pipeline.outputs import finish_slide, finish_slide_parts, write_run_record
 from hoverdask.pipeline.plan import SlidePlan
@@ -165,19 +165,15 @@ def oversized_nuclei(
     if committed is not None and part.exists():
         return committed
     grid = block_grid(plan)
+
+    def run(jobs: list[tuple[Box, Box]]) -> list[seams.RefitNuclei]:
+        return [seams.refit_nuclei(maps_store.read_window(ledger.maps_store, *w, nr_types), w,
+                                   grid, target, ranges, nr_types) for w, target in jobs]
+
     records, oversized = [], []
-    pending = [(grid.grow(t, CONTEXT_MARGIN), t) for t in seams.merge_boxes(fragments)]
-    while pending:
-        retry = []
-        for window_box, target in pending:
-            window = maps_store.read_window(ledger.maps_store, *window_box, nr_types)
-            refit = seams.refit_nuclei(window, window_box, grid, target, ranges, nr_types)
-            if refit.grow_to is not None:
-                retry.append((refit.grow_to, target))
-                continue
-            records.append(refit.records)
-            oversized.extend(list(b) for b in refit.oversized)
-        pending = retry
+    for refit in seams.refit_rounds(fragments, grid, run):
+        records.append(refit.records)
+        oversized.extend(list(b) for b in refit.oversized)
     table = _concat([measured_table(plan, recs) for recs in records])
     table = table.drop_duplicates("nucleus_id") if len(table) else table
     atomic_write(part, lambda tmp: table.to_parquet(tmp, index=False))
