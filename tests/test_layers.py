@@ -25,7 +25,7 @@ ALLOWED: dict[str, set[str]] = {
     "slide": {"core"},
     "model": {"core"},
     "nuclei": {"core"},
-    "export": {"core", "nuclei"},
+    "export": {"core", "slide", "nuclei"},
     "deploy": {"core"},
     "pipeline": {"core", "slide", "model", "nuclei", "export", "deploy"},
     "train": {"core", "slide", "model", "nuclei"},
