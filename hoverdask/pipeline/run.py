@@ -29,14 +29,14 @@ from hoverdask.deploy.figures import latest_figures
 from hoverdask.deploy.logs import LOG_NAME, dask_logs, worker_logging_env
 from hoverdask.deploy.security import tls_security
 from hoverdask.pipeline import outputs
-from hoverdask.pipeline.graph import submit_slide
+from hoverdask.pipeline._graph import submit_slide
+from hoverdask.pipeline._progress import CohortProgress
 from hoverdask.pipeline.plan import PlanFailure, SlidePlan, plan_task
 from hoverdask.pipeline.predictors import (
     PLUGIN_NAME,
     PredictorPlugin,
     TorchPredictorFactory,
 )
-from hoverdask.pipeline.progress import CohortProgress
 from hoverdask.pipeline.spec import (
     NO_TISSUE_WARNING,
     ModelSpec,

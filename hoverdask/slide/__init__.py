@@ -2,12 +2,13 @@
 model's resolution, the tissue mask, OME-Zarr conversion and synthetic slides.
 
 May import :mod:`hoverdask.core` only. :func:`open_slide` is the one door; the readers are
-:mod:`~hoverdask.slide.tiff` and :mod:`~hoverdask.slide.omezarr`, the shared interface
+:mod:`~hoverdask.slide._tiff` and :mod:`~hoverdask.slide.omezarr`, the shared interface
 :mod:`~hoverdask.slide.base`.
 """
 
 from __future__ import annotations
 
+from hoverdask.slide._open import open_slide
 from hoverdask.slide.base import (
     PixelReader,
     Slide,
@@ -15,6 +16,5 @@ from hoverdask.slide.base import (
     sanitize_slide_id,
     slide_stem,
 )
-from hoverdask.slide.open import open_slide
 
 __all__ = ["PixelReader", "Slide", "check_mpp", "open_slide", "sanitize_slide_id", "slide_stem"]

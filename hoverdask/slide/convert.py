@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 
 from hoverdask.core.errors import SlideError
+from hoverdask.slide._open import open_slide
 from hoverdask.slide.base import PixelReader, Slide
 from hoverdask.slide.omezarr import open_omezarr, read_attributes
-from hoverdask.slide.open import open_slide
 from hoverdask.slide.tissue import tissue_mask, tissue_path
 
 NGFF_VERSION = "0.4"

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from hoverdask.core.errors import SlideError
+from hoverdask.slide._tiff import open_tiff
 from hoverdask.slide.base import Slide, check_mpp
 from hoverdask.slide.omezarr import open_omezarr
-from hoverdask.slide.tiff import open_tiff
 
 
 def open_slide(path: str | Path, mpp: float | None = None) -> Slide:
