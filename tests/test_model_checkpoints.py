@@ -14,16 +14,12 @@ from typer.testing import CliRunner
 
 from hoverdask.cli import app
 from hoverdask.core.errors import CheckpointError, HoverdaskError
+from hoverdask.core.types import CONSEP, MONUSAC, PANNUKE, load_type_table, select_type_table
 from hoverdask.model import (
-    CONSEP,
-    MONUSAC,
-    PANNUKE,
     HoVerNet,
     load_model,
-    load_type_table,
     model_from_state_dict,
     save_checkpoint,
-    select_type_table,
     sha256_of,
 )
 from tests.parity_weights import CONFIGS, config_model_args, parity_state_dict
