@@ -35,6 +35,7 @@ def run(
     workers: int | None = None,
     threads_per_worker: int | None = None,
     scheduler: str | None = None,
+    slurm: PathLike | None = None,
     client: Any = None,
     security: object | None = None,
     progress: bool = True,
@@ -53,9 +54,10 @@ def run(
     model
         Checkpoint file, an official model name (``hovernet_fast-pannuke``...; downloaded when
         not cached) or None for the bundled model.
-    workers, threads_per_worker, scheduler, client, security
-        The Dask cluster: a local one by default, ``scheduler`` (address or scheduler file), or
-        an existing ``distributed.Client`` (left open).
+    workers, threads_per_worker, scheduler, slurm, client, security
+        The Dask cluster: a local one by default, ``scheduler`` (address or scheduler file),
+        ``slurm`` (a ``hoverdask cluster slurm`` config file: worker jobs are submitted for this
+        run and cancelled when it ends), or an existing ``distributed.Client`` (left open).
     progress
         Show progress bars on stderr.
     verbose
@@ -78,7 +80,7 @@ def run(
     return run_cohort(
         names, out, model=model, client=client, options=run_options_from(options),
         workers=workers, threads_per_worker=threads_per_worker, scheduler=scheduler,
-        security=security, progress=progress, log_file=True, verbose=verbose,
+        security=security, slurm=slurm, progress=progress, log_file=True, verbose=verbose,
     )
 
 

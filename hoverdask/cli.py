@@ -296,6 +296,13 @@ def run(
         typer.Option(min=1, help="Threads per worker (default: 1; GPU workers: 2)."),
     ] = None,
     scheduler: SchedulerOption = None,
+    slurm: Annotated[
+        Path | None,
+        typer.Option(dir_okay=False,
+                     help="Run the workers as SLURM jobs: a `hoverdask cluster slurm` config "
+                     "file (deploy/slurm/cluster.toml); the jobs are cancelled when the run "
+                     "ends or is interrupted."),
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     mpp: SlideMppOption = None,
     chunk_size: ChunkSizeOption = DEFAULT_CHUNK_SIZE,
@@ -349,7 +356,7 @@ def run(
     try:
         result = run_slides(
             slides, out, model, workers=workers, threads_per_worker=threads_per_worker,
-            scheduler=scheduler, security=run_security(tls_ca, tls_cert, tls_key),
+            scheduler=scheduler, slurm=slurm, security=run_security(tls_ca, tls_cert, tls_key),
             verbose=verbose, mpp=mpp, chunk_size=chunk_size, batch_size=batch_size,
             device=device, autocast=autocast, autocast_dtype=autocast_dtype,
             compile=compile_model, read_ahead=read_ahead, formats=formats,

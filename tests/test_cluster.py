@@ -150,3 +150,27 @@ def test_gpu_layout_puts_inference_on_gpu_workers_only_and_loads_no_model_elsewh
         placed.setdefault(record["key"].split("-")[0], set()).add(record["worker"])
     assert placed["infer"] == {names[0]}
     assert loaded == {names[0]: True, names[1]: False, names[2]: False}
+
+
+def test_slurm_takes_its_workers_from_the_config_only(tmp_path) -> None:
+    """`--slurm` with --scheduler/--workers/--tls-* is refused before any job is submitted."""
+    with pytest.raises(ClusterError, match="leave out scheduler, workers"):
+        make_client(slurm=tmp_path / "cluster.toml", scheduler="tcp://127.0.0.1:9", workers=2,
+                    quiet=True)
+
+
+def test_cli_run_slurm_with_scheduler_is_one_line_and_exit_2(tmp_path, monkeypatch) -> None:
+    from typer.testing import CliRunner
+
+    from hoverdask import cli
+    from hoverdask.slide.synthetic import write_synthetic_slide
+
+    monkeypatch.setattr(cli.console, "width", 1000)
+    slide = tmp_path / "s.svs"
+    write_synthetic_slide(slide, 164, 164, mpp=0.25, seed=1, keep_instances=False)
+    result = CliRunner().invoke(cli.app, ["run", str(slide), "--out", str(tmp_path / "out"),
+                                          "--slurm", str(tmp_path / "cluster.toml"),
+                                          "--scheduler", "tcp://127.0.0.1:9"])  # fmt: skip
+    assert result.exit_code == 2, result.output
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith("error: --slurm takes the workers from its config file")

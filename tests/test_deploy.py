@@ -556,3 +556,14 @@ def test_run_cohort_through_an_external_gpu_cluster(
     assert len(want) > 20
     assert sorted(got["nucleus_id"]) == sorted(want["nucleus_id"])
     assert sorted(got["area_px"]) == sorted(want["area_px"])
+
+
+def test_importing_dask_jobqueue_leaves_ctrl_c_to_us() -> None:
+    """dask-jobqueue makes SIGINT call sys.exit() on import; an interrupted `hoverdask run
+    --slurm` would then exit 0. In a fresh process, since the import happens only once."""
+    probe = ("import signal\nfrom hoverdask.deploy.jobqueue import _import_slurm_cluster\n"
+             "_import_slurm_cluster()\n"
+             "assert signal.getsignal(signal.SIGINT) is signal.default_int_handler\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          check=False, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert done.returncode == 0, done.stderr

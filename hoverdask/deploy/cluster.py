@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from hoverdask.core.errors import HoverdaskError
+from hoverdask.deploy.jobqueue import slurm_client
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -104,14 +105,24 @@ def make_client(
     quiet: bool = False,
     worker_env: dict[str, str] | None = None,
     connect_timeout: str = "30s",
+    slurm: str | Path | None = None,
 ) -> Client:
-    """Connect to ``scheduler`` (an address or a scheduler file), or start a local cluster.
+    """Connect to ``scheduler`` (an address or a scheduler file), start the SLURM cluster of
+    the config file ``slurm`` (its workers are SLURM jobs), or start a local cluster.
 
     The local cluster's workers follow :func:`local_layout` (GPU workers when ``device``
     resolves to ``cuda``). The dashboard link is printed unless ``quiet``, and so is one line
     when the workers outnumber the cores (:func:`compute_threads`). ``worker_env`` is added to
     the environment the local worker processes start with (e.g. their logging set-up).
     """
+    if slurm is not None:
+        others = {"scheduler": scheduler, "workers": workers,
+                  "threads_per_worker": threads_per_worker, "TLS options": security}
+        given = [name for name, value in others.items() if value is not None]
+        if given:
+            raise ClusterError(f"--slurm takes the workers from its config file; leave out "
+                               f"{', '.join(given)} (TLS: the config's [tls] table)")
+        return slurm_client(slurm, quiet=quiet)
     if scheduler is not None:
         client = _connect(scheduler, security, connect_timeout)
     else:
@@ -148,16 +159,19 @@ def client_for(
     **options: Any,
 ) -> Iterator[Client]:
     """``client`` as it is, or one from :func:`make_client` (``options``: ``quiet``,
-    ``dashboard``, ``worker_env``) that is closed, with its local cluster, on leaving
-    (:func:`close_client`: no worker is killed)."""
+    ``dashboard``, ``worker_env``, ``slurm``) that is closed, with the cluster it started, on
+    leaving (:func:`close_client`: no local worker is killed; SLURM jobs are cancelled, also
+    when the run is interrupted or terminated)."""
     if client is not None:
         yield client
         return
-    owned = make_client(workers, threads_per_worker, scheduler, device, security, **options)
-    try:
-        yield owned
-    finally:
-        close_client(owned)
+    stopping = _terminate_as_interrupt() if options.get("slurm") else contextlib.nullcontext()
+    with stopping:
+        owned = make_client(workers, threads_per_worker, scheduler, device, security, **options)
+        try:
+            yield owned
+        finally:
+            close_client(owned)
 
 
 def compute_threads(layout: LocalLayout, cores: int) -> int | None:
@@ -228,6 +242,25 @@ def _ctrl_c_to_us() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM (``kill``, ``scancel`` of a run that is itself a job) into
+    KeyboardInterrupt while a cluster of batch jobs is up, so that the jobs are cancelled on the
+    way out instead of waiting, orphaned, for their scheduler to time out."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 CLOSE_TIMEOUT_S = 60.0
 
 
@@ -241,7 +274,10 @@ def close_client(client: Client, *, timeout: float = CLOSE_TIMEOUT_S) -> None:
     client.close()
     if cluster is None:
         return
-    nannies = list(getattr(cluster, "workers", {}).values())
+    from distributed import Nanny
+
+    # local worker processes; a SLURM cluster's "workers" are jobs that its close cancels
+    nannies = [w for w in getattr(cluster, "workers", {}).values() if isinstance(w, Nanny)]
     if nannies:
         with contextlib.suppress(Exception):  # the cluster's own close still ends them
             cluster.sync(_close_nannies, nannies, timeout)

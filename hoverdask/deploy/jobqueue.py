@@ -9,6 +9,8 @@ an optional extra (`pip install hoverdask[slurm]`).
 from __future__ import annotations
 
 import re
+import signal
+import threading
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +21,7 @@ from hoverdask.deploy.security import tls_security
 
 if TYPE_CHECKING:
     from dask_jobqueue import SLURMCluster
+    from distributed import Client
 
 WALLTIME = re.compile(r"^(\d+-)?\d{1,3}:\d{2}(:\d{2})?$")
 MEMORY = re.compile(r"^\d+(\.\d+)?\s*(B|[KMGT]i?B)$", re.IGNORECASE)
@@ -152,19 +155,14 @@ def parse_slurm_config(raw: dict[str, Any], source: str = "config") -> SlurmConf
 
 def slurm_cluster(config: SlurmConfig) -> SLURMCluster:
     """Start the scheduler here and return the (not yet scaled) SLURMCluster for `config`."""
-    try:
-        from dask_jobqueue import SLURMCluster
-    except ImportError:
-        raise HoverdaskError(
-            "SLURM clusters need dask-jobqueue: pip install 'hoverdask[slurm]'"
-        ) from None
+    cluster_class = _import_slurm_cluster()
 
     directives = list(config.job_extra_directives)
     if config.gpus_per_job:
         directives.insert(0, f"--gres=gpu:{config.gpus_per_job}")
     resources = ",".join(f"{name}={value:g}" for name, value in config.worker_resources.items())
     security = None if config.tls is None else tls_security(*config.tls)
-    return SLURMCluster(
+    return cluster_class(
         queue=config.partition,
         account=config.account,
         walltime=config.walltime,
@@ -185,6 +183,27 @@ def slurm_cluster(config: SlurmConfig) -> SLURMCluster:
     )
 
 
+def _import_slurm_cluster() -> type[SLURMCluster]:
+    """dask-jobqueue's SLURMCluster, leaving this process's Ctrl-C handling as it was.
+
+    Importing dask-jobqueue (its ``runner`` module) makes SIGINT call ``sys.exit()``: an
+    interrupted run would then exit with status 0 as if it had succeeded, and skip the code that
+    reports the interruption. The previous handler is put back.
+    """
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main else None
+    try:
+        from dask_jobqueue import SLURMCluster
+    except ImportError:
+        raise HoverdaskError(
+            "SLURM clusters need dask-jobqueue: pip install 'hoverdask[slurm]'"
+        ) from None
+    finally:
+        if main and previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    return SLURMCluster
+
+
 def job_script(config: SlurmConfig) -> str:
     """The sbatch script each worker job runs (starts and stops a scheduler to render it)."""
     cluster = slurm_cluster(config)
@@ -199,6 +218,28 @@ def start_slurm_cluster(config: SlurmConfig) -> SLURMCluster:
     cluster = slurm_cluster(config)
     cluster.adapt(minimum_jobs=config.minimum_jobs, maximum_jobs=config.maximum_jobs)
     return cluster
+
+
+def slurm_client(path: str | Path, *, quiet: bool = False) -> Client:
+    """Start the adaptive SLURM cluster that the config file ``path`` describes, for one run.
+
+    The client's ``cluster`` is the SLURMCluster: closing it (``cluster.close_client``) cancels
+    every worker job it submitted. Security comes from the config's ``[tls]`` table.
+    """
+    from distributed import Client
+
+    config = load_slurm_config(path)
+    cluster = start_slurm_cluster(config)
+    try:
+        client = Client(cluster)
+    except BaseException:
+        cluster.close()
+        raise
+    if not quiet:
+        print(f"SLURM: {config.minimum_jobs}..{config.maximum_jobs} worker job(s) on partition "
+              f"{config.partition}; scheduler {cluster.scheduler_address}; dashboard "
+              f"{dashboard_link(cluster, config)}", flush=True)
+    return client
 
 
 def dashboard_link(cluster: SLURMCluster, config: SlurmConfig) -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from hoverdask.core.errors import CheckpointError
+from hoverdask.core.types import select_type_table
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 DEFAULT_MODEL_NAME = "hoverdask-lite"
@@ -44,7 +45,6 @@ def model_card(metadata: dict[str, Any]) -> dict[str, Any]:
 
 def bundled_models(folder: Path | None = None) -> list[BundledModel]:
     """Every checkpoint in ``folder`` (the package's), loaded safely to read its layout and card."""
-    from hoverdask.core.types import select_type_table
     from hoverdask.model.checkpoints import load_model
 
     folder = folder or WEIGHTS_DIR

@@ -145,6 +145,7 @@ def run_cohort(
     threads_per_worker: int | None = None,
     scheduler: str | None = None,
     security: object | None = None,
+    slurm: str | Path | None = None,
     progress: bool = True,
     log_file: bool = False,
     verbose: bool = True,
@@ -153,7 +154,8 @@ def run_cohort(
 
     Give either ``model`` (a checkpoint path; each worker loads it once) or
     ``predictor_factory`` (any picklable callable returning a predictor). Without ``client`` a
-    local cluster (or ``scheduler``) is started and closed here. ``log_file`` sends Dask's log
+    local cluster (or ``scheduler``, or the SLURM cluster of the config file ``slurm``, whose
+    jobs are cancelled when the run ends) is started and closed here. ``log_file`` sends Dask's log
     records to ``out_dir/hoverdask.log`` once the inputs are checked; unless ``verbose`` the
     terminal then only gets their warnings and errors, one line each; a local cluster's
     workers log the same way (see :mod:`hoverdask.deploy.logs`).
@@ -169,8 +171,9 @@ def run_cohort(
 
     logs = dask_logs(out, verbose=verbose) if log_file else contextlib.nullcontext()
     worker_env = worker_logging_env(out / LOG_NAME, verbose=verbose) if log_file else None
+    extra: dict[str, Any] = {"slurm": slurm} if slurm is not None else {}
     with logs, client_for(client, workers, threads_per_worker, scheduler, options.device,  # type: ignore[arg-type]
-                          security, worker_env=worker_env) as live:
+                          security, worker_env=worker_env, **extra) as live:
         runner = _CohortRunner(live, out, spec, options, progress=progress)
         return runner.run([str(s) for s in slides])
 
