@@ -23,6 +23,7 @@ from hoverdask.export.report import (
     cohort_outliers,
     rebuild_report,
     robust_outliers,
+    slide_pictures,
 )
 from hoverdask.features import measure
 from hoverdask.slide import open_slide
@@ -193,6 +194,25 @@ def test_links_instead_of_embedding_past_the_limit(cohort, tmp_path):
     text = report.read_text()
     assert "src='S1/report/crop_dense.png'" in text
     assert "linked, not embedded" in text
+
+
+def test_a_region_run_is_pictured_inside_its_region(cohort, tmp_path):
+    slide_dir = tmp_path / "S1-region"
+    shutil.copytree(cohort["out"] / "S1", slide_dir)
+    shutil.rmtree(slide_dir / "report")
+    record = json.loads((slide_dir / "run.json").read_text())
+    region = {"x": 200, "y": 100, "width": 1400, "height": 1200}
+    record["parameters"]["region"] = region
+    (slide_dir / "run.json").write_text(json.dumps(record))
+    drawn = slide_pictures(slide_dir)
+    assert drawn.complete
+    assert drawn.notes == []
+    assert [c.kind for c in drawn.crops] == list(CROP_KINDS)
+    for crop in drawn.crops:
+        assert crop.x0 >= region["x"]
+        assert crop.y0 >= region["y"]
+        assert crop.x0 + crop.size0 <= region["x"] + region["width"]
+        assert crop.y0 + crop.size0 <= region["y"] + region["height"]
 
 
 def _cohort_slide(out: Path, name: str, area: float, rng) -> dict:

@@ -46,8 +46,9 @@ OVERVIEW_PX = 900  # longest side of the overview thumbnail
 HEAT_BIN_UM = 50.0  # smallest heat-map cell (µm); larger for big slides (about 60 cells across)
 EMBED_LIMIT = 64 * 2**20  # bytes of pictures embedded in the HTML; later ones are linked
 REPORT_DIR = "report"
-PICTURES_VERSION = 1  # bump when the pictures change, so cached ones are redrawn
+PICTURES_VERSION = 2  # bump when the pictures change, so cached ones are redrawn
 CROP_KINDS = ("dense", "typical", "sparse")
+DENSE_TRIES = 8  # densest windows tried in turn until the three crops fit without overlapping
 UNCLASSIFIED_COLOR = (160, 160, 160)  # as in qc.png
 OUTLIER_Z = 3.5  # robust z-score (median, 1.4826 MAD) beyond which a slide is flagged
 MIN_MAD_FRACTION = 0.05  # MAD floor, as a fraction of the median (identical slides flag nothing)
@@ -318,7 +319,8 @@ def _overview_pixels(slide: Any, box: Sequence[int]) -> tuple[np.ndarray, float]
     chunk = max(factor, 1024 // factor * factor)
     window = window.rechunk((chunk, chunk, 3))
     pooled = da.coarsen(np.mean, window, {0: factor, 1: factor}, trim_excess=True)
-    return np.round(pooled.compute()).astype(np.uint8), d * factor
+    # local threads: the report is drawn on the client, whatever cluster ran the slides
+    return np.round(pooled.compute(scheduler="threads")).astype(np.uint8), d * factor
 
 
 def _tissue(thumb: np.ndarray, um_per_px: float) -> np.ndarray:
@@ -408,14 +410,22 @@ def choose_crops(
         "sparse": sorted(range(len(eligible)), key=lambda k: (counts[k], k)),
         "typical": sorted(range(len(eligible)), key=lambda k: (abs(counts[k] - median), k)),
     }
-    chosen: dict[str, tuple[int, int, int, int, float]] = {}
-    for kind in ("dense", "sparse", "typical"):
-        for k in orders[kind]:
-            wx, wy, n, fraction = eligible[k]
-            if all(abs(wx - o[0]) >= size0 or abs(wy - o[1]) >= size0 for o in chosen.values()):
-                chosen[kind] = (wx, wy, size0, n, round(fraction, 3))
-                break
-    return [(kind, chosen[kind]) for kind in CROP_KINDS if kind in chosen]
+    best: dict[str, tuple[int, int, int, float]] = {}
+    for first in orders["dense"][:DENSE_TRIES]:  # a window in the middle may block the others
+        chosen = {"dense": (*eligible[first][:3], round(eligible[first][3], 3))}
+        for kind in ("sparse", "typical"):
+            for k in orders[kind]:
+                wx, wy, n, fraction = eligible[k]
+                if all(abs(wx - o[0]) >= size0 or abs(wy - o[1]) >= size0
+                       for o in chosen.values()):  # fmt: skip
+                    chosen[kind] = (wx, wy, n, round(fraction, 3))
+                    break
+        if len(chosen) > len(best):
+            best = chosen
+        if len(best) == len(CROP_KINDS):
+            break
+    return [(kind, (best[kind][0], best[kind][1], size0, best[kind][2], best[kind][3]))
+            for kind in CROP_KINDS if kind in best]  # fmt: skip
 
 
 def render_crop(
@@ -636,7 +646,7 @@ def report_html(
 
 _CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:1.2em 2em;color:#222;
-max-width:1400px}
+max-width:1700px}
 h1 small{font-size:55%;color:#777;font-weight:normal}
 h2{border-bottom:2px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
 table{border-collapse:collapse;font-size:13px;margin:.4em 0}
@@ -784,6 +794,12 @@ def _cohort_part(slides: Sequence[Any], pictures: _Pictures) -> str:
     )
 
 
+def _resampled(scale: float) -> str:
+    if abs(scale - 1) < 1e-6:
+        return "shown 1:1"
+    return f"{'enlarged' if scale > 1 else 'reduced'} ×{scale:.3g}"
+
+
 def _css(color: Sequence[int]) -> str:
     return "rgb({},{},{})".format(*(int(c) for c in color))
 
@@ -837,9 +853,9 @@ def _slide_part(flat: Mapping[str, Any], slide_dir: Path, drawn: SlidePictures |
             f"<figure><img alt='{crop.kind} crop' src='{pictures.src(path)}' data-kind='{crop.kind}' "
             f"data-x0='{crop.x0}' data-y0='{crop.y0}' data-size0='{crop.size0}' "
             f"data-scale='{crop.scale:.9g}' width='{CROP_PX}' height='{CROP_PX}'>"
-            f"<figcaption><b>{crop.kind}</b>: {crop.nuclei} nuclei in {um:.0f}×{um:.0f} µm; "
-            f"level-0 x {crop.x0:,}, y {crop.y0:,}, {crop.size0} px wide "
-            f"(×{crop.scale:.3g}); tissue {100 * crop.tissue_fraction:.0f}%</figcaption></figure>"
+            f"<figcaption><b>{crop.kind}</b>: {crop.nuclei} nuclei in {um:.0f}×{um:.0f} µm "
+            f"({100 * crop.tissue_fraction:.0f}% tissue); level-0 x {crop.x0:,}, y {crop.y0:,}, "
+            f"{crop.size0} slide pixels {_resampled(crop.scale)}</figcaption></figure>"
         )
     if crops:
         parts.append("<h3>Nuclei at full resolution</h3><p class='meta'>outlines in the type "
