@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+
 import cv2
 import geopandas as gpd
 import numpy as np
@@ -78,7 +80,8 @@ def test_qc_picture_colours_nuclei_by_type_and_outlines_tissue(measured, tmp_pat
         expected = UNCLASSIFIED_COLOR if row.type == 0 else TYPES[int(row.type)][1]
         assert tuple(picture[y, x]) == expected
     written = write_cohort_summary([{"slide": "S1", "status": "ok"}], tmp_path)
-    assert 'src="S1/qc.png"' in written["report"].read_text()
+    embedded = base64.b64encode(path.read_bytes()).decode("ascii")
+    assert f"src='data:image/png;base64,{embedded}'" in written["report"].read_text()
 
 
 def test_formats_are_checked(measured, tmp_path):

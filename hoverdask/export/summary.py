@@ -17,7 +17,6 @@ hard link costs no extra disk.
 from __future__ import annotations
 
 import csv
-import html
 import json
 import math
 import os
@@ -42,6 +41,7 @@ from hoverdask.export.geoparquet import (
 )
 from hoverdask.export.parts import SlideParts
 from hoverdask.export.qupath import QuPathStream, write_qupath
+from hoverdask.export.report import write_report
 from hoverdask.nuclei.features import FEATURE_COLUMNS, type_info, type_name_and_color
 
 FORMATS = ("parquet", "qupath")
@@ -294,42 +294,8 @@ def write_summary_files(
         writer.writeheader()
         for flat, _ in table:
             writer.writerow({k: _csv_value(v) for k, v in flat.items()})
-    report = atomic_write_text(
-        out_dir / "report.html", _report_html(table, columns, out_dir, timings)
-    )
+    report = write_report(table, out_dir, timings=timings)
     return {"summary": summary, "dataset": out_dir / "nuclei", "report": report}
-
-
-def _report_html(table, columns, out_dir: Path, timings) -> str:
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in ["qc", *columns])
-    body = []
-    for flat, qc in table:
-        if qc is not None and Path(qc).exists():
-            href = html.escape(os.path.relpath(qc, out_dir))
-            picture = f'<a href="{href}"><img src="{href}" height="120"></a>'
-        else:
-            picture = ""
-        cells = "".join(f"<td>{html.escape(_csv_value(flat.get(c)))}</td>" for c in columns)
-        body.append(f"<tr><td>{picture}</td>{cells}</tr>")
-    timing_rows = "".join(
-        f"<tr><td>{html.escape(str(k))}</td><td>{v:.1f}</td></tr>"
-        for k, v in (timings or {}).items()
-    )
-    seconds = [
-        flat.get("seconds") for flat, _ in table if isinstance(flat.get("seconds"), int | float)
-    ]
-    total = f"<p>{len(table)} slides, {sum(seconds):.1f} s of slide time.</p>"
-    return (
-        "<!doctype html><html><head><meta charset='utf-8'><title>hoverdask report</title>"
-        "<style>body{font-family:sans-serif}table{border-collapse:collapse;font-size:12px}"
-        "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}</style></head><body>"
-        f"<h1>hoverdask cohort report</h1>{total}"
-        f"<table><tr>{head}</tr>{''.join(body)}</table>"
-        + (f"<h2>Run timings (s)</h2><table>{timing_rows}</table>" if timing_rows else "")
-        + "<p>Per-type counts are nuclei; densities are nuclei per mm² of detected tissue.</p>"
-        "</body></html>\n"
-    )
-
 
 
 def _csv_value(value: Any) -> str:

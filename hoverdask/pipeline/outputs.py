@@ -23,6 +23,7 @@ from hoverdask.export.summary import (
     write_slide_outputs_from_parts,
     write_summary_files,
 )
+from hoverdask.nuclei.features import type_info
 from hoverdask.pipeline.ledger import saved_tissue
 
 if TYPE_CHECKING:
@@ -149,10 +150,19 @@ def write_run_record(
             **outcome.get("counts", {}),
         },
         "inference_busy_fraction": outcome.get("inference_busy_fraction"),
+        "types": _types_json(plan.type_table),  # names and colours, for the report
         "files": outcome.get("files", []),
         "bench": bench,
     }
     atomic_write_json(plan.ledger.run_path, record)
+
+
+def _types_json(type_table: Any) -> dict[str, Any] | None:
+    """``{"<id>": {"name": ..., "color": [r, g, b]}}`` of the run's type table (None: none)."""
+    if type_table is None:
+        return None
+    return {str(k): {"name": name, "color": list(color)}
+            for k, (name, color) in sorted(type_info(type_table).items())}
 
 
 @functools.cache
