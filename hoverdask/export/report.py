@@ -158,7 +158,7 @@ def _draw_slide(slide_dir: Path, folder: Path) -> SlidePictures:
     pictures.plots = "plots.png"
     mpp = _mpp(run, metadata)
     slide_path = run.get("slide") or metadata.get("slide")
-    box = _extent(run, table, metadata)
+    box = _extent(run)
     try:
         slide = _open(slide_path, run)
     except Exception as err:  # noqa: BLE001 - any reason to not read the pixels is reported
@@ -175,7 +175,7 @@ def _draw_slide(slide_dir: Path, folder: Path) -> SlidePictures:
         if box is None:
             box = (0, 0, *slide.dimensions)
         thumb, downsample = _overview_pixels(slide, box)
-        tissue = _tissue(thumb, downsample * mpp)
+        tissue = detect_tissue(thumb, downsample * mpp)
         density, grid = _density(table, box, mpp, (tissue, downsample))
         windows = choose_crops(table, box, mpp, tissue, downsample)
         for kind, (x0, y0, size0, count, fraction) in windows:
@@ -283,8 +283,7 @@ def _mpp(run: Mapping[str, Any], metadata: Mapping[str, Any]) -> float | None:
     return None
 
 
-def _extent(run: Mapping[str, Any], table: Mapping[str, np.ndarray],
-            metadata: Mapping[str, Any]) -> tuple[int, int, int, int] | None:
+def _extent(run: Mapping[str, Any]) -> tuple[int, int, int, int] | None:
     """The level-0 box the run covered: its ``--region``, else None (the whole slide)."""
     region = (run.get("parameters") or {}).get("region")
     if isinstance(region, Mapping) and {"x", "y", "width", "height"} <= set(region):
@@ -321,10 +320,6 @@ def _overview_pixels(slide: Any, box: Sequence[int]) -> tuple[np.ndarray, float]
     pooled = da.coarsen(np.mean, window, {0: factor, 1: factor}, trim_excess=True)
     # local threads: the report is drawn on the client, whatever cluster ran the slides
     return np.round(pooled.compute(scheduler="threads")).astype(np.uint8), d * factor
-
-
-def _tissue(thumb: np.ndarray, um_per_px: float) -> np.ndarray:
-    return detect_tissue(thumb, um_per_px)
 
 
 def _density(table: Mapping[str, np.ndarray], box: Sequence[int], mpp: float,
