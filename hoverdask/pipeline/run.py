@@ -171,9 +171,8 @@ def run_cohort(
 
     logs = dask_logs(out, verbose=verbose) if log_file else contextlib.nullcontext()
     worker_env = worker_logging_env(out / LOG_NAME, verbose=verbose) if log_file else None
-    extra: dict[str, Any] = {"slurm": slurm} if slurm is not None else {}
     with logs, client_for(client, workers, threads_per_worker, scheduler, options.device,  # type: ignore[arg-type]
-                          security, worker_env=worker_env, **extra) as live:
+                          security, worker_env=worker_env, slurm=slurm) as live:
         runner = _CohortRunner(live, out, spec, options, progress=progress)
         return runner.run([str(s) for s in slides])
 
