@@ -325,7 +325,7 @@ def bench_end_to_end(
         plan, _ = plan_slide(str(slide), scratch / "plan", mpp=None,
                              target_mpp=options.target_mpp, chunk_size=options.chunk_size,
                              output=geometry.output, margin=geometry.margin)
-        processed = sum(_area(plan.grid.extent(*tile)) for tile in plan.tissue_tiles)
+        processed = plan.processed_pixels
         slide_px = plan.grid.height * plan.grid.width
         with ExitStack() as cleanup:
             if client is None:  # a local cluster for the measurement; its start is not timed
@@ -381,11 +381,6 @@ def _read_busy_fraction(run_json: Path) -> float | None:
         return json.loads(run_json.read_text()).get("inference_busy_fraction")
     except (OSError, ValueError):
         return None
-
-
-def _area(extent: tuple[int, int, int, int]) -> int:
-    y0, x0, y1, x1 = extent
-    return (y1 - y0) * (x1 - x0)
 
 
 def bench_all(

@@ -255,3 +255,37 @@ def test_inference_runs_only_on_gpu_workers_and_post_processing_anywhere(cohort,
         placed.setdefault(record["key"].split("-")[0], set()).add(record["worker"])
     assert placed["infer"] == {names["gpu"]}
     assert len(placed["nuclei"] | placed["sobel"]) == 2  # CPU passes used both workers
+
+
+@pytest.mark.slow
+def test_glass_patches_of_a_tissue_tile_are_background_and_never_predicted(client, tmp_path):
+    from hoverdask.pipeline.plan import plan_slide
+
+    slide, maps_path = tmp_path / "glassy.svs", tmp_path / "maps.npy"
+    write_synthetic_slide(slide, 1200, 900, mpp=0.25, seed=2, compression="lossless",
+                          keep_instances=False, background_fraction=0.4)
+    np.save(maps_path, synthetic_pred_map(900, 1200, NR_TYPES, seed=5))
+    plan, _ = plan_slide(str(slide), tmp_path / "plan", mpp=None, target_mpp=0.25,
+                         chunk_size=656, output=164, margin=46)
+    assert plan.tissue_patches, "the synthetic slide's glass should leave patches without tissue"
+    assert plan.processed_pixels < plan.grid.pixels(plan.tissue_tiles)
+    out = tmp_path / "out"
+    factory = ArrayPredictorFactory(str(maps_path), margin=46, output=164, nr_types=NR_TYPES)
+    run_cohort([slide], out, predictor_factory=factory, client=client,
+               options=RunOptions(chunk_size=656, keep_work=True), progress=False)
+    stored = _stored(np.load(maps_path))
+    maps = np.zeros_like(stored)
+    predicted = 0
+    for row, col in plan.tissue_tiles:
+        active = plan.active_patches(row, col)
+        rows, cols = plan.grid.patch_shape(row, col)
+        for i, j in np.ndindex(rows, cols):
+            if active is None or active[i, j]:
+                y0, x0, y1, x1 = plan.grid.patch_extent(row, col, i, j)
+                maps[y0:y1, x0:x1] = stored[y0:y1, x0:x1]
+                predicted += 1
+        marker = json.loads((out / "glassy" / ".work" / "tiles" / f"{row}_{col}.json").read_text())
+        assert marker["patches_run"] == (rows * cols if active is None else active.sum())
+    assert predicted == plan.params["patches_run"] < plan.params["patches_total"]
+    _assert_same_nuclei(gpd.read_parquet(out / "glassy" / "nuclei.parquet"),
+                        nuclei_from_maps(maps, 1024, NR_TYPES))

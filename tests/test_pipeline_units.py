@@ -198,3 +198,28 @@ def test_inference_busy_fraction_from_the_tile_markers(tmp_path) -> None:
     assert len(markers) == len(intervals)
     assert inference_busy_fraction(markers, since=50.0) == pytest.approx(5.0 / 6.0)
     assert inference_busy_fraction(markers, since=200.0) is None
+
+
+def test_only_active_patches_are_predicted_the_rest_is_background() -> None:
+    from hoverdask.pipeline.tasks import patch_runs, predict_active
+
+    margin, output = 3, 8
+    maps = np.random.default_rng(0).random((4 * output, 5 * output, 4)).astype(np.float32) + 0.1
+    calls = []
+
+    class Counting(ArrayPredictor):
+        def predict_tile(self, window, tile_origin_yx):
+            calls.append(window.shape)
+            return super().predict_tile(window, tile_origin_yx)
+
+    predictor = Counting(maps, margin=margin, output=output, nr_types=5)
+    window = np.zeros((4 * output + 2 * margin, 5 * output + 2 * margin, 3), np.uint8)
+    active = np.array([[1, 1, 0, 1, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1], [0, 1, 0, 0, 1]], bool)
+    assert patch_runs(active) == [(0, 0, 2), (0, 3, 4), (2, 0, 5), (3, 1, 2), (3, 4, 5)]
+    got = predict_active(predictor, window, (0, 0), active, nr_types=5)
+    assert len(calls) == 5 and calls[2] == (output + 2 * margin, 5 * output + 2 * margin, 3)
+    expected = np.where(np.kron(active, np.ones((output, output), bool))[..., None], maps, 0)
+    np.testing.assert_array_equal(got, expected)
+    calls.clear()
+    np.testing.assert_array_equal(predict_active(predictor, window, (0, 0), None, 5), maps)
+    assert len(calls) == 1

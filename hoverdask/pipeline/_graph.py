@@ -70,7 +70,8 @@ def submit_slide(
     tiles = [
         submit("infer", f"{row}_{col}", tasks.infer_tile, plan.source, plan.grid,
                plan.slide_dir, row, col, spec.factory, spec.nr_types,
-               tuple(order[index + 1 : index + 1 + ahead]), resources=gpu_resources)
+               tuple(order[index + 1 : index + 1 + ahead]), plan.active_patches(row, col),
+               resources=gpu_resources)
         for index, (row, col) in enumerate(order)
     ]
     post = submit_postprocess(submit, plan, spec, tiles)

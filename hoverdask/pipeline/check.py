@@ -162,7 +162,7 @@ def check_slide(
     result.tissue_mm2 = None if plan.tissue_mm2 is None else round(plan.tissue_mm2, 4)
     result.map_tile_size = plan.grid.tile
     result.map_tiles, result.map_tiles_total = len(plan.tissue_tiles), rows * cols
-    result.processed_megapixels = round(plan.grid.pixels(plan.tissue_tiles) / 1e6, 4)
+    result.processed_megapixels = round(plan.processed_pixels / 1e6, 4)
     if use_tissue_mask and not plan.tissue_tiles:
         result.warnings.append(NO_TISSUE_WARNING.removeprefix("warning: "))
     return result

@@ -65,6 +65,19 @@ class TileGrid:
         y0, x0, y1, x1 = self.extent(row, col)
         return _round_up(y1 - y0, self.output), _round_up(x1 - x0, self.output)
 
+    def patch_shape(self, row: int, col: int) -> tuple[int, int]:
+        """Patches of the tile, (rows, cols)."""
+        height, width = self.padded_size(row, col)
+        return height // self.output, width // self.output
+
+    def patch_extent(self, row: int, col: int, i: int, j: int) -> tuple[int, int, int, int]:
+        """``(y0, x0, y1, x1)`` of patch ``(i, j)``'s output inside the image (clipped; empty for
+        a patch wholly in the tile's padding past the image edge)."""
+        ty, tx = self.extent(row, col)[:2]
+        y0, x0 = ty + i * self.output, tx + j * self.output
+        y1, x1 = min(y0 + self.output, self.height), min(x0 + self.output, self.width)
+        return y0, x0, max(y0, y1), max(x0, x1)
+
 
 def _round_up(value: int, step: int) -> int:
     return -(-value // step) * step

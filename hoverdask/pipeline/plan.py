@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from hoverdask.core.errors import HoverdaskError, one_line
 from hoverdask.core.types import TypeTable
 from hoverdask.pipeline.grid import TileGrid
@@ -42,6 +44,9 @@ class SlidePlan:
     extent: tuple[float, float, float, float]  # level-0 (x0, y0, x1, y1) of what was processed
     type_table: TypeTable | None = field(default=None, hash=False, compare=False)
     params: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    # per tissue tile whose patches do not all meet tissue: which patches run (bool, patch grid)
+    tissue_patches: dict[tuple[int, int], np.ndarray] = field(
+        default_factory=dict, hash=False, compare=False)
 
     @property
     def ledger(self) -> SlideLedger:
@@ -56,6 +61,24 @@ class SlidePlan:
         """Processing-pixel ``(x, y)`` of the grid's origin in the slide (non-zero for a region):
         the ``offset`` of :func:`hoverdask.core.schema.to_level0`."""
         return self.source.origin[1], self.source.origin[0]
+
+    def active_patches(self, row: int, col: int) -> np.ndarray | None:
+        """The patches of tissue tile ``(row, col)`` the network runs on; None: all of them."""
+        return self.tissue_patches.get((row, col))
+
+    @property
+    def processed_pixels(self) -> int:
+        """Image pixels the network predicts: the tissue tiles less their skipped patches."""
+        total = 0
+        for row, col in self.tissue_tiles:
+            active = self.active_patches(row, col)
+            if active is None:
+                total += self.grid.pixels([(row, col)])
+                continue
+            for i, j in zip(*np.nonzero(active), strict=True):
+                y0, x0, y1, x1 = self.grid.patch_extent(row, col, int(i), int(j))
+                total += (y1 - y0) * (x1 - x0)
+        return total
 
     @property
     def skips_tiles(self) -> bool:
@@ -109,9 +132,14 @@ def plan_open_slide(
     if region is not None:
         extent = region_level0_box(box, scale)
     mask = None
+    patches: dict[tuple[int, int], np.ndarray] = {}
     if use_tissue_mask:
         mask = tissue_mask(slide)
         tiles = tuple(t for t in tiles if _has_tissue(mask, grid, scale, (y0, x0), *t))
+        for tile in tiles:
+            active = _tissue_patches(mask, grid, scale, (y0, x0), *tile)
+            if not active.all():
+                patches[tile] = active
     slide_id = str(slide.slide_id) + (region.suffix if region is not None else "")
     slide_mpp = float(slide.mpp)
     params = {
@@ -123,6 +151,9 @@ def plan_open_slide(
         "patch_output": output,
         "patch_margin": margin,
         "tissue_mask": use_tissue_mask,
+        "patches_total": sum(math.prod(grid.patch_shape(*t)) for t in tiles),
+        "patches_run": sum(int(patches[t].sum()) if t in patches else
+                           math.prod(grid.patch_shape(*t)) for t in tiles),
     }
     if region is not None:
         params["region"] = [region.x, region.y, region.width, region.height]
@@ -141,6 +172,7 @@ def plan_open_slide(
         extent=extent,
         type_table=type_table,
         params=params,
+        tissue_patches=patches,
     )
     return plan, mask
 
@@ -151,6 +183,25 @@ def _has_tissue(mask: Any, grid: TileGrid, scale: float, origin_yx: tuple[int, i
     oy, ox = origin_yx
     return bool(mask.any_in_box(math.floor((x0 + ox) * scale), math.floor((y0 + oy) * scale),
                                 math.ceil((x1 + ox) * scale), math.ceil((y1 + oy) * scale)))
+
+
+def _tissue_patches(mask: Any, grid: TileGrid, scale: float, origin_yx: tuple[int, int],
+                    row: int, col: int) -> np.ndarray:
+    """Which patches of a tissue tile the network runs on: those whose input (the output plus
+    the patch margin of context) meets tissue. The others hold glass only; their maps are
+    background, exactly as for the tiles without tissue, and cost no network time."""
+    oy, ox = origin_yx
+    m = grid.margin
+    rows, cols = grid.patch_shape(row, col)
+    active = np.zeros((rows, cols), dtype=bool)
+    for i in range(rows):
+        for j in range(cols):
+            y0, x0, y1, x1 = grid.patch_extent(row, col, i, j)
+            if y1 > y0 and x1 > x0:
+                active[i, j] = mask.any_in_box(
+                    math.floor((x0 - m + ox) * scale), math.floor((y0 - m + oy) * scale),
+                    math.ceil((x1 + m + ox) * scale), math.ceil((y1 + m + oy) * scale))
+    return active
 
 
 def _tissue_mm2(mask: Any, box: tuple[float, float, float, float] | None) -> float | None:

@@ -9,6 +9,7 @@ recomputing, so resubmitting a whole slide after a crash redoes only what is mis
 from __future__ import annotations
 
 import functools
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -137,6 +138,39 @@ def read_window(source: SlideSource, grid: TileGrid, row: int, col: int) -> np.n
     return read_rgb(source, rows, cols)
 
 
+def patch_runs(active: np.ndarray) -> list[tuple[int, int, int]]:
+    """``(row, first, stop)`` of every run of consecutive active patches, row by row."""
+    runs = []
+    for i, line in enumerate(active):
+        edges = np.flatnonzero(np.diff(np.concatenate(([0], line.astype(np.int8), [0]))))
+        runs.extend((i, int(a), int(b)) for a, b in zip(edges[::2], edges[1::2], strict=True))
+    return runs
+
+
+def predict_active(
+    predictor: Any,
+    window: np.ndarray,
+    origin_yx: tuple[int, int],
+    active: np.ndarray | None,
+    nr_types: int | None,
+) -> np.ndarray:
+    """The tile's maps with only the ``active`` patches predicted, the rest background (0).
+
+    Each run of active patches in a patch row is one ``predict_tile`` call on its own window,
+    cut on the same global patch grid, so every predicted pixel equals the whole tile's.
+    """
+    if active is None or active.all():
+        return predictor.predict_tile(window, origin_yx)
+    out, m = predictor.output, predictor.margin
+    rows, cols = active.shape
+    maps = np.zeros((rows * out, cols * out, len(maps_store.channel_names(nr_types))), np.float32)
+    for i, first, stop in patch_runs(active):
+        sub = window[i * out : (i + 1) * out + 2 * m, first * out : stop * out + 2 * m]
+        origin = (origin_yx[0] + i * out, origin_yx[1] + first * out)
+        maps[i * out : (i + 1) * out, first * out : stop * out] = predictor.predict_tile(sub, origin)
+    return maps
+
+
 def infer_tile(
     source: SlideSource,
     grid: TileGrid,
@@ -146,11 +180,14 @@ def infer_tile(
     factory: PredictorFactory,
     nr_types: int | None,
     read_ahead: tuple[tuple[int, int], ...] = (),
+    active: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Predict map tile ``(row, col)``, write it to the cache and commit its marker.
 
     ``read_ahead`` names the tiles likely to come next to this worker: their windows are read
     in the background while this tile is predicted, so a GPU does not wait for slide decoding.
+    ``active`` (bool, the tile's patch grid) says which patches meet tissue; the others are
+    background and are not predicted (None: all patches run).
     """
     ledger = SlideLedger(Path(slide_dir))
     marker = ledger.tile_marker(row, col)
@@ -168,13 +205,15 @@ def infer_tile(
             WINDOWS.start((source, grid, *ahead), functools.partial(reader, *ahead))
     read = time.perf_counter()
     y0, x0, y1, x1 = grid.extent(row, col)
-    maps = predictor.predict_tile(window, (y0, x0))[: y1 - y0, : x1 - x0]
+    maps = predict_active(predictor, window, (y0, x0), active, nr_types)[: y1 - y0, : x1 - x0]
     predicted, predicted_at = time.perf_counter(), time.time()
     stored = maps_store.write_tile(ledger.maps_store, y0, x0, maps, nr_types)
     seconds = {"read_s": read - started, "predict_s": predicted - read,
                "write_s": time.perf_counter() - predicted}
     clock = {"worker": _worker_name(), "predict_start": predicted_at - seconds["predict_s"],
              "predict_end": predicted_at}  # for the busy fraction of the predictor
-    stats = {"row": row, "col": col, **tile_stats(stored, nr_types), **seconds, **clock}
+    patches = int(active.sum()) if active is not None else math.prod(grid.patch_shape(row, col))
+    stats = {"row": row, "col": col, **tile_stats(stored, nr_types), **seconds, **clock,
+             "patches_run": patches}
     atomic_write_json(marker, stats)
     return stats
