@@ -311,8 +311,9 @@ def run(
                           "(8 on CPU).")
     ] = 0,
     autocast: Annotated[
-        bool, typer.Option(help="Reduced-precision inference on CUDA (faster; maps differ "
-                           "slightly: benchmarks/gpu_inference.py reports by how much).")
+        bool, typer.Option(help="Reduced-precision inference (faster; maps differ slightly: "
+                           "benchmarks/gpu_inference.py reports by how much): on CUDA, and in "
+                           "bfloat16 on CPUs that have it in hardware (AMX, AVX512-BF16).")
     ] = False,
     autocast_dtype: Annotated[
         str, typer.Option(help="Precision of --autocast: bfloat16 or float16.")
@@ -573,6 +574,9 @@ def evaluate(
         Path | None,
         typer.Option(help="Hold-out JSON (as for train): score only the held-out images."),
     ] = None,
+    autocast: Annotated[
+        bool, typer.Option(help="Score the network as `run --autocast` runs it (bfloat16).")
+    ] = False,
 ) -> None:
     """Score a model on annotated images: DICE, AJI, AJI+, DQ, SQ, PQ, and F_d/F_c with types."""
     import json
@@ -584,8 +588,8 @@ def evaluate(
     from hoverdask.model.registry import resolve_model_argument
 
     report = evaluate_model(
-        data, resolve_model_argument(model), limit=limit, device=device, batch_size=batch_size, method=method,
-        holdout=holdout,
+        data, resolve_model_argument(model), limit=limit, device=device, batch_size=batch_size,
+        method=method, holdout=holdout, autocast=autocast,
     )
     rows = format_table(report)
     table = Table(title="Instance segmentation")

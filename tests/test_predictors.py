@@ -191,3 +191,25 @@ def test_read_only_patches_are_staged_without_a_warning(model: HoVerNet) -> None
         got = runner.collect(runner.submit(patches))
         want = predict_patches(model, patches, device="cpu")
     np.testing.assert_array_equal(got, want)
+
+
+def test_cpu_autocast_runs_bfloat16_only_where_the_cpu_has_it(tmp_path, model: HoVerNet,
+                                                              caplog: pytest.LogCaptureFixture):
+    from hoverdask.model.infer import autocast_dtype_on, cpu_has_native_bfloat16
+
+    cpu = torch.device("cpu")
+    assert autocast_dtype_on(cpu, None) is None
+    assert autocast_dtype_on(cpu, torch.float16) is None  # slower than fp32 on any CPU
+    assert "running fp32" in caplog.text
+    patches = np.random.default_rng(4).integers(0, 256, (2, 256, 256, 3), np.uint8)
+    fp32 = predict_patches(model, patches, device="cpu")
+    low = predict_patches(model, patches, device="cpu", autocast=True)
+    if not cpu_has_native_bfloat16():
+        assert autocast_dtype_on(cpu, torch.bfloat16) is None
+        np.testing.assert_array_equal(low, fp32)
+        return
+    assert autocast_dtype_on(cpu, torch.bfloat16) == torch.bfloat16
+    # the network really ran in bfloat16 (also full HoVer-Net, whose fused CPU form autocast
+    # would not reach), and stays close to fp32
+    assert not np.array_equal(low[..., 1:], fp32[..., 1:])
+    assert np.abs(low[..., 1:] - fp32[..., 1:]).max() < 0.1

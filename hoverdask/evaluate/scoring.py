@@ -162,9 +162,11 @@ def evaluate_model(
     batch_size: int = 8,
     method: str = "reference",
     holdout: str | Path | None = None,
+    autocast: bool = False,
 ) -> EvaluationReport:
     """Run tile inference and post-processing on each image of ``data`` and score it
-    (only its held-out images when a ``holdout`` file is given)."""
+    (only its held-out images when a ``holdout`` file is given). ``autocast`` runs the network
+    in reduced precision where the device has it, as ``run --autocast`` does."""
     from hoverdask.model.catalog import default_model_path
     from hoverdask.model.checkpoints import load_model
     from hoverdask.model.infer import predict_image, resolve_device
@@ -198,7 +200,8 @@ def evaluate_model(
     def predictions() -> Iterable[Prediction]:
         for index in range(count):
             item = dataset[index]
-            pred_map = predict_image(model, item.image, batch_size=batch_size, device=torch_device)
+            pred_map = predict_image(model, item.image, batch_size=batch_size, device=torch_device,
+                                     autocast=autocast)
             inst, info = process(pred_map, model.nr_types, method=method)  # type: ignore[arg-type]
             centroids = np.array([r["centroid"] for r in info.values()]).reshape(-1, 2)
             kinds = np.array([r["type"] or 0 for r in info.values()], np.int64) if typed else None

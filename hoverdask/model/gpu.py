@@ -22,6 +22,7 @@ import torch
 
 from hoverdask.model.infer import (
     _check_patches,
+    autocast_dtype_on,
     forward_maps,
     inference_network,
     layout_network,
@@ -173,12 +174,12 @@ class StagedPatchRunner:
         keep_buffers: int = 3,
     ) -> None:
         self.device = resolve_device(device)
-        self.eager = inference_network(ready_on(model, self.device), self.device)
+        self.dtype = autocast_dtype_on(self.device, dtype)  # as predict_patches does
+        self.eager = inference_network(ready_on(model, self.device), self.device, self.dtype)
         cuda = self.device.type == "cuda"
         if compile and not cuda:  # results are the same either way
             log.warning("torch.compile is used on CUDA only: the CPU inference form runs eager")
         self.network = torch.compile(self.eager) if compile and cuda else self.eager
-        self.dtype = dtype if cuda else None  # CPU keeps fp32, as predict_patches does
         self.upload_stream = torch.cuda.Stream(self.device) if cuda else None
         self.download_stream = torch.cuda.Stream(self.device) if cuda else None
         self.inputs = _BufferPool(cuda, keep_buffers)
