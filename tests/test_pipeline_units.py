@@ -221,7 +221,7 @@ def test_breakdown_shares_of_the_wall_time_of_every_thread() -> None:
 def test_breakdown_clips_the_overhead_and_needs_a_tissue_mask_for_seconds_per_mm2() -> None:
     from hoverdask.pipeline.breakdown import breakdown
 
-    # more task seconds than wall x threads (a resumed unit timed twice, clocks): no overhead
+    # more task seconds than wall x threads (workers joined later): no overhead
     got = breakdown({"inference": 30.0}, wall_s=10.0, worker_threads=2, tissue_mm2=None,
                     processed_mm2=1.0)
     assert got["shares"]["overhead"] == 0.0

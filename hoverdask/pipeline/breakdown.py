@@ -20,9 +20,11 @@ the figures mean the same on any cluster. :func:`breakdown` turns them into shar
   cluster had while the slide ran (``wall_s`` from the slide's plan task being submitted to its
   ``run.json`` being written). ``overhead`` is what is left: scheduling, transfers, the
   client, threads waiting for the work they depend on (a thread idle while the last blocks
-  finish counts here), clipped at 0. The shares sum to 1. When several slides run at once
-  their tasks overlap in time, so a slide's ``overhead`` also holds the other slides' work:
-  the shares of a one-slide run are the ones that describe the pipeline.
+  finish counts here), clipped at 0. The shares sum to 1 unless the stages alone exceed it
+  (workers that joined while the slide ran, beyond the threads counted when its graph was
+  submitted). When several slides run at once their tasks overlap in time, so a slide's
+  ``overhead`` also holds the other slides' work: the shares of a one-slide run are the ones
+  that describe the pipeline.
 
 * ``s_per_mm2``: wall seconds per mm² of tissue (the tissue mask's area; None without a mask);
   ``processed_mm2`` is the area of the map tiles the network ran on.
