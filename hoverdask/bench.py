@@ -293,7 +293,8 @@ def bench_end_to_end(
     ``slide_mpix_per_s`` the whole slide, which depends on how much of it is glass:
     ``glass_fraction`` of the synthetic picture is glass, ``tissue_mask_fraction`` is what the
     tissue mask found and ``tissue_fraction`` the share of pixels in the tiles kept.
-    ``seconds_per_mm2`` is per mm² processed.
+    ``seconds_per_mm2`` is per mm² processed. ``breakdown`` is the run's, from its ``run.json``
+    (:mod:`hoverdask.pipeline.breakdown`: seconds per mm² of tissue and each stage's share).
     Without a checkpoint a randomly initialised fast network is used: the speed is a real
     model's, but almost no nuclei are found, so post-processing is light. With one (the bundled
     model by default in ``hoverdask bench``) the synthetic nuclei are found and post-processed. Everything
@@ -343,7 +344,7 @@ def bench_end_to_end(
                                 predictor_factory=predictor_factory, client=client,
                                 options=options, progress=False)
             seconds = time.perf_counter() - start
-        busy = _read_busy_fraction(scratch / "out" / plan.slide_id / "run.json")
+        record = _read_run_record(scratch / "out" / plan.slide_id / "run.json")
     outcome = result.slides[0]
     if outcome.status != "ok":
         raise HoverdaskError(f"the end-to-end benchmark run failed: {outcome.error}")
@@ -360,11 +361,14 @@ def bench_end_to_end(
         "s_per_mm2": seconds / (processed * mm2_per_px) if processed else None,
         "map_tiles": plan.grid.shape[0] * plan.grid.shape[1],
         "tissue_tiles": len(plan.tissue_tiles),
+        "patches_run": plan.params["patches_run"],  # patches of the tissue tiles meeting tissue
+        "patches_total": plan.params["patches_total"],
         "chunk_size": options.chunk_size,
         "seconds": seconds,
         "nuclei": outcome.nuclei,
         "random_weights": random_weights,
-        "inference_busy_fraction": busy,
+        "inference_busy_fraction": record.get("inference_busy_fraction"),
+        "breakdown": record.get("breakdown"),  # run.json's: where the run's time went
     }
 
 
@@ -374,13 +378,14 @@ def _mode_of(model_path: str) -> str:
     return load_model(model_path).mode
 
 
-def _read_busy_fraction(run_json: Path) -> float | None:
+def _read_run_record(run_json: Path) -> dict[str, Any]:
     import json
 
     try:
-        return json.loads(run_json.read_text()).get("inference_busy_fraction")
+        record = json.loads(run_json.read_text())
     except (OSError, ValueError):
-        return None
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def bench_all(
@@ -450,10 +455,13 @@ def bench_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
         ]
     if e2e.get("mpix_per_s") is None:
         return [*rows, ("end-to-end", "skipped")]
+    return [*rows, *_e2e_rows(e2e), *breakdown_rows(e2e.get("breakdown"))]
+
+
+def _e2e_rows(e2e: dict[str, Any]) -> list[tuple[str, str]]:
     per_mm2 = e2e["seconds_per_mm2"]
     busy = e2e.get("inference_busy_fraction")
     return [
-        *rows,
         ("end-to-end Mpx/s, processed (tissue tiles)", f"{e2e['mpix_per_s']:.4f}"),
         ("end-to-end Mpx/s, whole slide", f"{e2e['slide_mpix_per_s']:.4f}"),
         ("tissue fraction processed / glass in slide",
@@ -461,6 +469,31 @@ def bench_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
         ("end-to-end s per processed mm²", "n/a" if per_mm2 is None else f"{per_mm2:.1f}"),
         ("predictor busy during inference", "n/a" if busy is None else f"{busy:.0%}"),
     ]
+
+
+def breakdown_rows(breakdown: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """Rows of the end-to-end run's time breakdown (none for figures without one)."""
+    from hoverdask.pipeline.breakdown import POSTPROCESS_STAGES
+
+    if not breakdown:
+        return []
+    per_mm2 = breakdown.get("s_per_mm2")
+    rows = [("end-to-end s per tissue mm²", "n/a" if per_mm2 is None else f"{per_mm2:.1f}")]
+    shares = breakdown.get("shares")
+    if not shares:
+        return rows
+    threads = breakdown.get("worker_threads")
+    groups = [
+        ("inference", ("inference",)),
+        ("post-processing (passes 1-3, refit, their map reads)", POSTPROCESS_STAGES),
+        ("features", ("features",)),
+        ("writing the files", ("writing",)),
+        ("overhead (scheduling, waiting)", ("overhead",)),
+    ]
+    for label, stages in groups:
+        share = sum(shares.get(stage, 0.0) for stage in stages)
+        rows.append((f"share of wall x {threads} threads: {label}", f"{share:.1%}"))
+    return rows
 
 
 def benchmark_mpix_per_s(seconds: float = 3.0, size: int = 2048) -> float:

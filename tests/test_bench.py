@@ -138,9 +138,11 @@ def test_end_to_end_counts_processed_and_slide_pixels(client, tmp_path: Path, gl
                               client=client, chunk_size=chunk)
     assert result["map_tiles"] == 9
     assert result["slide_megapixels"] == pytest.approx(size * size / 1e6)
-    assert result["processed_megapixels"] == pytest.approx(
-        result["tissue_tiles"] * chunk * chunk / 1e6)
-    assert result["tissue_fraction"] == pytest.approx(result["tissue_tiles"] / 9)
+    # glass patches of tissue tiles are not processed
+    assert result["patches_total"] == result["tissue_tiles"] * 4
+    assert result["processed_megapixels"] == pytest.approx(result["patches_run"] * 164**2 / 1e6)
+    assert result["tissue_fraction"] == pytest.approx(
+        result["processed_megapixels"] / result["slide_megapixels"])
     assert result["synthetic_glass_fraction"] == glass
     assert result["random_weights"] is False
     assert result["mpix_per_s"] * result["seconds"] == pytest.approx(
@@ -148,6 +150,7 @@ def test_end_to_end_counts_processed_and_slide_pixels(client, tmp_path: Path, gl
     assert result["slide_mpix_per_s"] * result["seconds"] == pytest.approx(size * size / 1e6)
     if glass == 0.0:
         assert result["tissue_tiles"] == 9
+        assert result["patches_run"] == result["patches_total"]
         assert result["nuclei"] > 100
     else:
         assert 0 < result["tissue_tiles"] < 9  # 7 at this seed
@@ -156,6 +159,11 @@ def test_end_to_end_counts_processed_and_slide_pixels(client, tmp_path: Path, gl
     assert result["seconds_per_mm2"] * result["processed_megapixels"] * 0.0625 == pytest.approx(
         result["seconds"])
     assert 0.0 < result["inference_busy_fraction"] <= 1.0  # one worker: its tiles, back to back
+    breakdown = result["breakdown"]  # the run's run.json breakdown
+    assert breakdown["worker_threads"] == 2
+    assert breakdown["processed_mm2"] == pytest.approx(result["processed_megapixels"] * 0.0625)
+    assert breakdown["s_per_mm2"] == pytest.approx(breakdown["wall_s"] / breakdown["tissue_mm2"])
+    assert sum(breakdown["shares"].values()) == pytest.approx(1.0, abs=1e-6)
 
 
 def test_bench_model_measures_the_network_it_is_given() -> None:
@@ -170,3 +178,32 @@ def test_bench_model_measures_the_network_it_is_given() -> None:
     assert result["gflop_per_patch"] == pytest.approx(gflop)
     assert result["mflop_per_px"] == pytest.approx(gflop * 1e3 / output**2)
     assert result["mpix_per_s"] == pytest.approx(output**2 / result["seconds_per_batch"] / 1e6)
+
+
+def test_bench_rows_show_the_end_to_end_breakdown() -> None:
+    from hoverdask.bench import bench_rows
+    from hoverdask.pipeline.breakdown import breakdown
+
+    stages = {"inference": 8.0, "pass2_read": 1.0, "pass3_segment": 2.0, "oversized": 1.0,
+              "features": 4.0, "writing": 2.0, "plan": 2.0}
+    results = {
+        "model": {"name": "m", "mode": "fast", "gflop_per_s": 1.0, "peak_gflop_per_s": 2.0,
+                  "utilisation": 0.5, "mpix_per_s": 0.1, "batch_size": 1,
+                  "memory_format": "channels_last"},
+        "postproc": {"mpix_per_s": 5.0},
+        "end_to_end": {"mpix_per_s": 0.1, "slide_mpix_per_s": 0.1, "tissue_fraction": 1.0,
+                       "synthetic_glass_fraction": 0.25, "seconds_per_mm2": 9.0,
+                       "inference_busy_fraction": 0.9,
+                       "breakdown": breakdown(stages, wall_s=10.0, worker_threads=4,
+                                              tissue_mm2=0.5, processed_mm2=0.6)},
+    }
+    rows = dict(bench_rows(results))
+    assert rows["end-to-end s per tissue mm²"] == "20.0"
+    label = "share of wall x 4 threads: "
+    assert rows[label + "inference"] == "20.0%"
+    assert rows[label + "post-processing (passes 1-3, refit, their map reads)"] == "10.0%"
+    assert rows[label + "features"] == "10.0%"
+    assert rows[label + "writing the files"] == "5.0%"
+    assert rows[label + "overhead (scheduling, waiting)"] == "50.0%"
+    del results["end_to_end"]["breakdown"]  # figures of earlier versions
+    assert not any(name.startswith("share") for name, _ in bench_rows(results))

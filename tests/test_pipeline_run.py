@@ -113,6 +113,13 @@ def test_resume_redoes_only_missing_parts_and_gives_identical_output(client, coh
                options=options, progress=False)
     slide = out / "alpha"
     first = (slide / "nuclei.parquet").read_bytes()
+    tiles = {p.name: json.loads(p.read_text()) for p in (slide / ".work/tiles").glob("*.json")}
+    breakdown = _checked_breakdown(slide)
+    assert breakdown["stages_s"]["inference"] == pytest.approx(
+        sum(m["predict_s"] for m in tiles.values()), abs=1e-3)
+    assert breakdown["stages_s"]["pass3_segment"] == pytest.approx(sum(
+        json.loads(p.read_text())["segment_s"] for p in (slide / ".work/blocks").glob("*.json")
+    ), abs=1e-3)
     # a crash after some units were committed: outputs gone, some tiles and blocks missing
     (slide / "run.json").unlink()
     (slide / "nuclei.parquet").unlink()
@@ -126,11 +133,39 @@ def test_resume_redoes_only_missing_parts_and_gives_identical_output(client, coh
     assert (slide / ".work/tiles/0_1.json").exists()
     assert (slide / "nuclei.parquet").read_bytes() == first
     _assert_same_nuclei(gpd.read_parquet(slide / "nuclei.parquet"), expected)
+    # the resumed run's breakdown counts only what it did: one tile, one block, no pass 2
+    redone = json.loads((slide / ".work/tiles/0_1.json").read_text())
+    block = json.loads((slide / ".work/blocks/1_0.json").read_text())
+    breakdown = _checked_breakdown(slide)
+    assert breakdown["stages_s"]["inference"] == pytest.approx(redone["predict_s"], abs=1e-3)
+    assert breakdown["stages_s"]["pass3_segment"] == pytest.approx(block["segment_s"], abs=1e-3)
+    assert breakdown["stages_s"]["pass2_read"] == breakdown["stages_s"]["pass2_sobel"] == 0.0
     # a finished slide is skipped unless --overwrite
     again = run_cohort([cohort["alpha"]], out, predictor_factory=_factory(cohort),
                        client=client, options=options, progress=False)
     assert again.slides[0].status == "skipped"
     assert again.exit_code == 0
+
+
+def _checked_breakdown(slide: Path) -> dict:
+    """run.json's breakdown of a slide run on the 2 x 1 thread cluster without a tissue mask."""
+    from hoverdask.pipeline.breakdown import STAGES
+
+    record = json.loads((slide / "run.json").read_text())
+    assert set(record["timings_s"]) >= {"wall", "read_s", "predict_s", "write_s",
+                                        "postprocess_s", "features_s"}
+    breakdown = record["breakdown"]
+    assert set(breakdown["stages_s"]) == set(STAGES)  # run.json sorts its keys
+    assert all(seconds >= 0.0 for seconds in breakdown["stages_s"].values())
+    assert set(breakdown["shares"]) == {*STAGES, "overhead"}
+    assert all(share >= 0.0 for share in breakdown["shares"].values())
+    assert sum(breakdown["shares"].values()) == pytest.approx(1.0, abs=1e-6)
+    assert breakdown["worker_threads"] == 2
+    assert breakdown["wall_s"] == pytest.approx(record["timings_s"]["wall"], abs=1e-3)
+    assert breakdown["tissue_mm2"] is None
+    assert breakdown["s_per_mm2"] is None  # no tissue mask
+    assert breakdown["processed_mm2"] == pytest.approx(WIDTH * HEIGHT * 0.25**2 / 1e6)
+    return breakdown
 
 
 def _damaged_slide(path: Path) -> Path:

@@ -217,9 +217,105 @@ def test_only_active_patches_are_predicted_the_rest_is_background() -> None:
     active = np.array([[1, 1, 0, 1, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1], [0, 1, 0, 0, 1]], bool)
     assert patch_runs(active) == [(0, 0, 2), (0, 3, 4), (2, 0, 5), (3, 1, 2), (3, 4, 5)]
     got = predict_active(predictor, window, (0, 0), active, nr_types=5)
-    assert len(calls) == 5 and calls[2] == (output + 2 * margin, 5 * output + 2 * margin, 3)
+    assert len(calls) == 5
+    assert calls[2] == (output + 2 * margin, 5 * output + 2 * margin, 3)
     expected = np.where(np.kron(active, np.ones((output, output), bool))[..., None], maps, 0)
     np.testing.assert_array_equal(got, expected)
     calls.clear()
     np.testing.assert_array_equal(predict_active(predictor, window, (0, 0), None, 5), maps)
     assert len(calls) == 1
+
+
+def test_breakdown_shares_of_the_wall_time_of_every_thread() -> None:
+    from hoverdask.pipeline.breakdown import STAGES, breakdown
+
+    stages = {"plan": 1.0, "inference": 10.0, "pass2_read": 2.0, "pass3_segment": 3.0,
+              "writing": 4.0}
+    got = breakdown(stages, wall_s=10.0, worker_threads=4, tissue_mm2=2.5, processed_mm2=3.0)
+    assert got["wall_s"] == 10.0
+    assert got["s_per_mm2"] == pytest.approx(4.0)
+    assert (got["tissue_mm2"], got["processed_mm2"], got["worker_threads"]) == (2.5, 3.0, 4)
+    assert list(got["stages_s"]) == list(STAGES)
+    assert got["stages_s"]["read"] == 0.0  # a stage not given took no time
+    assert got["shares"]["inference"] == pytest.approx(10.0 / 40.0)
+    assert got["shares"]["writing"] == pytest.approx(4.0 / 40.0)
+    assert got["shares"]["overhead"] == pytest.approx(1.0 - 20.0 / 40.0)
+    assert sum(got["shares"].values()) == pytest.approx(1.0, abs=1e-9)
+    assert set(got["shares"]) == {*STAGES, "overhead"}
+
+
+def test_breakdown_clips_the_overhead_and_needs_a_tissue_mask_for_seconds_per_mm2() -> None:
+    from hoverdask.pipeline.breakdown import breakdown
+
+    # more task seconds than wall x threads (workers joined later): no overhead
+    got = breakdown({"inference": 30.0}, wall_s=10.0, worker_threads=2, tissue_mm2=None,
+                    processed_mm2=1.0)
+    assert got["shares"]["overhead"] == 0.0
+    assert got["shares"]["inference"] == pytest.approx(1.5)
+    assert got["s_per_mm2"] is None
+    assert breakdown({}, wall_s=5.0, worker_threads=None, tissue_mm2=0.0,
+                     processed_mm2=0.0)["shares"] is None
+    assert breakdown({"plan": -0.5}, wall_s=5.0, worker_threads=1, tissue_mm2=1.0,
+                     processed_mm2=1.0)["stages_s"]["plan"] == 0.0
+    with pytest.raises(ValueError, match="unknown stages"):
+        breakdown({"sobel": 1.0}, wall_s=1.0, worker_threads=1, tissue_mm2=1.0, processed_mm2=1.0)
+
+
+def _sobel_plan(tmp_path):
+    from types import SimpleNamespace
+
+    grid = TileGrid(64, 96, 32, 16, 8)
+    ledger = SlideLedger(tmp_path / "slide")
+    rng = np.random.default_rng(5)
+    maps = np.stack([rng.random((64, 96)), rng.uniform(-1, 1, (64, 96)),
+                     rng.uniform(-1, 1, (64, 96))], -1).astype(np.float32)
+    maps_store.create_store(ledger.maps_store, (64, 96), 32, nr_types=None)
+    maps_store.write_tile(ledger.maps_store, 0, 0, maps, nr_types=None)
+    return SimpleNamespace(ledger=ledger, grid=grid)
+
+
+def test_sobel_markers_keep_their_seconds_and_old_markers_still_resume(tmp_path) -> None:
+    from hoverdask.core.atomic import atomic_write_json
+    from hoverdask.pipeline.postprocess import HvRanges, sobel_block
+
+    plan = _sobel_plan(tmp_path)
+    hv = HvRanges((-1.0, 1.0), (-1.0, 1.0), 0.001)
+    computed = sobel_block(plan, (1, 1), hv, None)
+    marker = plan.ledger.read_marker(plan.ledger.stage_part("sobel", 1, 1))
+    assert marker["ranges"] == [list(r) for r in computed]
+    assert 0.0 <= marker["read_s"] <= marker["seconds"]
+    assert sobel_block(plan, (1, 1), ((-1.0, 1.0), (-1.0, 1.0)), None) == computed  # committed
+    # a marker of an earlier version: the ranges alone, as a list; not recomputed
+    old = [[-0.5, 0.25], [-0.75, 0.5]]
+    atomic_write_json(plan.ledger.stage_part("sobel", 0, 2), old)
+    assert sobel_block(plan, (0, 2), hv, None) == ((-0.5, 0.25), (-0.75, 0.5))
+    assert plan.ledger.read_marker(plan.ledger.stage_part("sobel", 0, 2)) == old
+
+
+def test_stage_seconds_count_only_the_units_of_this_run(tmp_path) -> None:
+    from hoverdask.core.atomic import atomic_write_json
+    from hoverdask.pipeline.postprocess import stage_seconds
+
+    plan = _sobel_plan(tmp_path)
+    plan.plan_s = 0.5
+    ledger = plan.ledger
+    tiles = [{"read_s": 1.0, "predict_s": 2.0, "write_s": 0.25, "predict_end": 110.0},
+             {"read_s": 8.0, "predict_s": 8.0, "write_s": 8.0, "predict_end": 90.0},  # resumed
+             {"read_s": 8.0, "predict_s": 8.0, "write_s": 8.0}]  # older still: no clock
+    atomic_write_json(ledger.stage_part("sobel", 0, 0),
+                      {"ranges": [[0, 1], [0, 1]], "seconds": 3.0, "read_s": 1.0,
+                       "ended_at": 120.0})
+    atomic_write_json(ledger.stage_part("sobel", 0, 1), [[0, 1], [0, 1]])  # old format
+    atomic_write_json(ledger.stage_part("sobel", 1, 0),
+                      {"ranges": [[0, 1], [0, 1]], "seconds": 9.0, "read_s": 9.0,
+                       "ended_at": 50.0})  # resumed
+    atomic_write_json(ledger.stage_part("blocks", 0, 0),
+                      {"map_read_s": 0.5, "segment_s": 1.5, "features_s": 2.0,
+                       "ended_at": 130.0})
+    atomic_write_json(ledger.stage_part("blocks", 0, 1), {"postprocess_s": 9.0})  # old
+    atomic_write_json(ledger.work / "oversized.json", {"seconds": 0.75, "ended_at": 140.0})
+    got = stage_seconds(plan, tiles, since=100.0)
+    assert got == {"plan": 0.5, "read": 1.0, "inference": 2.0, "maps_write": 0.25,
+                   "pass2_read": 1.0, "pass2_sobel": 2.0, "pass3_read": 0.5,
+                   "pass3_segment": 1.5, "features": 2.0, "oversized": 0.75}
+    assert stage_seconds(plan, tiles, since=200.0) == dict.fromkeys(got, 0.0) | {"plan": 0.5}

@@ -45,6 +45,11 @@ class ClusterInfo:
     def has_gpus(self) -> bool:
         return self.gpu_workers > 0
 
+    @property
+    def worker_threads(self) -> int:
+        """All the workers' threads together (the task slots)."""
+        return sum(self.threads.values())
+
 
 def local_gpu_count() -> int:
     import torch

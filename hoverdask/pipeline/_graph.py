@@ -44,11 +44,13 @@ def submit_slide(
     gpu_resources: dict[str, float] | None,
     started_at: float,
     bench: dict[str, Any] | None = None,
+    worker_threads: int | None = None,
 ) -> tuple[list[Future], Future]:
     """Submit every task of ``plan``; return all futures and the one that finishes the slide.
 
     Earlier committed parts are reused when the parameters match (see the ledger); the tissue
-    mask the plan task staged moves into the slide's work folder.
+    mask the plan task staged moves into the slide's work folder. ``worker_threads`` (the
+    cluster's, for run.json's breakdown) is None when unknown.
     """
     ledger = plan.ledger
     ledger.prepare(_ledger_params(plan, spec, options), overwrite=options.overwrite)
@@ -75,8 +77,8 @@ def submit_slide(
         for index, (row, col) in enumerate(order)
     ]
     post = submit_postprocess(submit, plan, spec, tiles)
-    finish = SlideFinish(options, spec.description, started_at, bench)
-    final = submit("assemble", "slide", assemble_slide, plan, finish, post[-1])
+    finish = SlideFinish(options, spec.description, started_at, bench, worker_threads)
+    final = submit("assemble", "slide", assemble_slide, plan, finish, post[-1], post[0])
     return [*tiles, *post, final], final
 
 

@@ -150,6 +150,7 @@ def write_run_record(
             **outcome.get("counts", {}),
         },
         "inference_busy_fraction": outcome.get("inference_busy_fraction"),
+        "breakdown": outcome.get("breakdown"),  # see hoverdask.pipeline.breakdown
         "types": _types_json(plan.type_table),  # names and colours, for the report
         "files": outcome.get("files", []),
         "bench": bench,

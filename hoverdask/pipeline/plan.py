@@ -9,8 +9,10 @@ and a slide that cannot be opened fails there, alone, with its
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +49,7 @@ class SlidePlan:
     # per tissue tile whose patches do not all meet tissue: which patches run (bool, patch grid)
     tissue_patches: dict[tuple[int, int], np.ndarray] = field(
         default_factory=dict, hash=False, compare=False)
+    plan_s: float = field(default=0.0, compare=False)  # the plan task's seconds (0: not timed)
 
     @property
     def ledger(self) -> SlideLedger:
@@ -229,14 +232,16 @@ def plan_task(
     """:func:`plan_slide` as a Dask task; the tissue mask goes to ``tissue_path`` (for QC).
 
     The mask's thumbnail is reduced here with dask's synchronous scheduler: a task must not
-    spread nested tasks over the cluster it runs on.
+    spread nested tasks over the cluster it runs on. The plan carries the task's seconds
+    (``plan_s``, for run.json's breakdown); they are not one of the ledger's parameters.
     """
     import dask
 
+    started = time.perf_counter()
     try:
         with dask.config.set(scheduler="synchronous"):
             plan, mask = plan_slide(slide_path, Path(out_dir), **settings)
     except HoverdaskError as err:
         return PlanFailure(one_line(err))
     save_tissue(Path(tissue_path), mask)
-    return plan
+    return dataclasses.replace(plan, plan_s=time.perf_counter() - started)

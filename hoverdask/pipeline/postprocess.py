@@ -12,15 +12,20 @@ one map tile), so a block's maps are ready as soon as the tiles of its window ar
 
 Blocks whose window holds no tissue tile read as all background: they contribute the range
 (0, 0) and no nuclei, which is exactly what computing them would give, so they are skipped.
+
+Each task measures its own seconds (map-window reads apart from the computing) and keeps them in
+its marker; the last task sums those of this run into run.json's ``breakdown``
+(:mod:`hoverdask.pipeline.breakdown`).
 """
 
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -30,6 +35,7 @@ from hoverdask.nuclei import seams
 from hoverdask.nuclei.features import measure
 from hoverdask.nuclei.stable import SOBEL_REACH, Box, NormRanges, merge_ranges
 from hoverdask.pipeline import maps_store
+from hoverdask.pipeline.breakdown import breakdown
 from hoverdask.pipeline.outputs import finish_slide, finish_slide_parts, write_run_record
 from hoverdask.pipeline.plan import SlidePlan
 from hoverdask.pipeline.spec import ModelSpec, RunOptions
@@ -41,6 +47,14 @@ if TYPE_CHECKING:
 
 
 BACKGROUND_RANGE = (0.0, 0.0)
+
+
+class HvRanges(NamedTuple):
+    """Pass 1's result: the slide-wide h and v ranges, and the seconds it took."""
+
+    h: tuple[float, float]
+    v: tuple[float, float]
+    seconds: float = 0.0
 
 
 def block_grid(plan: SlidePlan) -> seams.BlockGrid:
@@ -76,40 +90,48 @@ def submit_postprocess(
         if tiles_meeting(plan, grid.window(r, c))
     ]
     refit = submit("oversized", "slide", oversized_nuclei, plan, nuclei, ranges, spec.nr_types)
-    return [hv, *sobel, ranges, *nuclei, refit]
+    return [hv, *sobel, ranges, *nuclei, refit]  # hv first, refit last: what assemble takes
 
 
-def slide_hv_ranges(
-    tile_stats: list[dict[str, Any]], skips_tiles: bool
-) -> tuple[tuple[float, float], tuple[float, float]]:
+def slide_hv_ranges(tile_stats: list[dict[str, Any]], skips_tiles: bool) -> HvRanges:
     """Pass 1 from the tile markers (the ranges of the stored, dequantised maps)."""
+    started = time.perf_counter()
     h = [(s["h_min"], s["h_max"]) for s in tile_stats]
     v = [(s["v_min"], s["v_max"]) for s in tile_stats]
     if skips_tiles or not tile_stats:
         h.append(BACKGROUND_RANGE)
         v.append(BACKGROUND_RANGE)
-    return merge_ranges(h), merge_ranges(v)
+    return HvRanges(merge_ranges(h), merge_ranges(v), time.perf_counter() - started)
 
 
 def sobel_block(
     plan: SlidePlan,
     block: tuple[int, int],
-    hv: tuple[tuple[float, float], tuple[float, float]],
+    hv: tuple[tuple[float, float], tuple[float, float]] | HvRanges,
     nr_types: int | None,
 ) -> tuple[tuple[float, float], tuple[float, float]]:
-    """Pass 2 on one block, committed as ``.work/sobel/r_c.json``."""
+    """Pass 2 on one block, committed as ``.work/sobel/r_c.json``.
+
+    The marker holds the ranges and the task's seconds (``read_s`` of them reading the maps);
+    a marker of earlier versions, the ranges alone as a list, is read back all the same.
+    """
     ledger = plan.ledger
     marker = ledger.stage_part("sobel", *block)
     committed = ledger.read_marker(marker)
     if committed is not None:
-        return tuple(tuple(r) for r in committed)  # type: ignore[return-value]
+        ranges = committed["ranges"] if isinstance(committed, dict) else committed
+        return tuple(tuple(r) for r in ranges)  # type: ignore[return-value]
+    started = time.perf_counter()
     grid = block_grid(plan)
     core = grid.core(*block)
     context = grid.grow(core, SOBEL_REACH)
     # pass 2 reads h and v only (``sobel_ranges`` takes the last two channels)
     window = maps_store.read_window(ledger.maps_store, *context, nr_types, channels=("h", "v"))
-    result = seams.sobel_ranges(window, context, core, NormRanges(*hv))
-    atomic_write_json(marker, [list(r) for r in result])
+    read = time.perf_counter()
+    result = seams.sobel_ranges(window, context, core, NormRanges(hv[0], hv[1]))
+    atomic_write_json(marker, {"ranges": [list(r) for r in result],
+                               "seconds": time.perf_counter() - started, "read_s": read - started,
+                               "ended_at": time.time()})
     return result
 
 
@@ -137,14 +159,16 @@ def nuclei_block(
     grid = block_grid(plan)
     box = grid.window(*block)
     window = maps_store.read_window(ledger.maps_store, *box, nr_types)
+    read = time.perf_counter()
     found = seams.block_nuclei(window, box, grid, block, ranges, nr_types)
     segmented = time.perf_counter()
     table = measured_table(plan, found.records)
     atomic_write(part, lambda tmp: table.to_parquet(tmp, index=False))
     summary = {"part": str(part), "nuclei": len(table),
                "fragments": [list(f) for f in found.fragments],
-               "postprocess_s": segmented - started,
-               "features_s": time.perf_counter() - segmented}
+               "postprocess_s": segmented - started,  # map read + segmentation
+               "map_read_s": read - started, "segment_s": segmented - read,
+               "features_s": time.perf_counter() - segmented, "ended_at": time.time()}
     atomic_write_json(marker, summary)
     return summary
 
@@ -164,6 +188,7 @@ def oversized_nuclei(
     committed = ledger.read_marker(marker)
     if committed is not None and part.exists():
         return committed
+    started = time.perf_counter()
     grid = block_grid(plan)
 
     def run(jobs: list[tuple[Box, Box]]) -> list[seams.RefitNuclei]:
@@ -177,7 +202,8 @@ def oversized_nuclei(
     table = _concat([measured_table(plan, recs) for recs in records])
     table = table.drop_duplicates("nucleus_id") if len(table) else table
     atomic_write(part, lambda tmp: table.to_parquet(tmp, index=False))
-    summary = {"parts": [*parts, str(part)], "oversized": sorted(oversized), "timings_s": timings}
+    summary = {"parts": [*parts, str(part)], "oversized": sorted(oversized), "timings_s": timings,
+               "seconds": time.perf_counter() - started, "ended_at": time.time()}
     atomic_write_json(marker, summary)
     return summary
 
@@ -213,15 +239,18 @@ def _concat(tables: list[gpd.GeoDataFrame]) -> gpd.GeoDataFrame:
     return gpd.GeoDataFrame(pd.concat(tables, ignore_index=True), geometry="geometry")
 
 
-def assemble_slide(plan: SlidePlan, finish: SlideFinish, refit: dict[str, Any]) -> dict[str, Any]:
+def assemble_slide(
+    plan: SlidePlan, finish: SlideFinish, refit: dict[str, Any], hv: HvRanges | None = None
+) -> dict[str, Any]:
     """The slide's last task: write its files from the block parts, then ``run.json``.
 
     The files are written one row group at a time from the parts (memory does not grow with
     the slide); only a slide without nuclei, or with parts whose columns differ, is
     concatenated into one table first (same files). ``run.json`` is written last (it marks the
     slide finished), then the work folder goes unless the run keeps it. All of it runs on a
-    worker, so the client only keeps the score.
+    worker, so the client only keeps the score. ``hv`` is pass 1's result (for its seconds).
     """
+    started = time.perf_counter()
     paths = [Path(p) for p in refit["parts"]]
     formats, oversized = finish.options.formats, refit["oversized"]
     parts = index_parts(paths, extent=plan.extent)
@@ -234,8 +263,15 @@ def assemble_slide(plan: SlidePlan, finish: SlideFinish, refit: dict[str, Any]) 
     markers = tile_markers(plan)
     outcome["timings_s"] = {**tile_timings(markers), **refit.get("timings_s", {})}
     outcome["inference_busy_fraction"] = inference_busy_fraction(markers, finish.started_at)
-    write_run_record(plan, finish.model, finish.options, outcome,
-                     time.time() - finish.started_at, bench=finish.bench)
+    stages = stage_seconds(plan, markers, finish.started_at)
+    stages["pass1_hv_ranges"] = hv.seconds if isinstance(hv, HvRanges) else 0.0
+    stages["writing"] = time.perf_counter() - started
+    wall = time.time() - finish.started_at
+    outcome["breakdown"] = breakdown(
+        stages, wall_s=wall, worker_threads=finish.worker_threads, tissue_mm2=plan.tissue_mm2,
+        processed_mm2=plan.processed_pixels * (plan.source.target_mpp / 1000) ** 2,
+    )
+    write_run_record(plan, finish.model, finish.options, outcome, wall, bench=finish.bench)
     if not finish.options.keep_work:
         plan.ledger.clean_work()
     return outcome
@@ -243,13 +279,15 @@ def assemble_slide(plan: SlidePlan, finish: SlideFinish, refit: dict[str, Any]) 
 
 @dataclass(frozen=True)
 class SlideFinish:
-    """What the last task needs besides the plan: the run's options and model, the start time
-    and the client machine's last ``hoverdask bench`` figures (for run.json)."""
+    """What the last task needs besides the plan: the run's options and model, the start time,
+    the client machine's last ``hoverdask bench`` figures and the cluster's worker threads when
+    the slide's graph was submitted (for run.json)."""
 
     options: RunOptions
     model: dict[str, Any]
     started_at: float  # time.time() on the client when the slide was taken up
     bench: dict[str, Any] | None = None
+    worker_threads: int | None = None
 
 
 def tile_markers(plan: SlidePlan) -> list[dict[str, Any]]:
@@ -261,6 +299,54 @@ def tile_markers(plan: SlidePlan) -> list[dict[str, Any]]:
 def tile_timings(markers: list[dict[str, Any]]) -> dict[str, float]:
     """Summed task seconds of the inference stage."""
     return {key: sum(m.get(key, 0.0) for m in markers) for key in ("read_s", "predict_s", "write_s")}
+
+
+def stage_seconds(
+    plan: SlidePlan, tiles: list[dict[str, Any]], since: float
+) -> dict[str, float]:
+    """This run's task seconds per stage of the breakdown, from the committed markers.
+
+    Only units that ended after ``since`` (the slide's start) count: a resumed unit's seconds
+    were spent by an earlier run. Pass 1 and the writing are the assemble task's to add.
+    """
+    ledger = plan.ledger
+    fresh_tiles = [m for m in tiles if m.get("predict_end", 0.0) > since]
+    sobel = [m for m in _stage_markers(ledger.work / "sobel") if m.get("ended_at", 0.0) > since]
+    blocks = [m for m in _stage_markers(ledger.work / "blocks") if m.get("ended_at", 0.0) > since]
+    refit = ledger.read_marker(ledger.work / "oversized.json")
+    fresh_refit = isinstance(refit, dict) and refit.get("ended_at", 0.0) > since
+
+    def total(markers: list[dict[str, Any]], key: str) -> float:
+        return sum(float(m.get(key, 0.0)) for m in markers)
+
+    pass2_read = total(sobel, "read_s")
+    return {
+        "plan": plan.plan_s,
+        "read": total(fresh_tiles, "read_s"),
+        "inference": total(fresh_tiles, "predict_s"),
+        "maps_write": total(fresh_tiles, "write_s"),
+        "pass2_read": pass2_read,
+        "pass2_sobel": total(sobel, "seconds") - pass2_read,
+        "pass3_read": total(blocks, "map_read_s"),
+        "pass3_segment": total(blocks, "segment_s"),
+        "features": total(blocks, "features_s"),
+        "oversized": float(refit.get("seconds", 0.0)) if fresh_refit else 0.0,
+    }
+
+
+def _stage_markers(folder: Path) -> Iterator[dict[str, Any]]:
+    """The committed JSON markers of a post-processing stage (dict ones: with their seconds)."""
+    if not folder.is_dir():
+        return
+    for path in sorted(folder.glob("*.json")):
+        if path.name.startswith("."):  # a temporary file of a write in progress
+            continue
+        try:
+            marker = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(marker, dict):
+            yield marker
 
 
 def inference_busy_fraction(markers: list[dict[str, Any]], since: float) -> float | None:

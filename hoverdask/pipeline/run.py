@@ -244,6 +244,7 @@ class _CohortRunner:
         self.options = options
         self.progress = progress
         info = describe(client)
+        self.worker_threads = info.worker_threads
         self.gpu_resources = {"GPU": 1} if info.has_gpus else None
         threads = max(info.threads.values())
         cap = getattr(client.cluster, "compute_threads", None)  # more workers than cores
@@ -354,6 +355,7 @@ class _CohortRunner:
                 self.client, plan, pending.staged_tissue, self.spec, self.options,
                 priority=count - pending.index, gpu_resources=self.gpu_resources,
                 started_at=pending.started_at, bench=self.bench,
+                worker_threads=self._worker_threads(),
             )
         except Exception as err:  # noqa: BLE001 - e.g. an unwritable slide folder
             self._record(SlideResult(slide, plan.slide_id, "failed",
@@ -361,6 +363,16 @@ class _CohortRunner:
             return None
         bar.add_slide(plan.slide_id, len(futures))
         return _SlideState(plan, futures, final, pending.started_at)
+
+    def _worker_threads(self) -> int:
+        """The cluster's worker threads now (a SLURM cluster's grow as its jobs start)."""
+        try:
+            workers = self.client.scheduler_info(n_workers=-1)["workers"]
+        except Exception:  # noqa: BLE001 - only a figure of run.json: keep the last one
+            return self.worker_threads
+        threads = sum(int(w.get("nthreads", 1)) for w in workers.values())
+        self.worker_threads = threads or self.worker_threads
+        return self.worker_threads
 
     def _unplanned(self, pending: _Pending, line: str) -> None:
         """Record a slide that failed before its graph was submitted (no plan, or a duplicate)."""
