@@ -2,10 +2,14 @@
 
     python benchmarks/scaling.py [--size 2048] [--slides 3] [--chunk 512] [--memory-sizes 2048 4096]
     python benchmarks/scaling.py --network [--size 656] [--chunk 328]
+    python benchmarks/scaling.py --model default --size 1792 --chunk 896 --slides 4 \
+        --memory-sizes 1792 3584 --repeats 1
 
 The network is replaced by a stub that replays a synthetic ``[tp, np, h, v]`` map (periodic, so
 it needs no memory that grows with the slide), so what is timed is the pipeline's own CPU work:
-reading, the three post-processing passes, features and writing. With ``--network`` the real
+reading, the three post-processing passes, features and writing. With ``--model`` (a checkpoint,
+or ``default`` for the bundled hoverdask-lite) that network runs on every tile instead of the
+stub, for the cohort speed-up and the memory runs alike. With ``--network`` the real
 fast HoVer-Net (random weights, every tile processed) runs instead, on a small slide: the CPU
 work of a real CPU run, which the network dominates. Slides are written first;
 every measurement runs in a fresh Python process (the client) with a fresh LocalCluster. Peak RSS
@@ -125,6 +129,8 @@ def main() -> None:
     parser.add_argument("--slides", type=int, default=3, help="slides in the cohort speed-up")
     parser.add_argument("--network", action="store_true",
                         help="run the real fast network (random weights) instead of the stub")
+    parser.add_argument("--model", help="a checkpoint, or 'default' (the bundled model), run "
+                        "instead of the stub")
     parser.add_argument("--chunk", type=int, help="pipeline chunk size (512; 328 with --network)")
     parser.add_argument("--memory-sizes", type=int, nargs="+", default=[2048, 4096])
     parser.add_argument("--repeats", type=int, default=2, help="best of this many per setting")
@@ -137,6 +143,10 @@ def main() -> None:
         print(json.dumps(measure_once([Path(s) for s in slides], int(workers), int(chunk),
                                       None if model == "-" else model)))
         return
+    if args.model == "default":
+        from hoverdask.model.catalog import default_model_path
+
+        args.model = str(default_model_path())
     with tempfile.TemporaryDirectory(prefix="hoverdask-scaling-slides-") as folder:
         run_all(args, Path(folder))
 
@@ -182,7 +192,7 @@ def run_all(args: argparse.Namespace, folder: Path) -> None:
         best: dict[int, float] = {}
         for _ in range(args.repeats):
             for workers in (1, 2):  # interleaved, so that a change in machine load hits both
-                run = _in_child(slides, workers, args.chunk)
+                run = _in_child(slides, workers, args.chunk, args.model)
                 best[workers] = min(best.get(workers, float("inf")), run["seconds"])
                 tasks = sum(run["task_seconds"].values())
                 print(f"{label} of {args.size}², {workers} worker(s) x 1 thread: "
@@ -194,7 +204,7 @@ def run_all(args: argparse.Namespace, folder: Path) -> None:
         print(f"{label}: speed-up 2 workers / 1 worker: {best[1] / best[2]:.2f}x", flush=True)
 
     for size in args.memory_sizes:
-        run = _in_child([_slide(folder, size)], 2, args.chunk)
+        run = _in_child([_slide(folder, size)], 2, args.chunk, args.model)
         print(f"{size}² slide, 2 workers: {run['seconds']:.1f} s; peak RSS worker "
               f"{run['worker_peak_rss_mib']:.0f} MiB, client {run['client_peak_rss_mib']:.0f} MiB",
               flush=True)

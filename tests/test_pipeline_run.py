@@ -324,3 +324,19 @@ def test_glass_patches_of_a_tissue_tile_are_background_and_never_predicted(clien
     assert predicted == plan.params["patches_run"] < plan.params["patches_total"]
     _assert_same_nuclei(gpd.read_parquet(out / "glassy" / "nuclei.parquet"),
                         nuclei_from_maps(maps, 1024, NR_TYPES))
+
+
+@pytest.mark.slow
+def test_report_pictures_are_drawn_on_the_workers(client, cohort, tmp_path, monkeypatch):
+    from hoverdask.export import report
+
+    drawn = []
+    monkeypatch.setattr(report, "_draw_slide", lambda *a: drawn.append(a))  # this process only
+    out = tmp_path / "out"
+    result = run_cohort([cohort["alpha"]], out, predictor_factory=_factory(cohort), client=client,
+                        options=RunOptions(chunk_size=328), progress=False)
+    assert result.slides[0].status == "ok"
+    assert drawn == []  # the client reused what the worker drew
+    pictures = json.loads((out / "alpha" / "report" / "pictures.json").read_text())
+    assert pictures["fingerprint"] == report._fingerprint(out / "alpha")
+    assert "data-kind=" in (out / "report.html").read_text()

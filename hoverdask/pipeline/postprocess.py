@@ -21,6 +21,7 @@ its marker; the last task sums those of this run into run.json's ``breakdown``
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -40,6 +41,8 @@ from hoverdask.pipeline.outputs import finish_slide, finish_slide_parts, write_r
 from hoverdask.pipeline.plan import SlidePlan
 from hoverdask.pipeline.spec import ModelSpec, RunOptions
 from hoverdask.pipeline.tasks import read_rgb_box
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import geopandas as gpd
@@ -274,7 +277,21 @@ def assemble_slide(
     write_run_record(plan, finish.model, finish.options, outcome, wall, bench=finish.bench)
     if not finish.options.keep_work:
         plan.ledger.clean_work()
+    draw_report_pictures(plan.slide_dir)
     return outcome
+
+
+def draw_report_pictures(slide_dir: str) -> None:
+    """Draw the slide's report pictures here, on the worker that finished it: slides are drawn
+    in parallel, beside other slides' work, and the client's ``report.html`` only reuses them
+    (they are cached by a fingerprint of the slide's files). A picture that cannot be drawn
+    never fails the slide: the client tries again and says why."""
+    from hoverdask.export.report import slide_pictures
+
+    try:
+        slide_pictures(slide_dir)
+    except Exception as err:  # noqa: BLE001 - reported, and redone by the client
+        log.warning("report pictures of %s not drawn on the worker: %s", slide_dir, err)
 
 
 @dataclass(frozen=True)
