@@ -319,3 +319,36 @@ def test_stage_seconds_count_only_the_units_of_this_run(tmp_path) -> None:
                    "pass2_read": 1.0, "pass2_sobel": 2.0, "pass3_read": 0.5,
                    "pass3_segment": 1.5, "features": 2.0, "oversized": 0.75}
     assert stage_seconds(plan, tiles, since=200.0) == dict.fromkeys(got, 0.0) | {"plan": 0.5}
+
+
+def test_windows_from_decoded_tiles_equal_direct_reads_and_follow_rewrites(tmp_path) -> None:
+    import zarr
+
+    path, tile, rng = tmp_path / "maps.zarr", 64, np.random.default_rng(7)
+    shape = (150, 230)  # edge tiles are partial
+    maps_store.create_store(path, shape, tile, 5)
+    for y0, x0 in ((0, 0), (0, 128), (64, 64), (128, 192)):  # the other tiles stay unwritten
+        h, w = min(tile, shape[0] - y0), min(tile, shape[1] - x0)
+        maps = np.concatenate([rng.integers(0, 5, (h, w, 1)), rng.random((h, w, 1)),
+                               rng.uniform(-1, 1, (h, w, 2))], axis=-1).astype(np.float32)
+        maps_store.write_tile(path, y0, x0, maps, 5)
+
+    def direct(y0, x0, y1, x1):
+        group = zarr.open_group(str(path), mode="r")
+        return np.stack([maps_store.dequantise(n, group[n][y0:y1, x0:x1])
+                         for n in maps_store.channel_names(5)], axis=-1)
+
+    for _ in range(30):
+        y0, x0 = int(rng.integers(0, shape[0] - 1)), int(rng.integers(0, shape[1] - 1))
+        y1, x1 = int(rng.integers(y0 + 1, shape[0] + 1)), int(rng.integers(x0 + 1, shape[1] + 1))
+        np.testing.assert_array_equal(maps_store.read_window(path, y0, x0, y1, x1, 5),
+                                      direct(y0, x0, y1, x1))
+    np.testing.assert_array_equal(
+        maps_store.read_window(path, 10, 10, 140, 220, 5, channels=("h", "v")),
+        direct(10, 10, 140, 220)[..., 2:])
+    maps_store.read_window(path, 64, 64, 128, 128, 5)  # now kept decoded
+    rewritten = np.full((64, 64, 4), 0.5, np.float32)
+    maps_store.write_tile(path, 64, 64, rewritten, 5)
+    np.testing.assert_array_equal(maps_store.read_window(path, 64, 64, 128, 128, 5),
+                                  direct(64, 64, 128, 128))
+    assert np.allclose(maps_store.read_window(path, 64, 64, 128, 128, 5)[..., 2], 0.5, atol=1e-4)

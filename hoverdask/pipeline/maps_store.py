@@ -9,8 +9,10 @@ always reads the dequantised values, whether a block was computed now or read ba
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -82,12 +84,78 @@ def read_window(
     channels: tuple[str, ...] | None = None,
 ) -> np.ndarray:
     """Dequantised maps (h, w, C) float32 of a rectangle, in the predictor's channel order, or
-    only ``channels`` in that order (each map read is a decode of its tiles: read what is used)."""
+    only ``channels`` in that order (read what is used).
+
+    The window is put together from whole decoded tiles, kept in :data:`DECODED`: post-processing
+    windows overlap their neighbours' tiles (a pass-3 window meets up to 3 x 3 tiles, the refit
+    windows of one task many times the same ones), so a worker decodes each tile about once
+    instead of once per window. The values are those of slicing the Zarr arrays directly.
+    """
     import zarr
 
     group = zarr.open_group(str(path), mode="r")
     names = channels or channel_names(nr_types)
-    return np.stack([dequantise(name, group[name][y0:y1, x0:x1]) for name in names], axis=-1)
+    return np.stack([dequantise(name, _assembled(group, path, name, y0, x0, y1, x1))
+                     for name in names], axis=-1)
+
+
+def _assembled(group: Any, path: Path, name: str, y0: int, x0: int, y1: int, x1: int
+               ) -> np.ndarray:
+    array = group[name]
+    th, tw = array.chunks
+    out = np.zeros((y1 - y0, x1 - x0), dtype=array.dtype)  # fill value 0: tiles never written
+    for row in range(y0 // th, (y1 - 1) // th + 1):
+        for col in range(x0 // tw, (x1 - 1) // tw + 1):
+            tile = DECODED.get(array, path / name, row, col)
+            if tile is None:
+                continue
+            ty, tx = row * th, col * tw
+            a, b = max(y0, ty), min(y1, ty + tile.shape[0])
+            c, d = max(x0, tx), min(x1, tx + tile.shape[1])
+            out[a - y0 : b - y0, c - x0 : d - x0] = tile[a - ty : b - ty, c - tx : d - tx]
+    return out
+
+
+class DecodedTiles:
+    """A worker's least-recently-used stored (quantised) map tiles, up to ``budget`` bytes.
+
+    Keyed by the chunk file and its modification time and size, so a tile written again (a
+    rerun into the same folder on a long-lived cluster) is never served stale. A tile that was
+    never written (no file) is background and is not kept.
+    """
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.tiles: OrderedDict[tuple[Any, ...], np.ndarray] = OrderedDict()
+        self.size = 0
+        self.lock = threading.Lock()
+
+    def get(self, array: Any, folder: Path, row: int, col: int) -> np.ndarray | None:
+        chunk = folder / array.metadata.encode_chunk_key((row, col))
+        try:
+            stat = chunk.stat()
+        except FileNotFoundError:
+            return None
+        key = (str(chunk), stat.st_mtime_ns, stat.st_size)
+        with self.lock:
+            tile = self.tiles.get(key)
+            if tile is not None:
+                self.tiles.move_to_end(key)
+                return tile
+        th, tw = array.chunks
+        tile = array[row * th : (row + 1) * th, col * tw : (col + 1) * tw]
+        with self.lock:
+            if key not in self.tiles:
+                self.tiles[key] = tile
+                self.size += tile.nbytes
+            while self.size > self.budget and len(self.tiles) > 1:
+                _, dropped = self.tiles.popitem(last=False)
+                self.size -= dropped.nbytes
+        return tile
+
+
+DECODED = DecodedTiles(budget=256 * 2**20)
+"""Per worker process: ~13 tiles of 1792 px with their four maps (6 bytes a pixel)."""
 
 
 def as_dask(path: Path, nr_types: int | None) -> da.Array:
