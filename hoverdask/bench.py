@@ -29,7 +29,13 @@ from hoverdask.deploy.figures import (  # noqa: F401 - re-exported: the bench fi
 )
 from hoverdask.model.build import Network
 from hoverdask.model.geometry import patch_geometry
-from hoverdask.model.infer import INFERENCE_MEMORY_FORMAT, cpu_inference_model, resolve_device
+from hoverdask.model.infer import (
+    INFERENCE_MEMORY_FORMAT,
+    autocast_dtype_on,
+    cpu_has_native_bfloat16,
+    inference_network,
+    resolve_device,
+)
 from hoverdask.model.network import HoVerNet
 
 BENCH_MODE = "fast"
@@ -179,8 +185,12 @@ def bench_model(
     batch_sizes: tuple[int, ...] | None = None,
     input_size: int = 0,
     network: Network | None = None,
+    autocast: bool | None = None,
 ) -> dict[str, Any]:
     """Network throughput (output pixels/s, GFLOP/s) at the best batch size and memory layout.
+
+    ``autocast`` (default: on CUDA only) runs the network in bfloat16 as ``run --autocast``
+    does; on a CPU without bfloat16 in hardware that is fp32 (:func:`autocast_dtype_on`).
 
     Times ``network`` (default: the fast PanNuke-layout network with random weights: speed does
     not depend on them) as ``predict_patches`` runs it: fp32 on CPU with all cores (its inference copy), bf16
@@ -191,6 +201,8 @@ def bench_model(
     """
     target = resolve_device(device)
     cuda = target.type == "cuda"
+    low = autocast_dtype_on(target, torch.bfloat16 if (cuda if autocast is None else autocast)
+                            else None)
     mode = network.mode if network is not None else BENCH_MODE
     input_size = input_size or patch_geometry(mode).input
     output_size = input_size - 2 * patch_geometry(mode).margin
@@ -202,7 +214,7 @@ def bench_model(
     measured = network if network is not None else HoVerNet(BENCH_MODE, BENCH_TYPES)
     model = measured.eval().to(target)
     if not cuda:  # what predict_patches runs there
-        model = cpu_inference_model(model)
+        model = inference_network(model, target, low)
     sync = _sync_for(target)
     peak = MatmulPeak(target)
     budget = seconds / (len(_FORMATS) + len(sizes))
@@ -216,7 +228,7 @@ def bench_model(
         def step() -> None:
             with (
                 torch.inference_mode(),
-                torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda),
+                torch.autocast(target.type, dtype=low or torch.bfloat16, enabled=low is not None),
             ):
                 model(x)
 
@@ -243,7 +255,7 @@ def bench_model(
         threads=threads,
         batch_size=batch,
         memory_format=layout,
-        autocast=cuda,
+        autocast=low is not None,
         gflop_per_patch=gflop,
         seconds_per_batch=seconds_per_batch,
         gflop_per_s=rate,
@@ -415,6 +427,9 @@ def bench_all(
                   "path": model_path, "name": model_card(network.metadata).get("name")},
         "reference_fast": bench_model(target, seconds=seconds / 2),
     }
+    if target.type == "cpu" and cpu_has_native_bfloat16():  # what `run --autocast` gets here
+        results["model_autocast"] = bench_model(target, seconds=seconds / 4, network=network,
+                                                autocast=True)
     results["postproc"] = bench_postproc()
     if end_to_end_size > 0:
         # at least 2 x 2 map tiles, so that every CPU worker (one thread each) has one: with the
@@ -444,6 +459,9 @@ def bench_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
         ("matmul peak GFLOP/s (same run)", f"{m['peak_gflop_per_s']:.1f}"),
         ("utilisation", f"{m['utilisation']:.1%}"),
         ("network output Mpx/s", f"{m['mpix_per_s']:.4f}"),
+        *([("network output Mpx/s, --autocast (bfloat16)",
+            f"{results['model_autocast']['mpix_per_s']:.4f}")]
+          if "model_autocast" in results else []),
         ("best batch / layout", f"{m['batch_size']} / {m['memory_format']}"),
         ("post-processing Mpx/s", f"{results['postproc']['mpix_per_s']:.2f}"),
     ]

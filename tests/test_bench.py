@@ -180,6 +180,19 @@ def test_bench_model_measures_the_network_it_is_given() -> None:
     assert result["mpix_per_s"] == pytest.approx(output**2 / result["seconds_per_batch"] / 1e6)
 
 
+def test_bench_model_autocast_on_cpu_is_bfloat16_only_where_the_cpu_has_it() -> None:
+    from hoverdask.model import LiteHoVerNet
+    from hoverdask.model.infer import cpu_has_native_bfloat16
+    from hoverdask.model.lite import LiteShape
+
+    network = LiteHoVerNet(5, LiteShape((8, 16), 1))
+    fp32 = bench_model("cpu", seconds=1.0, batch_sizes=(1,), input_size=96, network=network)
+    low = bench_model("cpu", seconds=1.0, batch_sizes=(1,), input_size=96, network=network,
+                      autocast=True)
+    assert fp32["autocast"] is False
+    assert low["autocast"] is cpu_has_native_bfloat16()
+
+
 def test_bench_rows_show_the_end_to_end_breakdown() -> None:
     from hoverdask.bench import bench_rows
     from hoverdask.pipeline.breakdown import breakdown
