@@ -308,7 +308,7 @@ def run(
     chunk_size: ChunkSizeOption = DEFAULT_CHUNK_SIZE,
     batch_size: Annotated[
         int, typer.Option(min=0, help="Patches per network call; 0: fit the GPU's free memory "
-                          "(8 on CPU).")
+                          "(1 on CPU, where one patch per call is fastest).")
     ] = 0,
     autocast: Annotated[
         bool, typer.Option(help="Reduced-precision inference (faster; maps differ slightly: "

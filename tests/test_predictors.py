@@ -10,7 +10,7 @@ import torch
 
 from hoverdask.core.errors import HoverdaskError
 from hoverdask.model import HoVerNet, predict_patches, save_checkpoint
-from hoverdask.model.gpu import StagedPatchRunner
+from hoverdask.model.gpu import CPU_BATCH_SIZE, StagedPatchRunner
 from hoverdask.pipeline.predictors import (
     DEFAULT_BATCH_SIZE,
     PatchPredictor,
@@ -127,8 +127,8 @@ def test_batch_size_zero_asks_the_runner_once(
     assert runner.sizes[0] == min(expected, 12)
 
 
-def test_staged_runner_on_cpu_has_no_size_to_measure(model: HoVerNet) -> None:
-    assert StagedPatchRunner(model, "cpu").auto_batch_size(96) is None
+def test_staged_runner_on_cpu_runs_one_patch_per_call(model: HoVerNet) -> None:
+    assert StagedPatchRunner(model, "cpu").auto_batch_size(96) == CPU_BATCH_SIZE == 1
     plain = PatchPredictor(lambda p: np.zeros((len(p), OUTPUT, OUTPUT, 4), np.float32),
                            margin=MARGIN, output=OUTPUT, nr_types=3, batch_size=0)
     plain.predict_tile(_window(1, 1), (0, 0))
@@ -154,7 +154,7 @@ def test_factory_builds_the_staged_predictor_with_auto_batch(tmp_path, model: Ho
     assert (predictor.margin, predictor.output) == (46, 164)
     window = np.random.default_rng(3).integers(0, 256, (164 + 92, 2 * 164 + 92, 3), np.uint8)
     got = predictor.predict_tile(window, (0, 0))
-    assert predictor.batch_size == DEFAULT_BATCH_SIZE  # auto on CPU
+    assert predictor.batch_size == CPU_BATCH_SIZE  # auto on CPU: one patch per call
     # autocast has no effect on CPU: fp32, the maps of predict_patches
     expected = predict_patches(model, split_patches(window, 46, 164))
     np.testing.assert_array_equal(got, join_patches(expected, 1, 2))

@@ -34,6 +34,11 @@ from hoverdask.model.infer import (
 
 log = logging.getLogger(__name__)
 
+# On CPU one patch per network call is fastest: its feature maps stay in cache. Measured on a
+# 2-core Xeon, one 1792 px tile on one thread: lite 0.354 Mpx/s at batch 1 against 0.303 at 8
+# (bfloat16 0.97 against 0.76); fast HoVer-Net 0.0136 against 0.0125.
+CPU_BATCH_SIZE = 1
+
 
 # --- batch size from free memory -----------------------------------------------------------------
 
@@ -218,7 +223,9 @@ class StagedPatchRunner:
 
     def auto_batch_size(self, patch_size: int, **limits: Any) -> int | None:
         """On CUDA the batch that fits in free memory (:func:`probe_batch_size`, measured with
-        the eager network at this precision); None elsewhere, where there is nothing to fit."""
+        the eager network at this precision); on CPU :data:`CPU_BATCH_SIZE`."""
+        if self.device.type == "cpu":
+            return CPU_BATCH_SIZE
         if self.device.type != "cuda":
             return None
 

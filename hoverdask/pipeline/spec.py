@@ -103,7 +103,7 @@ class RunOptions:
     target_mpp: float = 0.25
     mpp: float | None = None
     chunk_size: int = DEFAULT_CHUNK_SIZE
-    batch_size: int = 0  # 0: fit the GPU's free memory (8 on CPU)
+    batch_size: int = 0  # 0: fit the GPU's free memory (1 on CPU)
     device: str = "auto"
     autocast: bool = False
     autocast_dtype: str = "bfloat16"
