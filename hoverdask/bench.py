@@ -304,7 +304,8 @@ def bench_end_to_end(
     the processed (tissue tile) pixels, comparable with the network's output rate, and
     ``slide_mpix_per_s`` the whole slide, which depends on how much of it is glass:
     ``glass_fraction`` of the synthetic picture is glass, ``tissue_mask_fraction`` is what the
-    tissue mask found and ``tissue_fraction`` the share of pixels in the tiles kept.
+    tissue mask found and ``tissue_fraction`` the share of pixels predicted (tissue tiles less
+    their glass patches).
     ``seconds_per_mm2`` is per mm² processed. ``breakdown`` is the run's, from its ``run.json``
     (:mod:`hoverdask.pipeline.breakdown`: seconds per mm² of tissue and each stage's share).
     Without a checkpoint a randomly initialised fast network is used: the speed is a real

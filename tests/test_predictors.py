@@ -195,12 +195,17 @@ def test_read_only_patches_are_staged_without_a_warning(model: HoVerNet) -> None
 
 def test_cpu_autocast_runs_bfloat16_only_where_the_cpu_has_it(tmp_path, model: HoVerNet,
                                                               caplog: pytest.LogCaptureFixture):
+    from hoverdask.model import infer
     from hoverdask.model.infer import autocast_dtype_on, cpu_has_native_bfloat16
 
     cpu = torch.device("cpu")
+    infer.FP32_KEPT_WARNED.clear()  # other tests of this process may have been warned already
     assert autocast_dtype_on(cpu, None) is None
     assert autocast_dtype_on(cpu, torch.float16) is None  # slower than fp32 on any CPU
     assert "running fp32" in caplog.text
+    caplog.clear()
+    assert autocast_dtype_on(cpu, torch.float16) is None
+    assert "running fp32" not in caplog.text  # said once, not for every batch
     patches = np.random.default_rng(4).integers(0, 256, (2, 256, 256, 3), np.uint8)
     fp32 = predict_patches(model, patches, device="cpu")
     low = predict_patches(model, patches, device="cpu", autocast=True)

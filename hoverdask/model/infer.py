@@ -189,9 +189,14 @@ def autocast_dtype_on(device: torch.device, dtype: torch.dtype | None) -> torch.
         return dtype
     if dtype == torch.bfloat16 and cpu_has_native_bfloat16():
         return dtype
-    log.warning("reduced-precision inference on this CPU would be slower than fp32 (%s is not "
-                "in hardware here): running fp32", str(dtype).removeprefix("torch."))
+    if dtype not in FP32_KEPT_WARNED:  # once per process: predict_patches asks for every batch
+        FP32_KEPT_WARNED.add(dtype)
+        log.warning("reduced-precision inference on this CPU would be slower than fp32 (%s is "
+                    "not in hardware here): running fp32", str(dtype).removeprefix("torch."))
     return None
+
+
+FP32_KEPT_WARNED: set[torch.dtype] = set()
 
 
 def inference_network(
