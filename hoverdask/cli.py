@@ -529,9 +529,15 @@ def train(
         typer.Option(help="Change one loss weight, NAME=VALUE (repeatable); names: "
                      "hv_mse, hv_msge, np_ce, np_dice, tp_ce, tp_dice."),
     ] = None,
+    data_weight: Annotated[
+        list[str] | None,
+        typer.Option(help="Sample one --data folder more (or less) often, FOLDER=FACTOR "
+                     "(repeatable): FACTOR multiplies its share of the training windows, "
+                     "which is otherwise its share of the pixels."),
+    ] = None,
 ) -> None:
     """Train HoVer-Net in two stages (frozen encoder, then all) with the paper's loss."""
-    from hoverdask.train.loop import StepLog, TrainConfig
+    from hoverdask.train.loop import StepLog, TrainConfig, parse_data_weights
     from hoverdask.train.loop import train as run_training
     from hoverdask.train.losses import parse_loss_weights
 
@@ -541,6 +547,7 @@ def train(
         stage_one_fraction=stage_one, precision=precision, seed=seed, save_every=save_every,
         val_every=val_every, val_windows=val_windows, workers=workers, input_size=input_size,
         lr=lr, schedule=schedule, holdout=holdout, weights=parse_loss_weights(loss_weight or []),
+        data_weights=parse_data_weights(data_weight or []),
     )
 
     def show(log: StepLog) -> None:

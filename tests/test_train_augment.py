@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from conftest import shared_dataset
@@ -103,6 +105,44 @@ def test_window_source_without_types_refuses_nr_types() -> None:
         WindowSource([data], input_size=128, output_size=36, nr_types=5, batch_size=1, seed=0)
     source = WindowSource([data], input_size=128, output_size=36, nr_types=None, batch_size=1, seed=0)
     assert not bool(source[0]["has_types"].any())
+
+
+def test_dataset_weight_multiplies_its_share_of_windows() -> None:
+    consep = open_dataset(shared_dataset("consep-train-tiles"))
+    cpm = open_dataset(shared_dataset("cpm15"))
+    kwargs = {"input_size": 128, "output_size": 36, "nr_types": None, "batch_size": 1, "seed": 0}
+    even = WindowSource([consep, cpm], **kwargs)
+    tripled = WindowSource([consep, cpm], dataset_weights=[3.0, 1.0], **kwargs)
+    n = len(consep)
+    share, share3 = even.weights[:n].sum(), tripled.weights[:n].sum()
+    assert share == pytest.approx(consep.areas().sum() / (consep.areas().sum() + cpm.areas().sum()))
+    # odds (share / rest) grow by exactly the factor; within a dataset, still by pixels
+    assert share3 / (1 - share3) == pytest.approx(3 * share / (1 - share))
+    np.testing.assert_allclose(tripled.weights[n:] / tripled.weights[n:].sum(),
+                               cpm.areas() / cpm.areas().sum())
+    drawn = [tripled.index[int(np.random.default_rng(k).choice(len(tripled.index), p=tripled.weights))][0]
+             for k in range(400)]
+    assert abs(drawn.count(0) / 400 - share3) < 0.08
+
+
+def test_cli_train_refuses_a_data_weight_for_an_unknown_folder(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from hoverdask.cli import app
+
+    result = CliRunner().invoke(app, [
+        "train", "--mode", "lite", "--steps", "1", "--data", str(shared_dataset("cpm15")),
+        "--data-weight", "consep=2", "--out", str(tmp_path / "m.tar"),
+    ])
+    assert result.exit_code == 2
+    assert "no --data folder has that name" in result.output
+    assert not (tmp_path / "m.tar").exists()
+    bad = CliRunner().invoke(app, [
+        "train", "--mode", "lite", "--steps", "1", "--data", str(shared_dataset("cpm15")),
+        "--data-weight", "cpm15", "--out", str(tmp_path / "m.tar"),
+    ])
+    assert bad.exit_code == 2
+    assert "FOLDER=FACTOR" in bad.output
 
 
 def test_stain_jitter_changes_each_stain_alone() -> None:

@@ -41,9 +41,13 @@ class WindowSource(torch.utils.data.Dataset):
         batch_size: int,
         seed: int,
         augment: bool = True,
+        dataset_weights: Sequence[float] | None = None,
     ) -> None:
         if not datasets:
             raise DatasetError("no training data given")
+        factors = [1.0] * len(datasets) if dataset_weights is None else list(dataset_weights)
+        if len(factors) != len(datasets):
+            raise DatasetError(f"{len(factors)} dataset weights for {len(datasets)} datasets")
         self.datasets = list(datasets)
         self.input_size = input_size
         self.output_size = output_size
@@ -52,7 +56,10 @@ class WindowSource(torch.utils.data.Dataset):
         self.seed = seed
         self.augment = augment
         self.index = [(d, i) for d, ds in enumerate(self.datasets) for i in range(len(ds))]
-        areas = np.concatenate([ds.areas() for ds in self.datasets])
+        # windows fall evenly over pixels; a dataset weight multiplies that dataset's share
+        areas = np.concatenate(
+            [ds.areas() * factor for ds, factor in zip(self.datasets, factors, strict=True)]
+        )
         self.weights = areas / areas.sum()
         if nr_types is not None and not any(ds.has_types for ds in self.datasets):
             raise DatasetError(

@@ -84,6 +84,8 @@ class TrainConfig:
     log: Path | None = None
     weights: LossWeights = field(default_factory=LossWeights)
     input_size: int | None = None  # training window side; None: the mode's patch input
+    # (dataset folder name, factor): multiplies that dataset's share of the training windows
+    data_weights: tuple[tuple[str, float], ...] = ()
 
     def window_sizes(self) -> tuple[int, int]:
         """(input, output) sides: the network's output is its input less a fixed border."""
@@ -183,7 +185,7 @@ def train(
     source = WindowSource(
         datasets, input_size=input_size, output_size=output_size,
         nr_types=config.nr_types, batch_size=config.batch_size, seed=config.seed,
-        augment=config.augment,
+        augment=config.augment, dataset_weights=_dataset_weights(config, datasets),
     )
     val_batches = _validation_batches(config, input_size, output_size, held_out)
     model, start, optimiser_state = _starting_point(config, notes)
@@ -263,6 +265,12 @@ def _training_data(config: TrainConfig) -> tuple[list[LabelledSet], list[Labelle
     return [train for train, _ in parts if len(train)], [held for _, held in parts if len(held)]
 
 
+def _dataset_weights(config: TrainConfig, datasets: Sequence[LabelledSet]) -> list[float]:
+    """Each training dataset's factor from ``config.data_weights`` (1 where not named)."""
+    factors = dict(config.data_weights)
+    return [factors.get(ds.root.name, 1.0) for ds in datasets]
+
+
 def _memory_format(model: Network, device: torch.device) -> torch.memory_format:
     """channels_last for the lite network on CPU: its training steps ran ~1.5x faster (oneDNN)."""
     if model.mode == LITE_MODE and device.type == "cpu":
@@ -302,6 +310,33 @@ def _check_config(config: TrainConfig) -> None:
         raise HoverdaskError("--nr-types counts the background too: use 2 or more, or leave out")
     if config.resume and config.init is not None:
         raise HoverdaskError("--resume continues --out; it cannot be combined with --init")
+    names = {Path(p).name for p in config.data}
+    for name, factor in config.data_weights:
+        if name not in names:
+            raise HoverdaskError(
+                f"--data-weight {name}: no --data folder has that name "
+                f"(the folders are: {', '.join(sorted(names))})"
+            )
+        if not factor > 0:
+            raise HoverdaskError(f"--data-weight {name}: the factor must be above 0, got {factor}")
+
+
+def parse_data_weights(items: Sequence[str]) -> tuple[tuple[str, float], ...]:
+    """``["consep-train-tiles=2"]`` -> ``(("consep-train-tiles", 2.0),)``."""
+    pairs: list[tuple[str, float]] = []
+    for item in items:
+        name, sep, value = item.rpartition("=")
+        try:
+            factor = float(value)
+        except ValueError:
+            factor = float("nan")
+        if not sep or not name.strip() or not factor > 0:
+            raise HoverdaskError(
+                f"--data-weight {item!r}: expected FOLDER=FACTOR, FOLDER the name of a --data "
+                "folder and FACTOR > 0"
+            )
+        pairs.append((name.strip(), factor))
+    return tuple(pairs)
 
 
 def _amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -442,6 +477,7 @@ def _metadata(
             "lr": config.peak_lr,
             "input_size": config.window_sizes()[0],
             "loss_weights": asdict(config.weights),
+            "data_weights": dict(config.data_weights),
         }
     }
     if config.nr_types is not None and len(tables) == 1 and None not in tables:
