@@ -40,6 +40,7 @@ from hoverdask.train.batches import WindowSource, check_types, collate, validati
 from hoverdask.train.datasets import LabelledSet, open_dataset
 from hoverdask.train.holdout import Holdout
 from hoverdask.train.losses import LossWeights, hovernet_loss
+from hoverdask.train.options import name_and_number
 from hoverdask.train.targets import make_targets
 
 LOSS_TERMS = ("hv_mse", "hv_msge", "np_ce", "np_dice", "tp_ce", "tp_dice")
@@ -325,17 +326,13 @@ def parse_data_weights(items: Sequence[str]) -> tuple[tuple[str, float], ...]:
     """``["consep-train-tiles=2"]`` -> ``(("consep-train-tiles", 2.0),)``."""
     pairs: list[tuple[str, float]] = []
     for item in items:
-        name, sep, value = item.rpartition("=")
-        try:
-            factor = float(value)
-        except ValueError:
-            factor = float("nan")
-        if not sep or not name.strip() or not factor > 0:
+        name, factor = name_and_number(item)
+        if not name or not factor > 0:
             raise HoverdaskError(
                 f"--data-weight {item!r}: expected FOLDER=FACTOR, FOLDER the name of a --data "
                 "folder and FACTOR > 0"
             )
-        pairs.append((name.strip(), factor))
+        pairs.append((name, factor))
     return tuple(pairs)
 
 

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from hoverdask.core.errors import HoverdaskError
+from hoverdask.train.options import name_and_number
 
 DICE_SMOOTH = 1e-3
 SOBEL_RADIUS = 2
@@ -44,17 +45,13 @@ def parse_loss_weights(items: Sequence[str]) -> LossWeights:
     names = {f.name for f in fields(LossWeights)}
     changes: dict[str, float] = {}
     for item in items:
-        name, _, value = item.partition("=")
-        try:
-            number = float(value)
-        except ValueError:
-            number = float("nan")
-        if name.strip() not in names or not number >= 0:
+        name, number = name_and_number(item)
+        if name not in names or not number >= 0:
             raise HoverdaskError(
                 f"--loss-weight {item!r}: expected NAME=VALUE with NAME one of "
                 f"{', '.join(sorted(names))} and VALUE >= 0"
             )
-        changes[name.strip()] = number
+        changes[name] = number
     return replace(LossWeights(), **changes)
 
 
