@@ -17,7 +17,8 @@ is Linux's ``VmHWM`` of each process image: ``ru_maxrss`` would also count the p
 the slides, since it survives fork and exec.
 Prints the speed-up of 2 workers over 1 for one slide and for a cohort of ``--slides`` slides (with
 the summed seconds of the Dask tasks per stage, from run.json: what is not in them ran on the
-client or waited), and the peak RSS of the workers and of the client for each slide size (flat in
+client or waited; and the workers' idle seconds before their first task, between tasks and
+after their last, from Dask's task stream), and the peak RSS of the workers and of the client for each slide size (flat in
 slide size is the goal). No assertions: figures only.
 """
 
@@ -77,6 +78,8 @@ def _max_rss_mib() -> float:
 def measure_once(slides: list[Path], workers: int, chunk: int, model: str | None = None
                  ) -> dict[str, Any]:
     """One timed ``run_cohort`` of ``slides`` on a fresh cluster (this process is the client)."""
+    from distributed import get_task_stream
+
     from hoverdask.deploy.cluster import make_client
     from hoverdask.pipeline.run import RunOptions, run_cohort
 
@@ -85,12 +88,14 @@ def measure_once(slides: list[Path], workers: int, chunk: int, model: str | None
         client = make_client(workers, 1, device="cpu", quiet=True, dashboard=False)
         try:
             client.run(_max_rss_mib)  # workers are up before the clock starts
-            start = time.perf_counter()
+            start, wall_start = time.perf_counter(), time.time()
             options = RunOptions(device="cpu", chunk_size=chunk, tissue_mask=model is None)
-            result = run_cohort(slides, scratch / "out", model=model,
-                                predictor_factory=None if model else PeriodicMapFactory(),
-                                client=client, options=options, progress=False)
+            with get_task_stream(client) as stream:
+                result = run_cohort(slides, scratch / "out", model=model,
+                                    predictor_factory=None if model else PeriodicMapFactory(),
+                                    client=client, options=options, progress=False)
             seconds = time.perf_counter() - start
+            idle = worker_idle(stream.data, wall_start, wall_start + seconds)
             worker_rss = list(client.run(_max_rss_mib).values())
             task_seconds: dict[str, float] = {}
             for record in (scratch / "out").glob("*/run.json"):
@@ -106,8 +111,28 @@ def measure_once(slides: list[Path], workers: int, chunk: int, model: str | None
     task_seconds.pop("wall", None)
     return {"workers": workers, "seconds": seconds,
             "nuclei": sum(s.nuclei for s in result.slides),
-            "task_seconds": task_seconds,
+            "task_seconds": task_seconds, "idle": idle,
             "worker_peak_rss_mib": max(worker_rss), "client_peak_rss_mib": _max_rss_mib()}
+
+
+def worker_idle(tasks: list[dict[str, Any]], begin: float, end: float) -> dict[str, float]:
+    """Seconds the worker threads sat idle during the run, summed over workers (one thread
+    each): before their first task, between tasks, after their last one."""
+    spans: dict[str, list[tuple[float, float]]] = {}
+    for task in tasks:
+        for part in task.get("startstops", ()):
+            if part.get("action") == "compute":
+                spans.setdefault(task["worker"], []).append((part["start"], part["stop"]))
+    idle = {"before_first": 0.0, "between": 0.0, "after_last": 0.0}
+    for runs in spans.values():
+        runs.sort()
+        idle["before_first"] += max(runs[0][0] - begin, 0.0)
+        idle["after_last"] += max(end - max(stop for _, stop in runs), 0.0)
+        reach = runs[0][1]
+        for run_start, run_stop in runs[1:]:
+            idle["between"] += max(run_start - reach, 0.0)
+            reach = max(reach, run_stop)
+    return idle
 
 
 def _brief(seconds: dict[str, float]) -> str:
@@ -197,7 +222,8 @@ def run_all(args: argparse.Namespace, folder: Path) -> None:
                 tasks = sum(run["task_seconds"].values())
                 print(f"{label} of {args.size}², {workers} worker(s) x 1 thread: "
                       f"{run['seconds']:.1f} s, {run['nuclei']} nuclei; task seconds {tasks:.1f} "
-                      f"({_brief(run['task_seconds'])})", flush=True)
+                      f"({_brief(run['task_seconds'])}); worker idle s: "
+                      f"{_brief(run['idle'])}", flush=True)
         for workers, seconds in sorted(best.items()):
             print(f"{label}: best {workers} worker(s): {seconds:.1f} s = "
                   f"{mpix * len(slides) / seconds:.3f} Mpx/s")
