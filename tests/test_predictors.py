@@ -218,3 +218,24 @@ def test_cpu_autocast_runs_bfloat16_only_where_the_cpu_has_it(tmp_path, model: H
     # would not reach), and stays close to fp32
     assert not np.array_equal(low[..., 1:], fp32[..., 1:])
     assert np.abs(low[..., 1:] - fp32[..., 1:]).max() < 0.1
+
+
+def test_import_inference_stack_is_a_coroutine_that_imports_torch() -> None:
+    """``client.run(..., wait=False)`` only takes coroutine functions; in a fresh process the
+    call must leave torch and the network code imported."""
+    import inspect
+    import subprocess
+    import sys
+
+    from hoverdask.pipeline.predictors import import_inference_stack
+
+    assert inspect.iscoroutinefunction(import_inference_stack)
+    code = (
+        "import asyncio, sys\n"
+        "from hoverdask.pipeline.predictors import import_inference_stack\n"
+        "assert 'torch' not in sys.modules\n"
+        "asyncio.run(import_inference_stack())\n"
+        "print('torch' in sys.modules, 'hoverdask.model.infer' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    assert out.stdout.split() == ["True", "True"]

@@ -266,6 +266,26 @@ class PredictorPlugin(_plugin_base()):  # type: ignore[misc]
         self.predictor = None
 
 
+async def import_inference_stack() -> None:
+    """Import torch and the network code on a worker, off its event loop, ahead of the plugin.
+
+    Importing torch takes about a second per process. Asked of a cluster that is already up
+    (``client.run(..., wait=False)``, which takes only coroutines) while the client checks the
+    checkpoint, which imports torch too, the two overlap instead of running one after the other;
+    the plugin's ``setup`` then only builds the network (Python's import lock makes it wait for
+    an import still under way).
+    """
+    import asyncio
+
+    await asyncio.get_running_loop().run_in_executor(None, _import_inference_modules)
+
+
+def _import_inference_modules() -> None:
+    import torch  # noqa: F401
+
+    import hoverdask.model.infer  # noqa: F401
+
+
 def gpu_index(worker_name: Any, device_count: int) -> int:
     """The GPU a worker process should use: its number modulo the visible devices.
 

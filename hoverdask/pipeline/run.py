@@ -36,6 +36,7 @@ from hoverdask.pipeline.predictors import (
     PLUGIN_NAME,
     PredictorPlugin,
     TorchPredictorFactory,
+    import_inference_stack,
 )
 from hoverdask.pipeline.spec import (
     NO_TISSUE_WARNING,
@@ -167,6 +168,9 @@ def run_cohort(
     if options.region is not None:
         check_region(options.region, slides, options.mpp)
     check_writable(out)
+    if client is not None and predictor_factory is None:
+        # fire and forget: the workers import torch while this process checks the checkpoint
+        client.run(import_inference_stack, wait=False)
     spec = resolve_model(model, predictor_factory, options)
 
     logs = dask_logs(out, verbose=verbose) if log_file else contextlib.nullcontext()
