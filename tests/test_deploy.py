@@ -561,7 +561,9 @@ def test_run_cohort_through_an_external_gpu_cluster(
 def test_importing_dask_jobqueue_leaves_ctrl_c_to_us() -> None:
     """dask-jobqueue makes SIGINT call sys.exit() on import; an interrupted `hoverdask run
     --slurm` would then exit 0. In a fresh process, since the import happens only once."""
-    probe = ("import signal\nfrom hoverdask.deploy.jobqueue import _import_slurm_cluster\n"
+    # the probe starts from Python's own handler, also when the suite runs with SIGINT ignored
+    probe = ("import signal\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+             "from hoverdask.deploy.jobqueue import _import_slurm_cluster\n"
              "_import_slurm_cluster()\n"
              "assert signal.getsignal(signal.SIGINT) is signal.default_int_handler\n")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,

@@ -187,7 +187,10 @@ def test_scancel_of_a_worker_job_mid_run_gives_the_same_nuclei(partition, cohort
 
 
 INTERRUPTED_RUN = """
+import signal
 import sys
+# Ctrl-C as in a terminal, also when the suite itself runs in the background (SIGINT ignored)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from pathlib import Path
 import test_drills as d
 from hoverdask.pipeline.run import run_cohort
