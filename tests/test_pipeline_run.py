@@ -7,6 +7,7 @@ pipeline must give exactly the same nuclei, whatever the tile size, and again af
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 from pathlib import Path
 
@@ -304,6 +305,17 @@ def test_glass_patches_of_a_tissue_tile_are_background_and_never_predicted(clien
                          chunk_size=656, output=164, margin=46)
     assert plan.tissue_patches, "the synthetic slide's glass should leave patches without tissue"
     assert plan.processed_pixels < plan.grid.pixels(plan.tissue_tiles)
+    # inference is submitted longest tile first: most patches first, raster order among equals
+    # (on 492 px tiles the raster order is 9, 9, 6, 9 patches)
+    small, _ = plan_slide(str(slide), tmp_path / "plan-492", mpp=None, target_mpp=0.25,
+                          chunk_size=492, output=164, margin=46)
+    order = small.tiles_longest_first()
+    counts = [small.patches_to_run(*t) for t in order]
+    assert sorted(order) == sorted(small.tissue_tiles)
+    assert sum(counts) == small.params["patches_run"]
+    assert counts != [small.patches_to_run(*t) for t in small.tissue_tiles]
+    assert all((-a, small.tissue_tiles.index(s)) < (-b, small.tissue_tiles.index(t))
+               for (a, s), (b, t) in itertools.pairwise(zip(counts, order, strict=True)))
     out = tmp_path / "out"
     factory = ArrayPredictorFactory(str(maps_path), margin=46, output=164, nr_types=NR_TYPES)
     run_cohort([slide], out, predictor_factory=factory, client=client,

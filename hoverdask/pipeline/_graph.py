@@ -68,7 +68,7 @@ def submit_slide(
         )
 
     ahead = read_ahead_depth(options, gpu_resources)
-    order = plan.tissue_tiles
+    order = plan.tiles_longest_first()
     tiles = [
         submit("infer", f"{row}_{col}", tasks.infer_tile, plan.source, plan.grid,
                plan.slide_dir, row, col, spec.factory, spec.nr_types,

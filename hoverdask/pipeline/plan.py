@@ -69,6 +69,19 @@ class SlidePlan:
         """The patches of tissue tile ``(row, col)`` the network runs on; None: all of them."""
         return self.tissue_patches.get((row, col))
 
+    def patches_to_run(self, row: int, col: int) -> int:
+        """How many patches of tissue tile ``(row, col)`` the network runs on (its cost)."""
+        active = self.active_patches(row, col)
+        return int(active.sum()) if active is not None else math.prod(self.grid.patch_shape(row, col))
+
+    def tiles_longest_first(self) -> list[tuple[int, int]]:
+        """The tissue tiles, most patches first (raster order among equals).
+
+        Submitted in this order, the tiles end close together on every worker (the longest
+        first, the short ones filling in), so no worker waits long at the end of the
+        inference stage, which post-processing cannot start before."""
+        return sorted(self.tissue_tiles, key=lambda t: -self.patches_to_run(*t))
+
     @property
     def processed_pixels(self) -> int:
         """Image pixels the network predicts: the tissue tiles less their skipped patches."""
