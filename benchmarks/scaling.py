@@ -18,8 +18,8 @@ the slides, since it survives fork and exec.
 Prints the speed-up of 2 workers over 1 for one slide and for a cohort of ``--slides`` slides (with
 the summed seconds of the Dask tasks per stage, from run.json: what is not in them ran on the
 client or waited; and the workers' idle seconds before their first task, between tasks and
-after their last, from Dask's task stream), and the peak RSS of the workers and of the client for each slide size (flat in
-slide size is the goal). No assertions: figures only.
+after their last, from Dask's task stream), and the peak RSS of the workers and of the client
+for each slide size (flat in slide size is the goal). No assertions: figures only.
 """
 
 from __future__ import annotations

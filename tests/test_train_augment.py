@@ -143,6 +143,12 @@ def test_cli_train_refuses_a_data_weight_for_an_unknown_folder(tmp_path: Path) -
     ])
     assert bad.exit_code == 2
     assert "FOLDER=FACTOR" in bad.output
+    zero = CliRunner().invoke(app, [
+        "train", "--mode", "lite", "--steps", "1", "--data", str(shared_dataset("cpm15")),
+        "--data-weight", "cpm15=0", "--out", str(tmp_path / "m.tar"),
+    ])
+    assert zero.exit_code == 2
+    assert "must be above 0" in zero.output
 
 
 def test_stain_jitter_changes_each_stain_alone() -> None:

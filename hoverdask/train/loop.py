@@ -323,14 +323,15 @@ def _check_config(config: TrainConfig) -> None:
 
 
 def parse_data_weights(items: Sequence[str]) -> tuple[tuple[str, float], ...]:
-    """``["consep-train-tiles=2"]`` -> ``(("consep-train-tiles", 2.0),)``."""
+    """``["consep-train-tiles=2"]`` -> ``(("consep-train-tiles", 2.0),)``; the names and
+    factors themselves are checked with the rest of the configuration (``_check_config``)."""
     pairs: list[tuple[str, float]] = []
     for item in items:
         name, factor = name_and_number(item)
-        if not name or not factor > 0:
+        if not name or math.isnan(factor):  # no "=", no name, or not a number
             raise HoverdaskError(
                 f"--data-weight {item!r}: expected FOLDER=FACTOR, FOLDER the name of a --data "
-                "folder and FACTOR > 0"
+                "folder and FACTOR a number above 0"
             )
         pairs.append((name, factor))
     return tuple(pairs)
