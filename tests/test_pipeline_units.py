@@ -119,6 +119,31 @@ def test_quantised_store_round_trip(tmp_path) -> None:
     assert not whole[:32].any()  # never written: background
 
 
+def test_quantise_and_stored_stats_equal_the_plain_formulas() -> None:
+    """Oracle: ``rint(clip(x) * scale)`` and the ranges / foreground of the dequantised maps."""
+    rng = np.random.default_rng(5)
+    maps = np.stack([rng.integers(0, 6, (64, 70)), rng.uniform(-0.2, 1.2, (64, 70)),
+                     rng.uniform(-1.5, 1.5, (64, 70)), rng.uniform(-1.5, 1.5, (64, 70))],
+                    -1).astype(np.float32)
+    maps[0, :4, 1] = [0.5, 127.5 / 255, 128.5 / 255, 0.5 - 1e-7]  # rounding and threshold edges
+    plain = {"tp": np.rint(maps[..., 0]).astype(np.uint8),
+             "np": np.rint(np.clip(maps[..., 1], 0.0, 1.0) * 255.0).astype(np.uint8),
+             "h": np.rint(np.clip(maps[..., 2], -1.0, 1.0) * 32767.0).astype(np.int16),
+             "v": np.rint(np.clip(maps[..., 3], -1.0, 1.0) * 32767.0).astype(np.int16)}
+    stored = {name: maps_store.quantise(name, maps[..., i]) for i, name in enumerate(plain)}
+    for name, want in plain.items():
+        np.testing.assert_array_equal(stored[name], want)
+        assert stored[name].dtype == want.dtype
+    floats = {name: values.astype(np.float32) / np.float32(maps_store.NP_SCALE if name == "np"
+                                                         else maps_store.HV_SCALE)
+              for name, values in plain.items()}
+    floats["tp"] = plain["tp"].astype(np.float32)
+    want = {"foreground_px": int((floats["np"] >= 0.5).sum())}
+    for name, values in floats.items():
+        want[f"{name}_min"], want[f"{name}_max"] = float(values.min()), float(values.max())
+    assert maps_store.stored_stats(stored) == want
+
+
 def test_ledger_discards_parts_of_other_parameters(tmp_path) -> None:
     ledger = SlideLedger(tmp_path / "slide")
     assert ledger.prepare({"tile": 328}, overwrite=False) is False

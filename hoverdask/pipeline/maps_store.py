@@ -30,19 +30,44 @@ def channel_names(nr_types: int | None) -> tuple[str, ...]:
 
 
 def quantise(name: str, values: np.ndarray) -> np.ndarray:
-    if name == "np":
-        return np.rint(np.clip(values, 0.0, 1.0) * NP_SCALE).astype(np.uint8)
-    if name in ("h", "v"):
-        return np.rint(np.clip(values, -1.0, 1.0) * HV_SCALE).astype(np.int16)
+    """The stored integers of one float32 map (clip, scale, round half to even), computed in
+    one float32 buffer: the same values as ``rint(clip(x) * scale)`` without its temporaries."""
+    if name in ("np", "h", "v"):
+        lo, scale = (0.0, NP_SCALE) if name == "np" else (-1.0, HV_SCALE)
+        buffer = np.clip(values, lo, 1.0, dtype=np.float32)
+        buffer *= np.float32(scale)
+        np.rint(buffer, out=buffer)
+        return buffer.astype(DTYPES[name])
     return np.rint(values).astype(np.uint8)
 
 
-def dequantise(name: str, stored: np.ndarray) -> np.ndarray:
-    if name == "np":
-        return stored.astype(np.float32) / np.float32(NP_SCALE)
-    if name in ("h", "v"):
-        return stored.astype(np.float32) / np.float32(HV_SCALE)
-    return stored.astype(np.float32)
+def dequantise(name: str, stored: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """float32 values of stored integers (``out``, e.g. one channel of a window, is filled)."""
+    if out is None:
+        out = np.empty(stored.shape, dtype=np.float32)
+    if name in ("np", "h", "v"):
+        scale = NP_SCALE if name == "np" else HV_SCALE
+        return np.divide(stored, np.float32(scale), out=out, dtype=np.float32)
+    out[...] = stored
+    return out
+
+
+def stored_stats(stored: dict[str, np.ndarray]) -> dict[str, float | int]:
+    """A tile's foreground pixels and per-map ranges, as its dequantised maps would give them.
+
+    Dequantising is monotone, so a map's range is the dequantised range of its integers, and
+    the foreground (dequantised ``np >= 0.5``) is the integers from the first one that reaches
+    0.5: no float copy of the tile is made.
+    """
+    foreground = np.flatnonzero(dequantise("np", np.arange(256, dtype=np.uint8)) >= 0.5)[0]
+    stats: dict[str, float | int] = {
+        "foreground_px": int(np.count_nonzero(stored["np"] >= foreground))
+    }
+    for name, values in stored.items():
+        low, high = (values.min(), values.max()) if values.size else (0, 0)
+        ends = dequantise(name, np.array([low, high], dtype=values.dtype))
+        stats[f"{name}_min"], stats[f"{name}_max"] = float(ends[0]), float(ends[1])
+    return stats
 
 
 def create_store(path: Path, shape: tuple[int, int], tile: int, nr_types: int | None) -> None:
@@ -62,21 +87,20 @@ def create_store(path: Path, shape: tuple[int, int], tile: int, nr_types: int | 
 
 def write_tile(
     path: Path, y0: int, x0: int, maps: np.ndarray, nr_types: int | None
-) -> np.ndarray:
+) -> dict[str, np.ndarray]:
     """Write one tile's float maps (h, w, C) at ``(y0, x0)``; one whole chunk per array.
 
-    Returns the dequantised maps: exactly what post-processing will read back.
+    Returns the stored integers by map name (:func:`stored_stats` summarises them).
     """
     import zarr
 
     group = zarr.open_group(str(path), mode="r+")
     h, w = maps.shape[:2]
-    stored = []
+    stored = {}
     for index, name in enumerate(channel_names(nr_types)):
-        quantised = quantise(name, maps[..., index])
-        group[name][y0 : y0 + h, x0 : x0 + w] = quantised
-        stored.append(dequantise(name, quantised))
-    return np.stack(stored, axis=-1)
+        stored[name] = quantise(name, maps[..., index])
+        group[name][y0 : y0 + h, x0 : x0 + w] = stored[name]
+    return stored
 
 
 def read_window(
@@ -95,8 +119,10 @@ def read_window(
 
     group = zarr.open_group(str(path), mode="r")
     names = channels or channel_names(nr_types)
-    return np.stack([dequantise(name, _assembled(group, path, name, y0, x0, y1, x1))
-                     for name in names], axis=-1)
+    window = np.empty((y1 - y0, x1 - x0, len(names)), dtype=np.float32)
+    for index, name in enumerate(names):
+        dequantise(name, _assembled(group, path, name, y0, x0, y1, x1), out=window[..., index])
+    return window
 
 
 def _assembled(group: Any, path: Path, name: str, y0: int, x0: int, y1: int, x1: int

@@ -121,17 +121,6 @@ class ReadAhead:
 WINDOWS = ReadAhead()
 
 
-def tile_stats(maps: np.ndarray, nr_types: int | None) -> dict[str, Any]:
-    """Per-tile summary kept in the tile's marker: map ranges and foreground pixels."""
-    names = maps_store.channel_names(nr_types)
-    stats: dict[str, Any] = {"foreground_px": int((maps[..., names.index("np")] >= 0.5).sum())}
-    for index, name in enumerate(names):
-        channel = maps[..., index]
-        stats[f"{name}_min"] = float(channel.min()) if channel.size else 0.0
-        stats[f"{name}_max"] = float(channel.max()) if channel.size else 0.0
-    return stats
-
-
 def read_window(source: SlideSource, grid: TileGrid, row: int, col: int) -> np.ndarray:
     """The RGB window map tile ``(row, col)`` is predicted from (tile + patch margin)."""
     rows, cols = window_indices(grid, row, col)
@@ -208,12 +197,13 @@ def infer_tile(
     maps = predict_active(predictor, window, (y0, x0), active, nr_types)[: y1 - y0, : x1 - x0]
     predicted, predicted_at = time.perf_counter(), time.time()
     stored = maps_store.write_tile(ledger.maps_store, y0, x0, maps, nr_types)
+    summary = maps_store.stored_stats(stored)
     seconds = {"read_s": read - started, "predict_s": predicted - read,
                "write_s": time.perf_counter() - predicted}
     clock = {"worker": _worker_name(), "predict_start": predicted_at - seconds["predict_s"],
              "predict_end": predicted_at}  # for the busy fraction of the predictor
     patches = int(active.sum()) if active is not None else math.prod(grid.patch_shape(row, col))
-    stats = {"row": row, "col": col, **tile_stats(stored, nr_types), **seconds, **clock,
+    stats = {"row": row, "col": col, **summary, **seconds, **clock,
              "patches_run": patches}
     atomic_write_json(marker, stats)
     return stats
