@@ -71,12 +71,14 @@ def test_background_only_map() -> None:
     assert assert_same_output(np.zeros((40, 50, 4), np.float32), 6) == 0
 
 
-@pytest.mark.parametrize("band_rows", [1, 16, 10_000])
-def test_banded_watershed_equals_one_flood(wsi_map: np.ndarray, band_rows: int) -> None:
+@pytest.mark.parametrize("canvas_width", [1, 64, 10_000])
+def test_packed_watershed_equals_one_flood(wsi_map: np.ndarray, canvas_width: int) -> None:
+    """One box per shelf, a few per shelf, all on one shelf: the same labels as one call."""
     _, np_prob, h, v = split_channels(wsi_map[:500, :700], 6)
     steps = proc_np_hv_reference(np_prob, h, v)
-    banded = watershed_by_component(steps.dist, steps.marker, steps.blb, band_rows=band_rows)
-    np.testing.assert_array_equal(banded, steps.inst_map)
+    packed = watershed_by_component(steps.dist, steps.marker, steps.blb,
+                                    canvas_width=canvas_width)
+    np.testing.assert_array_equal(packed, steps.inst_map)
 
 
 def test_tied_seeds_flood_the_whole_map(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -204,6 +204,29 @@ def test_pass3_markers_equal_the_reference_markers(windows) -> None:
         np.testing.assert_array_equal(markers_fast(overall.astype(np.float32), blb), expected)
 
 
+def test_pass3_surface_and_markers_equal_the_reference_steps(windows) -> None:
+    """Oracle: the reference's float64 ``overall`` (slide-wide ranges), its surface and markers."""
+    from hoverdask.nuclei.reference import foreground_mask, markers_from_energy, watershed_surface
+    from hoverdask.nuclei.stable import energy_with_ranges, segment_window
+
+    for window, origin, ranges in windows:
+        seg = segment_window(window, origin, ranges, NR_TYPES)
+        blb = foreground_mask(window[..., 1])
+        overall = energy_with_ranges(window[..., 2], window[..., 3], blb, ranges)
+        np.testing.assert_array_equal(seg.blb, blb)
+        np.testing.assert_array_equal(seg.dist, watershed_surface(overall, blb))
+        np.testing.assert_array_equal(seg.marker, markers_from_energy(overall, blb))
+
+
+def test_float32_threshold_equals_the_float64_comparison() -> None:
+    from hoverdask.nuclei.fast import _at_least
+
+    values = np.float32(0.4) + np.arange(-3, 4, dtype=np.float32) * np.float32(2**-25)
+    for threshold in (0.4, float(np.float32(0.4)), 0.3, 0.7):
+        np.testing.assert_array_equal(_at_least(values, threshold),
+                                      values.astype(np.float64) >= threshold)
+
+
 def test_flood_equals_one_skimage_call_on_the_untied_clusters(windows) -> None:
     from skimage.segmentation import watershed
 

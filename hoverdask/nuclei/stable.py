@@ -32,15 +32,15 @@ from skimage.segmentation import watershed
 from hoverdask.nuclei.fast import (
     SEEDS_QUEUE_BY_VALUE,
     fill_holes,
+    foreground_components,
     markers_fast,
+    surface_from_energy,
     watershed_by_component,
 )
 from hoverdask.nuclei.instances import crop_record, type_votes, vote_types
 from hoverdask.nuclei.reference import (
     SOBEL_KSIZE,
-    foreground_mask,
     split_channels,
-    watershed_surface,
 )
 
 SOBEL_REACH = SOBEL_KSIZE // 2  # a Sobel value depends on inputs this far away (10 px)
@@ -121,6 +121,19 @@ def energy_with_ranges(
     return overall
 
 
+def foreground_energy_with_ranges(h: np.ndarray, v: np.ndarray, ranges: NormRanges) -> np.ndarray:
+    """float32 energy equal to :func:`energy_with_ranges` wherever ``blb`` is 1.
+
+    There the reference value is ``float64(max) - 0`` (the maximum is never negative), which
+    is this float32 value exactly; outside the foreground the value is never read (see
+    :func:`hoverdask.nuclei.fast.energy_in_foreground`), so the float64 window is not built.
+    """
+    sobel_h, sobel_v = sobel_responses(h, v, ranges)
+    energy = 1 - normalise_with_range(sobel_h, *ranges.sobel_h)
+    np.maximum(energy, 1 - normalise_with_range(sobel_v, *ranges.sobel_v), out=energy)
+    return energy
+
+
 @dataclass(frozen=True)
 class Cluster:
     """One 8-connected component of the hole-filled foreground, in slide pixel indices."""
@@ -160,7 +173,7 @@ class WindowForeground:
 def window_foreground(np_prob: np.ndarray, origin: tuple[int, int]) -> WindowForeground:
     """``blb`` and :func:`find_clusters` of a window's np map (the channel third from last in
     both map layouts), compared in float32 as ``split_channels`` hands it to the reference."""
-    blb = foreground_mask(np.asarray(np_prob, dtype=np.float32))
+    blb = foreground_components(np.asarray(np_prob, dtype=np.float32))[0]
     return WindowForeground(origin, blb, *find_clusters(blb, origin))
 
 
@@ -191,9 +204,9 @@ def segment_window(
     top, left = origin[0] - foreground.origin[0], origin[1] - foreground.origin[1]
     inside = slice(top, top + window.shape[0]), slice(left, left + window.shape[1])
     blb, clusters_map = foreground.blb[inside], foreground.clusters_map[inside]
-    overall = energy_with_ranges(h, v, blb, ranges)
-    dist = watershed_surface(overall, blb)
-    marker = markers_fast(overall, blb)
+    energy = foreground_energy_with_ranges(h, v, ranges)
+    dist = surface_from_energy(energy, blb)
+    marker = markers_fast(energy, blb)
     return WindowSegmentation(
         origin, blb, dist, marker, clusters_map, foreground.clusters, type_map
     )
@@ -282,13 +295,16 @@ def flood_clusters(
     Clusters without a seed tie share one flood (identical to flooding each alone, see
     :func:`seed_ties`), done by :func:`~hoverdask.nuclei.fast.watershed_by_component`, which
     gives exactly skimage's single call on the same region (components with one marker label
-    take it whole, seeds that cannot grow stay out of the queue, bands of rows instead of the
-    whole window); a tied cluster gets its own call, so its result depends on it alone.
+    take it whole, seeds that cannot grow stay out of the queue, the others packed into one
+    small canvas instead of the whole window); a tied cluster gets its own call, so its result depends on it alone.
     """
     selected = np.zeros(len(seg.clusters) + 1, dtype=bool)
     selected[[c.label for c in clusters if not ties[c.label]]] = True
     region = np.take(selected, seg.clusters_map) & (seg.blb > 0)
-    flooded = watershed_by_component(seg.dist, np.where(region, seg.marker, 0), region)
+    # a tie inside a 4-connected component is a tie inside its cluster: none is left here
+    flooded = watershed_by_component(
+        seg.dist, np.where(region, seg.marker, 0), region, ties_excluded=True
+    )
     for cluster in clusters:
         if not ties[cluster.label]:
             continue
