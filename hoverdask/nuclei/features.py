@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import cv2
 import geopandas as gpd
 import numpy as np
 import pandas as pd
 import shapely
-from scipy import ndimage
 from skimage.color import hed_from_rgb
 
 from hoverdask.core.types import TypeTableLike
@@ -275,10 +275,9 @@ def label_stats(label_map: np.ndarray, image: np.ndarray, count: int) -> dict[st
     area = np.bincount(label, minlength=size)[1:].astype(np.float64)
     present = area > 0
     safe_area = np.where(present, area, 1.0)
-    per_pixel_area = np.concatenate([[1.0], safe_area])[label]
 
     def mean_of(values: np.ndarray) -> np.ndarray:
-        return np.bincount(label, weights=values / per_pixel_area, minlength=size)[1:]
+        return np.bincount(label, weights=values, minlength=size)[1:] / safe_area
 
     row_mean, col_mean = mean_of(rows), mean_of(cols)
     dr = rows - np.concatenate([[0.0], row_mean])[label]
@@ -296,13 +295,12 @@ def label_stats(label_map: np.ndarray, image: np.ndarray, count: int) -> dict[st
     ties = var_c - var_r == 0
     orientation[ties] = np.where(cov[ties] < 0, np.pi / 4.0, -np.pi / 4.0)
 
-    boxes = _bounding_boxes(label_map, size, (r0, c0))
-    row_min, row_max, col_min, col_max = boxes
+    border = _border_pixels(label_map, foreground)
+    extremes = _row_extremes(label_map, border, (r0, c0))
+    row_min, row_max, col_min, col_max = _bounding_boxes(extremes, size)
     extent = area / ((row_max - row_min + 1) * (col_max - col_min + 1))
-
-    border = _border_mask(label_map)
     perimeter = _perimeter(label_map, border, size)
-    convex_area = _convex_area(label_map, border, size, (r0, c0))
+    convex_area = _hull_areas(extremes, size)
 
     pixels = image.reshape(-1, 3)[foreground]
     # np.dot: the same BLAS product as ``@`` here, bit for bit, without matmul's slow path for
@@ -345,48 +343,79 @@ def _labelled_box(label_map: np.ndarray) -> tuple[slice, slice] | None:
     return slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1)
 
 
-def _bounding_boxes(
-    label_map: np.ndarray, size: int, origin: tuple[int, int]
-) -> tuple[np.ndarray, ...]:
+@dataclass(frozen=True)
+class _RowExtremes:
+    """The leftmost and rightmost pixel of every (label, row), grouped by label (a label's
+    rows in order); absolute pixel indices. Both are border pixels (:func:`_border_pixels`)."""
+
+    label: np.ndarray
+    row: np.ndarray
+    left: np.ndarray
+    right: np.ndarray
+    present: np.ndarray  # labels with pixels, ascending
+    first: np.ndarray  # index of each present label's first (label, row)
+
+
+def _row_extremes(
+    label_map: np.ndarray, border: tuple[np.ndarray, np.ndarray], origin: tuple[int, int]
+) -> _RowExtremes:
+    rr, cc = border
+    label = label_map[rr, cc].astype(np.int64)
+    order = np.argsort(label, kind="stable")  # np.nonzero is in raster order already
+    rr, cc, label = rr[order] + origin[0], cc[order] + origin[1], label[order]
+    key = label * (int(rr.max(initial=0)) + 1) + rr
+    starts = np.flatnonzero(np.diff(key, prepend=-1))
+    ends = np.append(starts[1:], key.size) - 1
+    group = label[starts]
+    present, first = np.unique(group, return_index=True)
+    return _RowExtremes(group, rr[starts], cc[starts], cc[ends], present, first)
+
+
+def _bounding_boxes(extremes: _RowExtremes, size: int) -> tuple[np.ndarray, ...]:
     """Per-label min/max row and column (inclusive pixel indices; +-inf where absent)."""
-    row_min = np.full(size - 1, np.inf)
-    row_max = np.full(size - 1, -np.inf)
-    col_min = np.full(size - 1, np.inf)
-    col_max = np.full(size - 1, -np.inf)
-    for index, box in enumerate(ndimage.find_objects(label_map, max_label=size - 1)):
-        if box is not None:
-            row_min[index] = box[0].start + origin[0]
-            row_max[index] = box[0].stop - 1 + origin[0]
-            col_min[index] = box[1].start + origin[1]
-            col_max[index] = box[1].stop - 1 + origin[1]
-    return row_min, row_max, col_min, col_max
+    boxes = [np.full(size - 1, np.inf), np.full(size - 1, -np.inf),
+             np.full(size - 1, np.inf), np.full(size - 1, -np.inf)]  # fmt: skip
+    if extremes.present.size:
+        at, first = extremes.present - 1, extremes.first
+        last = np.append(first[1:], extremes.row.size) - 1
+        boxes[0][at] = extremes.row[first]
+        boxes[1][at] = extremes.row[last]
+        boxes[2][at] = np.minimum.reduceat(extremes.left, first)
+        boxes[3][at] = np.maximum.reduceat(extremes.right, first)
+    return tuple(boxes)
 
 
-def _border_mask(label_map: np.ndarray) -> np.ndarray:
-    """Labelled pixels with a 4-neighbour of another label (the image edge counts as other)."""
-    padded = np.pad(label_map, 1)
-    centre = padded[1:-1, 1:-1]
-    interior = (
-        (padded[:-2, 1:-1] == centre)
-        & (padded[2:, 1:-1] == centre)
-        & (padded[1:-1, :-2] == centre)
-        & (padded[1:-1, 2:] == centre)
-    )
-    return (centre > 0) & ~interior
+def _border_pixels(label_map: np.ndarray, foreground: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Rows and columns (raster order) of the labelled pixels with a 4-neighbour of another
+    label (the image edge counts as other); ``foreground`` holds the flat indices of all the
+    labelled pixels, so only they are compared."""
+    width = label_map.shape[1]
+    padded = np.pad(label_map, 1).ravel()
+    rows, cols = np.divmod(foreground, width)
+    at = (rows + 1) * (width + 2) + cols + 1
+    own = padded[at]
+    interior = padded[at - 1] == own
+    for step in (1, -(width + 2), width + 2):
+        interior &= padded[at + step] == own
+    edge = ~interior
+    return rows[edge], cols[edge]
 
 
-def _perimeter(label_map: np.ndarray, border: np.ndarray, size: int) -> np.ndarray:
+def _perimeter(
+    label_map: np.ndarray, border: tuple[np.ndarray, np.ndarray], size: int
+) -> np.ndarray:
     """skimage's 4-connectivity perimeter estimate, per label.
 
-    Each border pixel's neighbour code counts the 8 neighbours that are border pixels of the
-    same label, read at the border pixels only (flat offsets into a padded copy).
+    ``border`` holds the rows and columns of the border pixels (:func:`_border_pixels`). Each
+    border pixel's neighbour code counts the 8 neighbours that are border pixels of the same
+    label, read at the border pixels only (flat offsets into a padded map of them).
     """
-    width = label_map.shape[1]
-    border_labels = np.pad(np.where(border, label_map, 0), 1)
-    rr, cc = np.nonzero(border)
+    height, width = label_map.shape
+    rr, cc = border
     at = (rr + 1) * (width + 2) + (cc + 1)
-    flat = border_labels.ravel()
-    own = flat[at]
+    own = label_map[rr, cc]
+    flat = np.zeros((height + 2) * (width + 2), dtype=label_map.dtype)
+    flat[at] = own
     code = np.ones(at.size, dtype=np.int64)
     for dr, dc, weight in _NEIGHBOUR_CODES:
         code += weight * (flat[at + dr * (width + 2) + dc] == own)
@@ -395,8 +424,14 @@ def _perimeter(label_map: np.ndarray, border: np.ndarray, size: int) -> np.ndarr
 
 
 def _convex_area(
-    label_map: np.ndarray, border: np.ndarray, size: int, origin: tuple[int, int]
+    label_map: np.ndarray, border: tuple[np.ndarray, np.ndarray], size: int,
+    origin: tuple[int, int],
 ) -> np.ndarray:
+    """Pixel count of skimage's ``convex_hull_image`` per label (see :func:`_hull_areas`)."""
+    return _hull_areas(_row_extremes(label_map, border, origin), size)
+
+
+def _hull_areas(extremes: _RowExtremes, size: int) -> np.ndarray:
     """Pixel count of skimage's ``convex_hull_image`` per label.
 
     The hull is that of the border pixels' points offset by half a pixel along each axis
@@ -407,24 +442,14 @@ def _convex_area(
     the bounding box, without the per-pixel tests.
     """
     convex_area = np.zeros(size - 1)
-    rr, cc = np.nonzero(border)
-    if rr.size == 0:
+    if extremes.present.size == 0:
         return convex_area
-    label = label_map[rr, cc].astype(np.int64)
-    order = np.argsort(label, kind="stable")  # np.nonzero is in raster order already
-    rr, cc, label = rr[order] + origin[0], cc[order] + origin[1], label[order]
-    # first and last border pixel of each (label, row): the row's extreme pixels
-    key = label * (int(rr.max()) + 1) + rr
-    starts = np.flatnonzero(np.diff(key, prepend=-1))
-    ends = np.append(starts[1:], key.size) - 1
-    row, group = rr[starts], label[starts]
-    left, right = cc[starts], cc[ends]
+    row, left, right = extremes.row, extremes.left, extremes.right
     # doubled coordinates: (2c -+ 1, 2r) and (2c, 2r -+ 1) for both extremes
     xs = np.stack([2 * left - 1, 2 * left, 2 * left, 2 * right + 1, 2 * right, 2 * right], axis=1)
     ys = np.stack([2 * row, 2 * row - 1, 2 * row + 1, 2 * row, 2 * row - 1, 2 * row + 1], axis=1)
     points = np.stack([xs, ys], axis=2).astype(np.int32)  # (groups, 6, 2)
-    present, first = np.unique(group, return_index=True)
-    bounds = np.append(first, group.size)
+    bounds = np.append(extremes.first, row.size)
     hulls = [
         cv2.convexHull(points[lo:hi].reshape(-1, 2))[:, 0, :]  # integer input: exact
         for lo, hi in itertools.pairwise(bounds)
@@ -433,7 +458,7 @@ def _convex_area(
     # close each ring (first vertex again at its end)
     coords = np.concatenate([np.concatenate([h, h[:1]]) for h in hulls]).astype(np.int64)
     owner = np.repeat(np.arange(len(hulls)), sizes + 1)
-    convex_area[present - 1] = _lattice_points_in_hulls(coords, owner, len(present))
+    convex_area[extremes.present - 1] = _lattice_points_in_hulls(coords, owner, len(hulls))
     return convex_area
 
 
@@ -441,15 +466,20 @@ def _lattice_points_in_hulls(coords: np.ndarray, owner: np.ndarray, count: int) 
     """Points (2x, 2y), x and y integers, inside or on each closed convex ring (doubled coords).
 
     Each edge P -> Q is a half-plane ``s * cross(Q - P, X - P) >= 0`` (``s`` the ring's
-    orientation); on row ``Y`` it bounds ``X`` from one side, or holds for the whole row or none.
+    orientation). On a row ``Y`` of a convex ring, the inside is bounded by the two edges whose
+    rows span ``Y`` (one from each side; at a vertex both edges meeting there give the same
+    bound), so each edge is evaluated on the rows it spans only: about two bounds per row.
+    A horizontal edge spans one row, where its end points are those of the edges next to it.
     """
     same = owner[1:] == owner[:-1]  # consecutive vertices of one ring: its edges
     px, py = coords[:-1, 0][same], coords[:-1, 1][same]
     qx, qy = coords[1:, 0][same], coords[1:, 1][same]
     edge_owner = owner[:-1][same]
     sign = np.sign(np.bincount(edge_owner, weights=px * qy - qx * py, minlength=count))
+    sloped = qy != py
+    px, py, qx, qy, edge_owner = (x[sloped] for x in (px, py, qx, qy, edge_owner))
     s = sign[edge_owner].astype(np.int64)
-    # s * cross = a * X + b * Y + c  (with X = 2x, Y = 2y)
+    # s * cross = a * X + b * Y + c  (with X = 2x, Y = 2y); a != 0 on sloped edges
     a = -s * (qy - py)
     b = s * (qx - px)
     c = s * ((qy - py) * px - (qx - px) * py)
@@ -458,23 +488,21 @@ def _lattice_points_in_hulls(coords: np.ndarray, owner: np.ndarray, count: int) 
     y_hi = np.maximum.reduceat(coords[:, 1], ring_start)
     first_row = (y_lo + 1) // 2  # integer rows y with lo <= 2y <= hi
     n_rows = np.maximum(y_hi // 2 - first_row + 1, 0)
-    # one entry per (ring, row, edge): ragged, so laid out flat
-    edges_per = np.bincount(edge_owner, minlength=count)
-    edge_start = np.concatenate([[0], np.cumsum(edges_per)[:-1]])
-    pairs = n_rows * edges_per
-    pair_ring = np.repeat(np.arange(count), pairs)
-    offset = np.arange(pairs.sum()) - np.repeat(np.cumsum(pairs) - pairs, pairs)
-    row_local = offset // edges_per[pair_ring]
-    edge = edge_start[pair_ring] + offset % edges_per[pair_ring]
+    row_offset = np.cumsum(n_rows) - n_rows
+    # one entry per (edge, row it spans): integer rows y with min(py, qy) <= 2y <= max(py, qy)
+    edge_first = (np.minimum(py, qy) + 1) // 2
+    spans = np.maximum(np.maximum(py, qy) // 2 - edge_first + 1, 0)
+    entry_edge = np.repeat(np.arange(spans.size), spans)
+    y = edge_first[entry_edge] + np.arange(spans.sum()) - np.repeat(np.cumsum(spans) - spans, spans)
+    ea, eb, ec = a[entry_edge], b[entry_edge], c[entry_edge]
+    ring = edge_owner[entry_edge]
+    row = row_offset[ring] + y - first_row[ring]
+    rhs = -(eb * 2 * y + ec)  # a * X >= rhs, X = 2x
     big = np.iinfo(np.int64).max // 4
-    ea, eb, ec = a[edge], b[edge], c[edge]
-    rhs = -(eb * 2 * (first_row[pair_ring] + row_local) + ec)  # a * X >= rhs, X = 2x
-    two_a = 2 * np.where(ea == 0, 1, ea)
-    lower = np.where(ea > 0, -((-rhs) // two_a), -big)  # x >= ceil(rhs / 2a)
-    upper = np.where(ea < 0, rhs // two_a, big)  # x <= floor(rhs / 2a) when a < 0
-    upper = np.where((ea == 0) & (rhs > 0), -big, upper)  # 0 >= rhs fails: empty row
-    row_start = np.flatnonzero(offset % edges_per[pair_ring] == 0)  # each row: its ring's edges
-    lo = np.maximum.reduceat(lower, row_start)
-    hi = np.minimum.reduceat(upper, row_start)
+    lo = np.full(int(n_rows.sum()), -big)
+    hi = np.full(int(n_rows.sum()), big)
+    left = ea > 0
+    np.maximum.at(lo, row[left], -((-rhs[left]) // (2 * ea[left])))  # x >= ceil(rhs / 2a)
+    np.minimum.at(hi, row[~left], rhs[~left] // (2 * ea[~left]))  # x <= floor(rhs / 2a), a < 0
     per_row = np.maximum(hi - lo + 1, 0)
     return np.bincount(np.repeat(np.arange(count), n_rows), weights=per_row, minlength=count)
