@@ -42,11 +42,10 @@ def crop_record(crop: np.ndarray, rmin: int, cmin: int, rmax: int, cmax: int) ->
     The centroid is the crop's moment ratio plus the crop offset, in that order, as the
     reference computes it (so it agrees to the last bit, not merely to rounding).
     """
-    moments = cv2.moments(crop)
-    contours = cv2.findContours(crop, cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE)[0]
-    contour = np.squeeze(contours[0].astype(np.int32))
-    if contour.ndim != 2 or contour.shape[0] < MIN_CONTOUR_POINTS:
+    contour = first_contour(crop)
+    if contour is None:
         return None
+    moments = cv2.moments(crop)
     centroid = np.array([moments["m10"] / moments["m00"], moments["m01"] / moments["m00"]])
     contour[:, 0] += cmin
     contour[:, 1] += rmin
@@ -59,6 +58,16 @@ def crop_record(crop: np.ndarray, rmin: int, cmin: int, rmax: int, cmax: int) ->
         "type_prob": None,
         "type": None,
     }
+
+
+def first_contour(crop: np.ndarray) -> np.ndarray | None:
+    """The reference's outline of a uint8 0/1 crop: its first contour as int32 ``(n, 2)``
+    ``(x, y)`` in crop pixels, or None when that has fewer than 3 points."""
+    contours = cv2.findContours(crop, cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE)[0]
+    contour = np.squeeze(contours[0].astype(np.int32))
+    if contour.ndim != 2 or contour.shape[0] < MIN_CONTOUR_POINTS:
+        return None
+    return contour
 
 
 def vote_type_reference(types: np.ndarray, area: int) -> tuple[int, float]:
@@ -97,12 +106,15 @@ def instance_info_reference(inst_map: np.ndarray, type_map: np.ndarray | None = 
 def type_votes(inst_map: np.ndarray, type_map: np.ndarray) -> np.ndarray:
     """``counts[id, t]``: pixels of instance ``id`` with type ``t``, from one joint bincount."""
     fg = inst_map > 0
-    ids = inst_map[fg].astype(np.int64)
-    types = type_map[fg].astype(np.int64)
+    return type_counts(inst_map[fg], type_map[fg], int(inst_map.max()) + 1)
+
+
+def type_counts(ids: np.ndarray, types: np.ndarray, n_ids: int) -> np.ndarray:
+    """:func:`type_votes` from the ids and types of the instances' pixels."""
+    ids, types = ids.astype(np.int64), types.astype(np.int64)
     if types.size and types.min() < 0:
         raise ValueError("type map holds negative classes; expected argmax class ids >= 0")
     n_types = int(types.max()) + 1 if types.size else 1
-    n_ids = int(inst_map.max()) + 1
     counts = np.bincount(ids * n_types + types, minlength=n_ids * n_types)
     return counts.reshape(n_ids, n_types)
 

@@ -37,7 +37,7 @@ from hoverdask.nuclei.fast import (
     surface_from_energy,
     watershed_by_component,
 )
-from hoverdask.nuclei.instances import crop_record, type_votes, vote_types
+from hoverdask.nuclei.instances import first_contour, type_counts, vote_types
 from hoverdask.nuclei.reference import (
     SOBEL_KSIZE,
     split_channels,
@@ -344,34 +344,49 @@ def flooded_nuclei(
 
     ``flooded`` holds only the clusters asked for (0 elsewhere), and a marker id never spans two
     clusters (a marker lies in one 8-connected component of the filled foreground), so each id
-    is one instance: its bounding-box crop is the very mask the reference describes.
+    is one instance: its bounding-box crop is the very mask the reference describes, and its
+    outline is traced there. Areas, type votes and the moments of the centroid are sums over
+    the instances' pixels, taken for all at once; the moments are exact integers, so the
+    centroid ``m10 / m00 + x0`` is the reference's to the last bit.
     ``nucleus_id = y * slide_width + x`` of the instance's first pixel in raster order (leftmost
     pixel of its top row): a property of the pixels alone, so identical for every chunking.
     """
+    index = np.flatnonzero(flooded)
+    if index.size == 0:
+        return []
     oy, ox = seg.origin
-    votes = None
+    label = flooded.ravel()[index]
+    size = int(label.max()) + 1
+    rows, cols = np.divmod(index, flooded.shape[1])
+    area = np.bincount(label, minlength=size)
+    sum_y = np.bincount(label, weights=rows, minlength=size)
+    sum_x = np.bincount(label, weights=cols, minlength=size)
+    types, probs = None, None
     if seg.type_map is not None:
-        votes = vote_types(type_votes(flooded, seg.type_map))
-    area = np.bincount(flooded.ravel())
+        types, probs = vote_types(type_counts(label, seg.type_map.ravel()[index], size))
     records = []
-    for index, box in enumerate(ndimage.find_objects(flooded)):
+    for offset, box in enumerate(ndimage.find_objects(flooded)):
         if box is None:
             continue
-        label = index + 1
-        rows, cols = box
-        mask = (flooded[box] == label).view(np.uint8)
-        y0, x0 = oy + rows.start, ox + cols.start
-        record = crop_record(mask, y0, x0, oy + rows.stop, ox + cols.stop)
-        if record is None:
+        instance = offset + 1
+        top, left = box[0].start, box[1].start
+        mask = (flooded[box] == instance).view(np.uint8)
+        contour = first_contour(mask)
+        if contour is None:
             continue
+        y0, x0 = oy + top, ox + left
+        contour[:, 0] += x0
+        contour[:, 1] += y0
+        m00 = float(area[instance])
         records.append(
             NucleusRecord(
                 nucleus_id=y0 * slide_width + x0 + int(np.argmax(mask[0])),
-                centroid=(float(record["centroid"][0]), float(record["centroid"][1])),
-                contour=record["contour"],
-                area_px=int(area[label]),
-                type=int(votes[0][label]) if votes else 0,
-                type_prob=float(votes[1][label]) if votes else float("nan"),
+                centroid=(float((sum_x[instance] - left * m00) / m00 + x0),
+                          float((sum_y[instance] - top * m00) / m00 + y0)),
+                contour=contour,
+                area_px=int(area[instance]),
+                type=int(types[instance]) if types is not None else 0,
+                type_prob=float(probs[instance]) if probs is not None else float("nan"),
             )
         )
     return records
