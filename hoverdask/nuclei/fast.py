@@ -77,7 +77,14 @@ def energy_in_foreground(h: np.ndarray, v: np.ndarray) -> np.ndarray:
 
 def surface_from_energy(energy: np.ndarray, blb: np.ndarray) -> np.ndarray:
     """Reference ``dist`` from :func:`energy_in_foreground` (same float64 blur input)."""
-    basin = np.where(blb > 0, 1.0 - energy.astype(np.float64), 0.0)
+    inside = np.flatnonzero(blb)
+    return surface_at(energy.ravel()[inside], inside, blb.shape)
+
+
+def surface_at(energy: np.ndarray, inside: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Reference ``dist`` from the energy of the foreground pixels (flat indices ``inside``)."""
+    basin = np.zeros(shape, dtype=np.float64)
+    basin.ravel()[inside] = 1.0 - energy.astype(np.float64)
     return -cv2.GaussianBlur(basin, (3, 3), 0)
 
 
@@ -112,7 +119,20 @@ def markers_fast(
     ``blb - (overall >= t)`` clipped at 0 is 1 exactly where ``blb`` is 1 and ``overall >= t``
     is False (NaN included), which is the mask taken here.
     """
-    core = (blb > 0) & ~_at_least(overall, threshold)
+    inside = np.flatnonzero(blb)
+    return markers_at(overall.ravel()[inside], inside, blb.shape, threshold, min_size)
+
+
+def markers_at(
+    energy: np.ndarray,
+    inside: np.ndarray,
+    shape: tuple[int, ...],
+    threshold: float = MARKER_ENERGY_THRESHOLD,
+    min_size: int = MIN_OBJECT_PX,
+) -> np.ndarray:
+    """:func:`markers_fast` from the energy of the foreground pixels (flat indices ``inside``)."""
+    core = np.zeros(shape, dtype=bool)
+    core.ravel()[inside] = ~_at_least(energy, threshold)
     return label_filled_cores(fill_holes(core).view(np.uint8), min_size)
 
 

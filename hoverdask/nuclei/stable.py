@@ -33,8 +33,8 @@ from hoverdask.nuclei.fast import (
     SEEDS_QUEUE_BY_VALUE,
     fill_holes,
     foreground_components,
-    markers_fast,
-    surface_from_energy,
+    markers_at,
+    surface_at,
     watershed_by_component,
 )
 from hoverdask.nuclei.instances import first_contour, type_counts, vote_types
@@ -125,16 +125,21 @@ def energy_with_ranges(
     return overall
 
 
-def foreground_energy_with_ranges(h: np.ndarray, v: np.ndarray, ranges: NormRanges) -> np.ndarray:
-    """float32 energy equal to :func:`energy_with_ranges` wherever ``blb`` is 1.
+def foreground_energy_with_ranges(
+    h: np.ndarray, v: np.ndarray, ranges: NormRanges, inside: np.ndarray
+) -> np.ndarray:
+    """float32 energy of the foreground pixels (flat indices ``inside``), equal there to
+    :func:`energy_with_ranges`.
 
     There the reference value is ``float64(max) - 0`` (the maximum is never negative), which
     is this float32 value exactly; outside the foreground the value is never read (see
-    :func:`hoverdask.nuclei.fast.energy_in_foreground`), so the float64 window is not built.
+    :func:`hoverdask.nuclei.fast.energy_in_foreground`), so only the foreground's Sobel
+    responses are normalised (each value's arithmetic depends on the ranges alone).
     """
     sobel_h, sobel_v = sobel_responses(h, v, ranges)
-    energy = 1 - normalise_with_range(sobel_h, *ranges.sobel_h)
-    np.maximum(energy, 1 - normalise_with_range(sobel_v, *ranges.sobel_v), out=energy)
+    energy = 1 - normalise_with_range(sobel_h.ravel()[inside], *ranges.sobel_h)
+    np.maximum(energy, 1 - normalise_with_range(sobel_v.ravel()[inside], *ranges.sobel_v),
+               out=energy)  # fmt: skip
     return energy
 
 
@@ -208,9 +213,10 @@ def segment_window(
     top, left = origin[0] - foreground.origin[0], origin[1] - foreground.origin[1]
     inside = slice(top, top + window.shape[0]), slice(left, left + window.shape[1])
     blb, clusters_map = foreground.blb[inside], foreground.clusters_map[inside]
-    energy = foreground_energy_with_ranges(h, v, ranges)
-    dist = surface_from_energy(energy, blb)
-    marker = markers_fast(energy, blb)
+    inside = np.flatnonzero(blb)
+    energy = foreground_energy_with_ranges(h, v, ranges, inside)
+    dist = surface_at(energy, inside, blb.shape)
+    marker = markers_at(energy, inside, blb.shape)
     return WindowSegmentation(
         origin, blb, dist, marker, clusters_map, foreground.clusters, type_map
     )
