@@ -211,6 +211,10 @@ def test_bench_rows_show_the_end_to_end_breakdown() -> None:
                                               tissue_mm2=0.5, processed_mm2=0.6)},
     }
     rows = dict(bench_rows(results))
+    assert "post-processing Mpx/s per core, as run (passes 1-3 + features)" not in rows
+    results["postproc"]["run_mpix_per_s_per_core"] = 4.5
+    rows = dict(bench_rows(results))
+    assert rows["post-processing Mpx/s per core, as run (passes 1-3 + features)"] == "4.50"
     assert rows["end-to-end s per tissue mm²"] == "20.0"
     label = "share of wall x 4 threads: "
     assert rows[label + "inference"] == "20.0%"

@@ -15,18 +15,19 @@ What changes here, each with the reason the result cannot change:
 * Labelling whose ids are only names (the foreground's components, dropped or binarised
   again): opencv's 4-connected labelling, the same partition as ``ndimage.label``'s in half
   the time. Labels that reach an output (the markers) keep scipy's raster-order ids.
-* Watershed: the flood is confined to 4-connected foreground components, which never touch.
-  A component holding no marker stays 0; one holding a single marker label takes that label
-  whole, whatever the flooding order. Components with several markers are flooded by skimage's
-  own watershed, all at once on a canvas where their bounding boxes are packed side by side
-  (skimage's per-pixel set-up then covers their pixels, not the whole map). Why this gives the reference labels: skimage pops its queue by (value, age); pushed
-  pixels get unique, increasing ages, seeds all get age 0. A seed with no unseeded foreground
-  neighbour ("inner") pushes nothing when popped, so it is left out of the queue altogether
-  (masked out, labelled directly); every other element of a component is then strictly ordered
-  as long as no two "frontier" seeds of that component share a ``dist`` value, and the pop
-  order within the component is the same with or without the other components and the inner
-  seeds. That condition is checked; if any component violates it (or this skimage queues
-  seeds at -inf, as newer releases do), the whole map is flooded in one call, as the reference.
+* Watershed: the flood is confined to 4-connected foreground components, which never touch. A
+  component holding no marker stays 0; one holding a single marker label takes that label whole,
+  whatever the flooding order. Components with several markers are flooded by skimage's own
+  watershed, all at once on a canvas where their bounding boxes are packed side by side (skimage's
+  per-pixel set-up then covers their pixels, not the whole map). Why this gives the reference
+  labels: skimage pops its queue by (value, age); pushed pixels get unique, increasing ages, seeds
+  all get age 0. A seed with no unseeded foreground neighbour ("inner") pushes nothing when
+  popped, so it is left out of the queue altogether (masked out, labelled directly); every other
+  element of a component is then strictly ordered as long as no two "frontier" seeds of that
+  component share a ``dist`` value, and the pop order within the component is the same with or
+  without the other components and the inner seeds. That condition is checked; if any component
+  violates it (or this skimage queues seeds at -inf, as newer releases do), the whole map is
+  flooded in one call, as the reference.
 * Energy: the Sobel steps are the reference's. ``overall`` is kept as the float32 maximum
   (equal to the reference's float64 value inside the foreground, the only place it is read);
   the watershed surface is still blurred in float64, because ``1 - overall`` is not exactly
@@ -96,8 +97,7 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
     framed[1:-1, 1:-1] = mask
     cv2.floodFill(framed, None, (0, 0), 1, flags=4)
     filled = framed[1:-1, 1:-1] == 0
-    filled |= mask
-    return filled
+    return np.logical_or(filled, mask, out=filled)
 
 
 def label_four_connected(mask: np.ndarray) -> np.ndarray:
@@ -115,7 +115,7 @@ def markers_fast(
 ) -> np.ndarray:
     """:func:`~hoverdask.nuclei.reference.markers_from_energy` with labelled hole filling.
 
-    ``overall`` only needs to be right inside ``blb``; it is compared in float64 as there.
+    ``overall`` only needs to be right inside ``blb``; it is compared as float64, as there.
     ``blb - (overall >= t)`` clipped at 0 is 1 exactly where ``blb`` is 1 and ``overall >= t``
     is False (NaN included), which is the mask taken here.
     """
@@ -149,7 +149,8 @@ def _at_least(values: np.ndarray, threshold: float) -> np.ndarray:
 
 def _seeds_queue_by_value() -> bool:
     """Whether this skimage queues seed pixels at their image value (0.26 does) or all at -inf
-    (newer releases, ``from_minima``); with -inf every seed ties and the per-component flood never applies.
+    (newer releases, ``from_minima``); with -inf every seed ties and the per-component flood
+    never applies.
 
     Asked of the watershed itself: on ``5 1 1 1 0`` with seeds at both ends, the seed at 0 is
     popped first and floods the plateau only when seeds queue at their value; at -inf the first

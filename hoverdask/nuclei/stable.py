@@ -306,7 +306,8 @@ def flood_clusters(
     :func:`seed_ties`), done by :func:`~hoverdask.nuclei.fast.watershed_by_component`, which
     gives exactly skimage's single call on the same region (components with one marker label
     take it whole, seeds that cannot grow stay out of the queue, the others packed into one
-    small canvas instead of the whole window); a tied cluster gets its own call, so its result depends on it alone.
+    small canvas instead of the whole window); a tied cluster gets its own call, so its result
+    depends on it alone.
     """
     selected = np.zeros(len(seg.clusters) + 1, dtype=bool)
     selected[[c.label for c in clusters if not ties[c.label]]] = True
