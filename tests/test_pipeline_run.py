@@ -316,6 +316,12 @@ def test_glass_patches_of_a_tissue_tile_are_background_and_never_predicted(clien
     assert counts != [small.patches_to_run(*t) for t in small.tissue_tiles]
     assert all((-a, small.tissue_tiles.index(s)) < (-b, small.tissue_tiles.index(t))
                for (a, s), (b, t) in itertools.pairwise(zip(counts, order, strict=True)))
+    # post-processing blocks (one per map tile) in the same order, blocks without tissue last
+    blocks = list(small.grid.blocks.blocks())
+    busy = small.busiest_first(blocks)
+    assert sorted(busy) == sorted(blocks)
+    assert len(blocks) > len(order)
+    assert busy[: len(order)] == order
     out = tmp_path / "out"
     factory = ArrayPredictorFactory(str(maps_path), margin=46, output=164, nr_types=NR_TYPES)
     run_cohort([slide], out, predictor_factory=factory, client=client,

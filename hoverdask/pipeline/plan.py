@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,16 @@ class SlidePlan:
         first, the short ones filling in), so no worker waits long at the end of the
         inference stage, which post-processing cannot start before."""
         return sorted(self.tissue_tiles, key=lambda t: -self.patches_to_run(*t))
+
+    def busiest_first(self, blocks: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+        """Post-processing blocks, those over the most predicted patches first (raster order
+        among equals; a block is its map tile). Their cost follows the nuclei, so the tissue:
+        submitted in this order, the long blocks do not come last (as
+        :meth:`tiles_longest_first` for inference)."""
+        def patches(block: tuple[int, int]) -> int:
+            return self.patches_to_run(*block) if block in self.tissue_tile_set else 0
+
+        return sorted(blocks, key=lambda block: -patches(block))
 
     @property
     def processed_pixels(self) -> int:

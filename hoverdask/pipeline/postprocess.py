@@ -78,7 +78,7 @@ def submit_postprocess(
 ) -> list[Future]:
     """Submit passes 1-3 and the oversize refit; the last future's result feeds ``assemble``."""
     grid = block_grid(plan)
-    blocks = list(grid.blocks())
+    blocks = plan.busiest_first(grid.blocks())
     hv = submit("hv-ranges", "slide", slide_hv_ranges, tiles, plan.skips_tiles)
     sobel = [
         submit("sobel", f"{r}_{c}", sobel_block, plan, (r, c), hv, spec.nr_types)
