@@ -256,11 +256,11 @@ class PredictorPlugin(_plugin_base()):  # type: ignore[misc]
 
     def setup(self, worker: Any) -> None:
         resources = getattr(getattr(worker, "state", None), "total_resources", None) or {}
-        if not (self.gpu_cluster and resources.get("GPU", 0) < 1):  # else: post-processing only
-            configure_torch(getattr(self.factory, "device", "cpu"), self.torch_threads,
-                            worker_name=worker.name)
-            self.predictor = self.factory()
-        import_postprocessing_modules()
+        if self.gpu_cluster and resources.get("GPU", 0) < 1:
+            return  # a CPU worker beside GPU workers: post-processing only
+        configure_torch(getattr(self.factory, "device", "cpu"), self.torch_threads,
+                        worker_name=worker.name)
+        self.predictor = self.factory()
 
     def teardown(self, worker: Any) -> None:
         self.predictor = None
@@ -284,18 +284,6 @@ def _import_inference_modules() -> None:
     import torch  # noqa: F401
 
     import hoverdask.model.infer  # noqa: F401
-
-
-def import_postprocessing_modules() -> None:
-    """Import what the post-processing tasks run (geopandas, scikit-image, ...) now, at start-up.
-
-    Otherwise a worker imports them when it unpickles its first post-processing task, on its
-    event loop: a 0.4-0.5 s stall (measured on two cores) that falls right on the slide's
-    barrier after inference, where the other workers wait for it.
-    """
-    import importlib
-
-    importlib.import_module("hoverdask.pipeline.postprocess")
 
 
 def gpu_index(worker_name: Any, device_count: int) -> int:
