@@ -289,7 +289,9 @@ def bench_postproc(seconds: float = 3.0) -> dict[str, Any]:
 def run_postproc_mpix_per_core(size: int = 2048) -> float:
     """Megapixels per CPU second of what ``run`` does after inference, on a synthetic ``size``²
     map: passes 1-3 with the default chunk size (seam-stable, the slide's nuclei) and their
-    features. CPU seconds of this process, so the figure is per core whatever the threads."""
+    features. CPU seconds of this process, so the figure is per core whatever the threads.
+    The synthetic map is crowded (~1,700 nuclei per Mpx, three times the parity fixture's), and
+    the cost grows with the nuclei: real tissue usually runs faster."""
     import dask
     import numpy as np
 
