@@ -8,7 +8,7 @@ import shapely
 from scipy import ndimage
 from skimage.morphology import convex_hull_image
 
-from hoverdask.nuclei.features import _border_pixels, _convex_area
+from hoverdask.nuclei.features import _border_pixels, _hull_areas, _row_extremes
 
 
 def per_pixel_convex_area(mask: np.ndarray) -> int:
@@ -37,7 +37,7 @@ def test_convex_area_equals_the_per_pixel_test(seed: int) -> None:
     count = int(labels.max())
     origin = (7, 3)
     border = _border_pixels(labels, np.flatnonzero(labels))
-    got = _convex_area(labels, border, count + 1, origin)
+    got = _hull_areas(_row_extremes(labels, border, origin), count + 1)
     want = [per_pixel_convex_area(labels == i) if (labels == i).any() else 0
             for i in range(1, count + 1)]  # fmt: skip
     np.testing.assert_array_equal(got, want)

@@ -6,8 +6,8 @@ image pixel). Instead of one ``regionprops`` call per nucleus (a Python loop), t
 into one instance label map and every statistic is a ``np.bincount`` over its foreground pixels:
 moments give centroid, axes, eccentricity and orientation; a 4-neighbour border mask and the
 weighted 3x3 neighbour code reproduce skimage's perimeter; the convex area counts pixel centres
-inside the hull of the diamond-offset border pixels (skimage's ``convex_hull_image`` rule), tested
-in one vectorised ``shapely.intersects_xy`` call.
+inside the hull of the diamond-offset border pixels (skimage's ``convex_hull_image`` rule), row by
+row in exact integer arithmetic.
 
 Fastest honest path: pass the block's instance ``labels`` (which post-processing already has) and
 a column holding each row's label id; otherwise each polygon is rasterised with ``cv2.fillPoly``
@@ -421,14 +421,6 @@ def _perimeter(
         code += weight * (flat[at + dr * (width + 2) + dc] == own)
     weights = _PERIMETER_WEIGHTS[code]
     return np.bincount(own, weights=weights, minlength=size)[1:]
-
-
-def _convex_area(
-    label_map: np.ndarray, border: tuple[np.ndarray, np.ndarray], size: int,
-    origin: tuple[int, int],
-) -> np.ndarray:
-    """Pixel count of skimage's ``convex_hull_image`` per label (see :func:`_hull_areas`)."""
-    return _hull_areas(_row_extremes(label_map, border, origin), size)
 
 
 def _hull_areas(extremes: _RowExtremes, size: int) -> np.ndarray:
