@@ -15,8 +15,9 @@ Each side is timed from the maps to its own output (the reference's instance map
 the pipeline's nuclei table with features); turning both into comparable outlines for the check
 is not timed. Timings are CPU seconds of this process (steadier than wall time on a shared
 machine), taken in ``--pairs`` alternating pairs; the median pair ratio is printed with min and
-max, and Mpx/s per core for each side. The nuclei must be identical: the script checks that both give the same
-outlines, centroids and types (as ``tests/test_seams.py`` compares them) and stops if not.
+max, and Mpx/s per core for each side. The nuclei must be identical: the script checks that
+both give the same outlines, centroids and types (as ``tests/test_seams.py`` compares them) and
+stops if not.
 No thread pools: torch, BLAS and OpenCV are held to one thread.
 """
 

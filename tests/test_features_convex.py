@@ -36,8 +36,8 @@ def test_convex_area_equals_the_per_pixel_test(seed: int) -> None:
     labels = random_labels(seed)
     count = int(labels.max())
     origin = (7, 3)
-    border = _border_pixels(labels, np.flatnonzero(labels))
-    got = _hull_areas(_row_extremes(labels, border, origin), count + 1)
+    border = _border_pixels(labels, *np.nonzero(labels))
+    got = _hull_areas(_row_extremes(border, origin), count + 1)
     want = [per_pixel_convex_area(labels == i) if (labels == i).any() else 0
             for i in range(1, count + 1)]  # fmt: skip
     np.testing.assert_array_equal(got, want)

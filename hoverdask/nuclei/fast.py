@@ -250,7 +250,7 @@ def _flood_packed(
     shape = (height, width)
     flood = watershed_instances(canvas_dist.reshape(shape), canvas_marker.reshape(shape),
                                 canvas_mask.reshape(shape))  # fmt: skip
-    out.reshape(-1)[index] = flood.ravel()[packed]
+    np.put(out, index, flood.ravel()[packed])
 
 
 def _shelf_layout(

@@ -24,6 +24,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import cv2
 import geopandas as gpd
@@ -268,8 +269,9 @@ def label_stats(label_map: np.ndarray, image: np.ndarray, count: int) -> dict[st
     flat = label_map.ravel()
     foreground = np.flatnonzero(flat)
     label = flat[foreground].astype(np.int64)
-    rows = (foreground // width + r0).astype(np.float64)
-    cols = (foreground % width + c0).astype(np.float64)
+    local_rows, local_cols = np.divmod(foreground, width)
+    rows = (local_rows + r0).astype(np.float64)
+    cols = (local_cols + c0).astype(np.float64)
     size = count + 1
 
     area = np.bincount(label, minlength=size)[1:].astype(np.float64)
@@ -295,11 +297,11 @@ def label_stats(label_map: np.ndarray, image: np.ndarray, count: int) -> dict[st
     ties = var_c - var_r == 0
     orientation[ties] = np.where(cov[ties] < 0, np.pi / 4.0, -np.pi / 4.0)
 
-    border = _border_pixels(label_map, foreground)
-    extremes = _row_extremes(label_map, border, (r0, c0))
+    border = _border_pixels(label_map, local_rows, local_cols)
+    extremes = _row_extremes(border, (r0, c0))
     row_min, row_max, col_min, col_max = _bounding_boxes(extremes, size)
     extent = area / ((row_max - row_min + 1) * (col_max - col_min + 1))
-    perimeter = _perimeter(label_map, border, size)
+    perimeter = _perimeter(label_map.shape, border, size)
     convex_area = _hull_areas(extremes, size)
 
     pixels = image.reshape(-1, 3)[foreground]
@@ -343,12 +345,19 @@ def _labelled_box(label_map: np.ndarray) -> tuple[slice, slice] | None:
     return slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1)
 
 
+class _Border(NamedTuple):
+    """The border pixels (:func:`_border_pixels`) in raster order: rows, columns, labels."""
+
+    rows: np.ndarray
+    cols: np.ndarray
+    labels: np.ndarray
+
+
 @dataclass(frozen=True)
 class _RowExtremes:
     """The leftmost and rightmost pixel of every (label, row), grouped by label (a label's
     rows in order); absolute pixel indices. Both are border pixels (:func:`_border_pixels`)."""
 
-    label: np.ndarray
     row: np.ndarray
     left: np.ndarray
     right: np.ndarray
@@ -356,19 +365,15 @@ class _RowExtremes:
     first: np.ndarray  # index of each present label's first (label, row)
 
 
-def _row_extremes(
-    label_map: np.ndarray, border: tuple[np.ndarray, np.ndarray], origin: tuple[int, int]
-) -> _RowExtremes:
-    rr, cc = border
-    label = label_map[rr, cc].astype(np.int64)
-    order = np.argsort(label, kind="stable")  # np.nonzero is in raster order already
-    rr, cc, label = rr[order] + origin[0], cc[order] + origin[1], label[order]
+def _row_extremes(border: _Border, origin: tuple[int, int]) -> _RowExtremes:
+    label = border.labels.astype(np.int64)
+    order = np.argsort(label, kind="stable")  # the border is in raster order already
+    rr, cc, label = border.rows[order] + origin[0], border.cols[order] + origin[1], label[order]
     key = label * (int(rr.max(initial=0)) + 1) + rr
     starts = np.flatnonzero(np.diff(key, prepend=-1))
     ends = np.append(starts[1:], key.size) - 1
-    group = label[starts]
-    present, first = np.unique(group, return_index=True)
-    return _RowExtremes(group, rr[starts], cc[starts], cc[ends], present, first)
+    present, first = np.unique(label[starts], return_index=True)
+    return _RowExtremes(rr[starts], cc[starts], cc[ends], present, first)
 
 
 def _bounding_boxes(extremes: _RowExtremes, size: int) -> tuple[np.ndarray, ...]:
@@ -385,36 +390,31 @@ def _bounding_boxes(extremes: _RowExtremes, size: int) -> tuple[np.ndarray, ...]
     return tuple(boxes)
 
 
-def _border_pixels(label_map: np.ndarray, foreground: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Rows and columns (raster order) of the labelled pixels with a 4-neighbour of another
-    label (the image edge counts as other); ``foreground`` holds the flat indices of all the
-    labelled pixels, so only they are compared."""
+def _border_pixels(label_map: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> _Border:
+    """The labelled pixels with a 4-neighbour of another label (the image edge counts as
+    other), among ``rows`` and ``cols``: all the labelled pixels, in raster order, so only they
+    are compared."""
     width = label_map.shape[1]
     padded = np.pad(label_map, 1).ravel()
-    rows, cols = np.divmod(foreground, width)
     at = (rows + 1) * (width + 2) + cols + 1
     own = padded[at]
     interior = padded[at - 1] == own
     for step in (1, -(width + 2), width + 2):
         interior &= padded[at + step] == own
     edge = ~interior
-    return rows[edge], cols[edge]
+    return _Border(rows[edge], cols[edge], own[edge])
 
 
-def _perimeter(
-    label_map: np.ndarray, border: tuple[np.ndarray, np.ndarray], size: int
-) -> np.ndarray:
-    """skimage's 4-connectivity perimeter estimate, per label.
+def _perimeter(shape: tuple[int, int], border: _Border, size: int) -> np.ndarray:
+    """skimage's 4-connectivity perimeter estimate, per label, on a label map of ``shape``.
 
-    ``border`` holds the rows and columns of the border pixels (:func:`_border_pixels`). Each
-    border pixel's neighbour code counts the 8 neighbours that are border pixels of the same
-    label, read at the border pixels only (flat offsets into a padded map of them).
+    Each border pixel's neighbour code counts the 8 neighbours that are border pixels of the
+    same label, read at the border pixels only (flat offsets into a padded map of them).
     """
-    height, width = label_map.shape
-    rr, cc = border
-    at = (rr + 1) * (width + 2) + (cc + 1)
-    own = label_map[rr, cc]
-    flat = np.zeros((height + 2) * (width + 2), dtype=label_map.dtype)
+    height, width = shape
+    at = (border.rows + 1) * (width + 2) + (border.cols + 1)
+    own = border.labels
+    flat = np.zeros((height + 2) * (width + 2), dtype=own.dtype)
     flat[at] = own
     code = np.ones(at.size, dtype=np.int64)
     for dr, dc, weight in _NEIGHBOUR_CODES:

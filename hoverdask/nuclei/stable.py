@@ -211,8 +211,8 @@ def segment_window(
     if foreground is None:
         foreground = window_foreground(np_prob, origin)
     top, left = origin[0] - foreground.origin[0], origin[1] - foreground.origin[1]
-    inside = slice(top, top + window.shape[0]), slice(left, left + window.shape[1])
-    blb, clusters_map = foreground.blb[inside], foreground.clusters_map[inside]
+    crop = slice(top, top + window.shape[0]), slice(left, left + window.shape[1])
+    blb, clusters_map = foreground.blb[crop], foreground.clusters_map[crop]
     inside = np.flatnonzero(blb)
     energy = foreground_energy_with_ranges(h, v, ranges, inside)
     dist = surface_at(energy, inside, blb.shape)

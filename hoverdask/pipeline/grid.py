@@ -10,6 +10,7 @@ written by exactly one task). Context outside the slide is the reflection of the
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -69,6 +70,11 @@ class TileGrid:
         """Patches of the tile, (rows, cols)."""
         height, width = self.padded_size(row, col)
         return height // self.output, width // self.output
+
+    def patches_to_run(self, row: int, col: int, active: np.ndarray | None) -> int:
+        """Patches the network runs on in tile ``(row, col)``: the ``active`` ones (bool, the
+        tile's patch grid), or all of them when None."""
+        return int(active.sum()) if active is not None else math.prod(self.patch_shape(row, col))
 
     def patch_extent(self, row: int, col: int, i: int, j: int) -> tuple[int, int, int, int]:
         """``(y0, x0, y1, x1)`` of patch ``(i, j)``'s output inside the image (clipped; empty for

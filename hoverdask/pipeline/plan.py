@@ -72,8 +72,7 @@ class SlidePlan:
 
     def patches_to_run(self, row: int, col: int) -> int:
         """How many patches of tissue tile ``(row, col)`` the network runs on (its cost)."""
-        active = self.active_patches(row, col)
-        return int(active.sum()) if active is not None else math.prod(self.grid.patch_shape(row, col))
+        return self.grid.patches_to_run(row, col, self.active_patches(row, col))
 
     def tiles_longest_first(self) -> list[tuple[int, int]]:
         """The tissue tiles, most patches first (raster order among equals).
@@ -81,7 +80,7 @@ class SlidePlan:
         Submitted in this order, the tiles end close together on every worker (the longest
         first, the short ones filling in), so no worker waits long at the end of the
         inference stage, which post-processing cannot start before."""
-        return sorted(self.tissue_tiles, key=lambda t: -self.patches_to_run(*t))
+        return self.busiest_first(self.tissue_tiles)
 
     def busiest_first(self, blocks: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
         """Post-processing blocks, those over the most predicted patches first (raster order
@@ -179,8 +178,7 @@ def plan_open_slide(
         "patch_margin": margin,
         "tissue_mask": use_tissue_mask,
         "patches_total": sum(math.prod(grid.patch_shape(*t)) for t in tiles),
-        "patches_run": sum(int(patches[t].sum()) if t in patches else
-                           math.prod(grid.patch_shape(*t)) for t in tiles),
+        "patches_run": sum(grid.patches_to_run(*t, patches.get(t)) for t in tiles),
     }
     if region is not None:
         params["region"] = [region.x, region.y, region.width, region.height]

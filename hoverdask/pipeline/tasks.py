@@ -9,7 +9,6 @@ recomputing, so resubmitting a whole slide after a crash redoes only what is mis
 from __future__ import annotations
 
 import functools
-import math
 import threading
 import time
 from collections import OrderedDict
@@ -202,8 +201,7 @@ def infer_tile(
                "write_s": time.perf_counter() - predicted}
     clock = {"worker": _worker_name(), "predict_start": predicted_at - seconds["predict_s"],
              "predict_end": predicted_at}  # for the busy fraction of the predictor
-    patches = int(active.sum()) if active is not None else math.prod(grid.patch_shape(row, col))
     stats = {"row": row, "col": col, **summary, **seconds, **clock,
-             "patches_run": patches}
+             "patches_run": grid.patches_to_run(row, col, active)}
     atomic_write_json(marker, stats)
     return stats
