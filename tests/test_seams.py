@@ -124,6 +124,38 @@ def test_normalise_with_range_matches_cv2_on_any_window(dtype) -> None:
     np.testing.assert_array_equal(got[1:, 1:], expected[11:50, 11:50])
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_value_range_is_min_and_max_of_any_view(dtype) -> None:
+    rng = np.random.default_rng(3)
+    full = (rng.standard_normal((120, 90, 4)) * 1e3).astype(dtype)
+    for view in (full[..., 2], full[5:60, 7:80, 3], full[..., 0].copy()):
+        assert value_range(view) == (float(view.min()), float(view.max()))
+    with pytest.raises(ValueError, match="empty"):
+        value_range(full[:0, :, 0])
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), density=st.floats(0.2, 0.7), origin=st.tuples(
+    st.integers(0, 5000), st.integers(0, 5000)))
+def test_find_clusters_equals_scipy_labels_and_integer_sums(seed, density, origin) -> None:
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    blb = (rng.random((41, 57)) < density).astype(np.int32)
+    clusters_map, clusters = find_clusters(blb, origin)
+    expected, count = ndimage.label(ndimage.binary_fill_holes(blb), structure=np.ones((3, 3)))
+    assert len(clusters) == count
+    oy, ox = origin
+    for cluster in clusters:
+        pixels = clusters_map == cluster.label
+        scipy_label = expected[pixels][0]
+        np.testing.assert_array_equal(pixels, expected == scipy_label)  # the same partition
+        ys, xs = np.nonzero(pixels)  # raster order
+        assert cluster.anchor == (ys[0] + oy, xs[0] + ox)
+        assert cluster.box == (ys.min() + oy, xs.min() + ox, ys.max() + 1 + oy, xs.max() + 1 + ox)
+        assert cluster.centroid == (ys.sum() // ys.size + oy, xs.sum() // xs.size + ox)
+
+
 def test_block_grid_cores_tile_the_slide_exactly_once() -> None:
     grid = BlockGrid(1000, 1400, 333, halo=40)
     assert grid.shape == (4, 5)
