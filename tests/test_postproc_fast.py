@@ -8,8 +8,10 @@ from conftest import parity_npz
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import ndimage
+from skimage.segmentation import watershed
 
 from hoverdask.nuclei import fast as fast_module
+from hoverdask.nuclei._flood import flood_markers
 from hoverdask.nuclei.postproc import (
     fill_holes,
     inst_info_to_json,
@@ -71,14 +73,69 @@ def test_background_only_map() -> None:
     assert assert_same_output(np.zeros((40, 50, 4), np.float32), 6) == 0
 
 
-@pytest.mark.parametrize("canvas_width", [1, 64, 10_000])
-def test_packed_watershed_equals_one_flood(wsi_map: np.ndarray, canvas_width: int) -> None:
-    """One box per shelf, a few per shelf, all on one shelf: the same labels as one call."""
+def test_compiled_flood_equals_one_skimage_call(wsi_map: np.ndarray) -> None:
+    """Every component flooded on its own, with skimage's queue order: the same labels."""
     _, np_prob, h, v = split_channels(wsi_map[:500, :700], 6)
     steps = proc_np_hv_reference(np_prob, h, v)
-    packed = watershed_by_component(steps.dist, steps.marker, steps.blb,
-                                    canvas_width=canvas_width)
-    np.testing.assert_array_equal(packed, steps.inst_map)
+    labels, tied = flood_markers(steps.dist, steps.marker, steps.blb > 0,
+                                 monotone=fast_module.COST_NEVER_DECREASES)  # fmt: skip
+    assert tied.size == 0
+    np.testing.assert_array_equal(labels, steps.inst_map)
+    np.testing.assert_array_equal(watershed_by_component(steps.dist, steps.marker, steps.blb),
+                                  steps.inst_map)  # fmt: skip
+
+
+@settings(max_examples=150, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), levels=st.integers(1, 4), n_seeds=st.integers(1, 6),
+       hole_density=st.floats(0.0, 0.4))  # fmt: skip
+def test_compiled_flood_equals_skimage_on_plateaus(seed, levels, n_seeds, hole_density) -> None:
+    """Few distinct costs (pushed pixels tie often, and their ages decide), seeds with distinct
+    costs, masks with holes and several components: skimage's labels, component by component;
+    components where two growing seeds tie are reported and left 0."""
+    rng = np.random.default_rng(seed)
+    shape = (int(rng.integers(2, 12)), int(rng.integers(2, 12)))
+    dist = rng.integers(0, levels, shape).astype(np.float64)
+    mask = rng.random(shape) >= hole_density
+    marker = np.zeros(shape, np.int32)
+    spots = rng.choice(dist.size, min(n_seeds, dist.size), replace=False)
+    marker.flat[spots] = rng.integers(1, 4, spots.size)  # repeated labels: split markers
+    dist.flat[spots] = -1.0 - rng.permutation(spots.size)
+    if rng.random() < 0.3:
+        dist.flat[spots] = -1.0  # all seeds tie
+    expected = watershed(dist, marker, mask=mask)
+    labels, tied = flood_markers(dist, marker, mask, monotone=fast_module.COST_NEVER_DECREASES)
+    components = ndimage.label(mask)[0]
+    tied_components = set(components.flat[tied].tolist())
+    for label in range(1, components.max() + 1):
+        inside = components == label
+        if label in tied_components:
+            assert not labels[inside].any()
+        else:
+            np.testing.assert_array_equal(labels[inside], expected[inside])
+
+
+def test_the_cost_floor_follows_this_skimage() -> None:
+    """The probe's row floods one way with the floor and the other without; skimage decides."""
+    dist, marker = np.array([[2.0, -1.0, 0.0, 2.0, -3.0]]), np.array([[1, 0, 0, 0, 2]])
+    mask = np.ones_like(marker, dtype=bool)
+    with_floor = flood_markers(dist, marker, mask, monotone=True)[0]
+    without = flood_markers(dist, marker, mask, monotone=False)[0]
+    np.testing.assert_array_equal(with_floor, [[1, 1, 2, 2, 2]])
+    np.testing.assert_array_equal(without, [[1, 1, 1, 2, 2]])
+    chosen = with_floor if fast_module.COST_NEVER_DECREASES else without
+    np.testing.assert_array_equal(chosen, watershed(dist, marker))
+
+
+def test_a_seed_tie_floods_the_whole_map(monkeypatch: pytest.MonkeyPatch) -> None:
+    dist = np.array([[-1.0, 0.0, 0.0, 0.0, -1.0]])  # both seeds can grow, same cost
+    marker, blb = np.array([[1, 0, 0, 0, 2]]), np.ones((1, 5), np.int32)
+    assert flood_markers(dist, marker, blb > 0)[1].tolist() == [0]
+    calls = []
+    monkeypatch.setattr(fast_module, "watershed_instances",
+                        lambda *args: calls.append(1) or watershed(*args[:2], mask=args[2]))  # fmt: skip
+    np.testing.assert_array_equal(watershed_by_component(dist, marker, blb),
+                                  watershed(dist, marker, mask=blb))  # fmt: skip
+    assert calls == [1]
 
 
 def test_tied_seeds_flood_the_whole_map(monkeypatch: pytest.MonkeyPatch) -> None:

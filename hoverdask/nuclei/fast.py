@@ -17,17 +17,15 @@ What changes here, each with the reason the result cannot change:
   the time. Labels that reach an output (the markers) keep scipy's raster-order ids.
 * Watershed: the flood is confined to 4-connected foreground components, which never touch. A
   component holding no marker stays 0; one holding a single marker label takes that label whole,
-  whatever the flooding order. Components with several markers are flooded by skimage's own
-  watershed, all at once on a canvas where their bounding boxes are packed side by side (skimage's
-  per-pixel set-up then covers their pixels, not the whole map). Why this gives the reference
-  labels: skimage pops its queue by (value, age); pushed pixels get unique, increasing ages, seeds
-  all get age 0. A seed with no unseeded foreground neighbour ("inner") pushes nothing when
-  popped, so it is left out of the queue altogether (masked out, labelled directly); every other
-  element of a component is then strictly ordered as long as no two "frontier" seeds of that
-  component share a ``dist`` value, and the pop order within the component is the same with or
-  without the other components and the inner seeds. That condition is checked; if any component
-  violates it (or this skimage queues seeds at -inf, as newer releases do), the whole map is
-  flooded in one call, as the reference.
+  whatever the flooding order. Components with several markers are flooded one at a time by a
+  compiled queue with skimage's order (:mod:`hoverdask.nuclei._flood`). Why this gives the
+  reference labels: skimage pops its queue by (value, age); pushed pixels get unique, increasing
+  ages, seeds all get age 0 (and since skimage 0.25 a pushed pixel's value is at least that of
+  the pixel that pushed it). Every element of a component is then strictly ordered as long as no
+  two seeds of that component that can still grow share a ``dist`` value, and the pop order within
+  the component is the same with or without the other components. That condition is checked; if
+  any component violates it (or this skimage queues seeds at -inf, as 0.25.0 did), the whole map
+  is flooded in one skimage call, as the reference.
 * Energy: the Sobel steps are the reference's. ``overall`` is kept as the float32 maximum
   (equal to the reference's float64 value inside the foreground, the only place it is read);
   the watershed surface is still blurred in float64, because ``1 - overall`` is not exactly
@@ -38,8 +36,8 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
-from scipy import ndimage
 
+from hoverdask.nuclei._flood import flood_markers
 from hoverdask.nuclei.reference import (
     FG_THRESHOLD,
     MARKER_ENERGY_THRESHOLD,
@@ -163,143 +161,47 @@ def _seeds_queue_by_value() -> bool:
 
 
 SEEDS_QUEUE_BY_VALUE = _seeds_queue_by_value()
-CANVAS_WIDTH = 1024  # components to flood are packed side by side in rows about this wide
 
 
-def watershed_by_component(
-    dist: np.ndarray,
-    marker: np.ndarray,
-    blb: np.ndarray,
-    components: np.ndarray | None = None,
-    *,
-    ties_excluded: bool = False,
-    canvas_width: int = CANVAS_WIDTH,
-) -> np.ndarray:
+def _cost_never_decreases() -> bool:
+    """Whether this skimage raises a pushed pixel's cost to the cost of the pixel that pushed it
+    (0.25 and later do), which changes the order of the queue.
+
+    Asked of the watershed itself: on ``2 -1 0 2 -3`` with seeds at both ends, the right seed
+    pushes its neighbour at cost 2, the left seed its neighbour at cost -1 (no floor) or 2 (the
+    floor, and later than the other): the middle pixel goes left without the floor, right with it.
+    """
+    from skimage.segmentation import watershed
+
+    labels = watershed(np.array([[2.0, -1.0, 0.0, 2.0, -3.0]]), np.array([[1, 0, 0, 0, 2]]))
+    return bool(labels[0, 2] == 2)
+
+
+COST_NEVER_DECREASES = _cost_never_decreases()
+
+
+def watershed_by_component(dist: np.ndarray, marker: np.ndarray, blb: np.ndarray) -> np.ndarray:
     """:func:`~hoverdask.nuclei.reference.watershed_instances`, component by component.
 
-    ``components`` are 4-connected labels of ``blb`` (any ids); labelled here when not given.
-    ``ties_excluded``: the caller has already left out every component where two frontier
-    seeds share a value (:func:`hoverdask.nuclei.stable.seed_ties`), so that check is skipped.
-    The components that need flooding are packed into one small canvas
-    (:func:`_flood_packed`), so skimage works on their pixels instead of the whole window.
+    The flood is confined to 4-connected components of ``blb``, which never touch, so each is
+    flooded on its own by :func:`hoverdask.nuclei._flood.flood_markers` (skimage's queue order
+    without skimage's per-call set-up over the whole map; a component holding one marker label
+    takes it whole). If two seeds that can grow tie in one component, skimage's order there
+    depends on its queue's layout, i.e. on the whole call; then, or if this skimage queues every
+    seed at -inf (all seeds tie), the whole map is flooded in one skimage call, as the reference.
     """
-    mask = blb > 0
-    if components is None:
-        components = label_four_connected(mask)
-    n_comp = int(components.max())
-    marker = marker * mask  # skimage ignores markers outside the mask
-    seeds = marker > 0
-    n_markers, single_label = _markers_per_component(components[seeds], marker[seeds], n_comp)
-    out = np.take(single_label, components)
-    flooded = n_markers >= 2
-    if not flooded.any():
-        return out
-    in_flooded = np.take(flooded, components)
-    frontier = seeds & in_flooded & _next_to(mask & ~seeds)
-    if not SEEDS_QUEUE_BY_VALUE or (
-        not ties_excluded and _values_tie(dist[frontier], components[frontier])
-    ):
+    if not SEEDS_QUEUE_BY_VALUE:
         return watershed_instances(dist, marker, blb)
-    # seeds without unseeded neighbours push nothing when popped: keep them out of the queue
-    inner = seeds & in_flooded & ~frontier
-    out[inner] = marker[inner]
-    _flood_packed(dist, marker, components, in_flooded & ~inner, flooded, out, canvas_width)
-    return out
-
-
-def _flood_packed(
-    dist: np.ndarray,
-    marker: np.ndarray,
-    components: np.ndarray,
-    floodable: np.ndarray,
-    flooded: np.ndarray,
-    out: np.ndarray,
-    canvas_width: int,
-) -> None:
-    """Flood the ``floodable`` pixels of the ``flooded`` components in one skimage call, each
-    component's bounding box copied into a canvas with a one-pixel gap around it, and write
-    the labels into ``out``.
-
-    The pop order inside a component does not depend on what else is in the queue (see the
-    module's docstring), and the gaps keep components apart, so each gets the labels it would
-    get alone, and so the labels of one call on the whole map.
-    """
-    ids = np.flatnonzero(flooded)
-    boxes = ndimage.find_objects(components, max_label=int(ids[-1]))
-    tops, lefts, heights, widths = np.array(
-        [(box[0].start, box[1].start, box[0].stop - box[0].start, box[1].stop - box[1].start)
-         for box in (boxes[i - 1] for i in ids)]
-    ).T
-    width = max(canvas_width, int(widths.max()))
-    at_y, at_x = _shelf_layout(heights.tolist(), widths.tolist(), width)
-    shift_y = np.zeros(int(ids[-1]) + 1, dtype=np.int64)
-    shift_x = np.zeros_like(shift_y)
-    shift_y[ids] = np.asarray(at_y) - tops
-    shift_x[ids] = np.asarray(at_x) - lefts
-    height = int(max(y + h for y, h in zip(at_y, heights.tolist(), strict=True)))
-    index = np.flatnonzero(floodable)
-    comp = components.ravel()[index]
-    rows, cols = np.divmod(index, components.shape[1])
-    packed = (rows + shift_y[comp]) * width + cols + shift_x[comp]
-    canvas_dist = np.zeros(height * width, dtype=dist.dtype)
-    canvas_dist[packed] = dist.ravel()[index]
-    canvas_marker = np.zeros(height * width, dtype=marker.dtype)
-    canvas_marker[packed] = marker.ravel()[index]
-    canvas_mask = np.zeros(height * width, dtype=bool)
-    canvas_mask[packed] = True
-    shape = (height, width)
-    flood = watershed_instances(canvas_dist.reshape(shape), canvas_marker.reshape(shape),
-                                canvas_mask.reshape(shape))  # fmt: skip
-    np.put(out, index, flood.ravel()[packed])
-
-
-def _shelf_layout(
-    heights: list[int], widths: list[int], width: int
-) -> tuple[list[int], list[int]]:
-    """Top-left corners of boxes laid out in rows ("shelves") of ``width``, tallest first,
-    with a one-pixel gap after every box and below every shelf."""
-    at_y, at_x = [0] * len(heights), [0] * len(heights)
-    x = y = shelf = 0
-    for k in sorted(range(len(heights)), key=heights.__getitem__, reverse=True):
-        if x and x + widths[k] > width:
-            y, x, shelf = y + shelf + 1, 0, 0
-        at_y[k], at_x[k] = y, x
-        x += widths[k] + 1
-        shelf = max(shelf, heights[k])
-    return at_y, at_x
-
-
-def _markers_per_component(
-    seed_comp: np.ndarray, seed_label: np.ndarray, n_comp: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Number of distinct marker labels per component, and the label where there is one."""
-    base = int(seed_label.max(initial=0)) + 1
-    pairs = np.unique(seed_comp.astype(np.int64) * base + seed_label)
-    pair_comp, pair_label = pairs // base, pairs % base
-    n_markers = np.bincount(pair_comp, minlength=n_comp + 1)
-    single_label = np.zeros(n_comp + 1, dtype=np.int32)
-    single = n_markers[pair_comp] == 1
-    single_label[pair_comp[single]] = pair_label[single]
-    return n_markers, single_label
-
-
-def _next_to(mask: np.ndarray) -> np.ndarray:
-    """Pixels with a 4-neighbour in ``mask``."""
-    padded = np.pad(mask, 1)
-    return padded[:-2, 1:-1] | padded[2:, 1:-1] | padded[1:-1, :-2] | padded[1:-1, 2:]
-
-
-def _values_tie(values: np.ndarray, group: np.ndarray) -> bool:
-    """True if two entries of one group share a value."""
-    order = np.lexsort((values, group))
-    values, group = values[order], group[order]
-    return bool(np.any((group[1:] == group[:-1]) & (values[1:] == values[:-1])))
+    labels, tied = flood_markers(dist, marker, blb > 0, monotone=COST_NEVER_DECREASES)
+    if tied.size:
+        return watershed_instances(dist, marker, blb)
+    return labels
 
 
 def proc_np_hv_fast(np_prob: np.ndarray, h: np.ndarray, v: np.ndarray) -> np.ndarray:
     """Instance map equal to :func:`~hoverdask.nuclei.reference.proc_np_hv_reference`'s."""
-    blb, components = foreground_components(np_prob)
+    blb = foreground_components(np_prob)[0]
     energy = energy_in_foreground(h, v)
     dist = surface_from_energy(energy, blb)
     marker = markers_fast(energy, blb)
-    return watershed_by_component(dist, marker, blb, components)
+    return watershed_by_component(dist, marker, blb)

@@ -302,18 +302,15 @@ def flood_clusters(
 
     Clusters without a seed tie share one flood (identical to flooding each alone, see
     :func:`seed_ties`), done by :func:`~hoverdask.nuclei.fast.watershed_by_component`, which
-    gives exactly skimage's single call on the same region (components with one marker label
-    take it whole, seeds that cannot grow stay out of the queue, the others packed into one
-    small canvas instead of the whole window); a tied cluster gets its own call, so its result
-    depends on it alone.
+    gives exactly skimage's single call on the same region (each 4-connected component flooded
+    on its own with skimage's queue order); a tied cluster gets its own skimage call, so its
+    result depends on it alone.
     """
     selected = np.zeros(len(seg.clusters) + 1, dtype=bool)
     selected[[c.label for c in clusters if not ties[c.label]]] = True
     region = np.take(selected, seg.clusters_map) & (seg.blb > 0)
     # a tie inside a 4-connected component is a tie inside its cluster: none is left here
-    flooded = watershed_by_component(
-        seg.dist, np.where(region, seg.marker, 0), region, ties_excluded=True
-    )
+    flooded = watershed_by_component(seg.dist, np.where(region, seg.marker, 0), region)
     for cluster in clusters:
         if not ties[cluster.label]:
             continue
