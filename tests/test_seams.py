@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from scipy.spatial import cKDTree
 
 from hoverdask.nuclei.postproc import process
+from hoverdask.nuclei.reference import SOBEL_KSIZE
 from hoverdask.nuclei.seams import (
     CONTEXT_MARGIN,
     BlockGrid,
@@ -31,6 +32,7 @@ from hoverdask.nuclei.stable import (
     normalise_with_range,
     seed_ties,
     segment_window,
+    sobel_range,
     sobel_responses,
     value_range,
 )
@@ -132,6 +134,37 @@ def test_value_range_is_min_and_max_of_any_view(dtype) -> None:
         assert value_range(view) == (float(view.min()), float(view.max()))
     with pytest.raises(ValueError, match="empty"):
         value_range(full[:0, :, 0])
+
+
+def test_float64_sobel_of_a_pixel_does_not_depend_on_where_the_window_ends() -> None:
+    """What :func:`sobel_range` relies on: the float64 Sobel of every pixel of a window equals
+    that of the crop its kernel reads (anchored where it meets the window's edge)."""
+    x = np.random.default_rng(5).random((47, 63)).astype(np.float32)
+    reach = SOBEL_KSIZE // 2
+    for dx, dy in ((1, 0), (0, 1)):
+        full = cv2.Sobel(x, cv2.CV_64F, dx, dy, ksize=SOBEL_KSIZE)
+        for y in range(x.shape[0]):
+            for col in range(x.shape[1]):
+                y0, x0 = max(y - reach, 0), max(col - reach, 0)
+                crop = x[y0 : y + reach + 1, x0 : col + reach + 1]
+                alone = cv2.Sobel(crop, cv2.CV_64F, dx, dy, ksize=SOBEL_KSIZE)[y - y0, col - x0]
+                assert alone == full[y, col], (dx, dy, y, col)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), box=st.tuples(st.integers(0, 40), st.integers(0, 40),
+       st.integers(1, 40), st.integers(1, 40)), plateau=st.booleans())  # fmt: skip
+def test_sobel_range_equals_the_float64_filter(seed, box, plateau) -> None:
+    rng = np.random.default_rng(seed)
+    smooth = cv2.GaussianBlur(rng.random((90, 110)), (0, 0), 6).astype(np.float32)
+    x = normalise_with_range(smooth, float(smooth.min()), float(smooth.max()))
+    if plateau:  # every pixel ties: the float32 filter cannot narrow it down
+        x[:] = 0.5
+    top, left, height, width = box
+    inner = slice(top, top + height), slice(left, left + width)
+    for dx, dy in ((1, 0), (0, 1)):
+        expected = value_range(cv2.Sobel(x, cv2.CV_64F, dx, dy, ksize=SOBEL_KSIZE)[inner])
+        assert sobel_range(x, dx, dy, inner) == expected
 
 
 @settings(max_examples=40, deadline=None)

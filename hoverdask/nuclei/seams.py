@@ -37,8 +37,9 @@ from hoverdask.nuclei.stable import (
     Cluster,
     NormRanges,
     NucleusRecord,
+    normalise_with_range,
     segment_window,
-    sobel_responses,
+    sobel_range,
     value_range,
     window_foreground,
     window_nuclei,
@@ -153,9 +154,10 @@ def sobel_ranges(
     ``window`` must reach :data:`SOBEL_REACH` px past the core, or the slide edge, on every side
     (``BlockGrid.grow(core, SOBEL_REACH)``), so the core values are the whole-slide values.
     """
-    sobel_h, sobel_v = sobel_responses(window[..., -2], window[..., -1], ranges)
     inner = box_slices(core, window_box[:2])
-    return value_range(sobel_h[inner]), value_range(sobel_v[inner])
+    h_n = normalise_with_range(window[..., -2], *ranges.h)
+    v_n = normalise_with_range(window[..., -1], *ranges.v)
+    return sobel_range(h_n, 1, 0, inner), sobel_range(v_n, 0, 1, inner)
 
 
 @dataclass
