@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 from conftest import parity_npz
@@ -154,6 +155,20 @@ def test_tied_seeds_flood_the_whole_map(monkeypatch: pytest.MonkeyPatch) -> None
     result = watershed_by_component(steps.dist, steps.marker, steps.blb)
     np.testing.assert_array_equal(result, steps.inst_map)
     assert calls == [steps.dist.shape]
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), density=st.floats(0.3, 0.9))
+def test_markers_with_any_ids_are_the_raster_markers_renamed(seed: int, density: float) -> None:
+    rng = np.random.default_rng(seed)
+    blb = cv2.GaussianBlur(rng.random((60, 80)), (0, 0), 2) < density  # blobs of many sizes
+    inside = np.flatnonzero(blb)
+    energy = cv2.GaussianBlur(rng.random((60, 80)), (0, 0), 1.5).astype(np.float32).ravel()[inside]
+    raster = fast_module.markers_at(energy, inside, blb.shape)
+    named = fast_module.markers_at(energy, inside, blb.shape, raster_ids=False)
+    np.testing.assert_array_equal(raster > 0, named > 0)
+    pairs = np.unique(np.stack([raster[raster > 0], named[raster > 0]]), axis=1)
+    assert len(np.unique(pairs[0])) == len(np.unique(pairs[1])) == pairs.shape[1]  # one-to-one
 
 
 @settings(max_examples=60, deadline=None)

@@ -44,6 +44,7 @@ from hoverdask.nuclei.reference import (
     MIN_OBJECT_PX,
     inverted_gradients,
     label_filled_cores,
+    open_kernel,
     remove_small_labels,
     watershed_instances,
 )
@@ -127,11 +128,30 @@ def markers_at(
     shape: tuple[int, ...],
     threshold: float = MARKER_ENERGY_THRESHOLD,
     min_size: int = MIN_OBJECT_PX,
+    *,
+    raster_ids: bool = True,
 ) -> np.ndarray:
-    """:func:`markers_fast` from the energy of the foreground pixels (flat indices ``inside``)."""
+    """:func:`markers_fast` from the energy of the foreground pixels (flat indices ``inside``).
+
+    ``raster_ids=False``: the same markers with ids in no particular order (opencv's labelling,
+    which also counts the sizes), for callers where a marker id is only a name.
+    """
     core = np.zeros(shape, dtype=bool)
     core.ravel()[inside] = ~_at_least(energy, threshold)
-    return label_filled_cores(fill_holes(core).view(np.uint8), min_size)
+    filled = fill_holes(core).view(np.uint8)
+    if raster_ids:
+        return label_filled_cores(filled, min_size)
+    opened = cv2.morphologyEx(filled, cv2.MORPH_OPEN, open_kernel())
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(
+        opened, connectivity=4, ltype=cv2.CV_32S
+    )
+    small = stats[:, cv2.CC_STAT_AREA] < min_size
+    small[0] = False
+    if not small.any():
+        return labels
+    kept = np.arange(count, dtype=np.int32)
+    kept[small] = 0
+    return np.take(kept, labels)
 
 
 def _at_least(values: np.ndarray, threshold: float) -> np.ndarray:

@@ -268,7 +268,7 @@ def segment_window(
     inside = np.flatnonzero(blb)
     energy = foreground_energy_with_ranges(h, v, ranges, inside)
     dist = surface_at(energy, inside, blb.shape)
-    marker = markers_at(energy, inside, blb.shape)
+    marker = markers_at(energy, inside, blb.shape, raster_ids=False)  # ids are only names here
     return WindowSegmentation(
         origin, blb, dist, marker, clusters_map, foreground.clusters, type_map
     )
