@@ -13,6 +13,8 @@ from skimage.segmentation import watershed
 
 from hoverdask.nuclei import fast as fast_module
 from hoverdask.nuclei._flood import flood_markers
+from hoverdask.nuclei._sums import instance_sums
+from hoverdask.nuclei.instances import type_votes
 from hoverdask.nuclei.postproc import (
     fill_holes,
     inst_info_to_json,
@@ -169,6 +171,36 @@ def test_markers_with_any_ids_are_the_raster_markers_renamed(seed: int, density:
     np.testing.assert_array_equal(raster > 0, named > 0)
     pairs = np.unique(np.stack([raster[raster > 0], named[raster > 0]]), axis=1)
     assert len(np.unique(pairs[0])) == len(np.unique(pairs[1])) == pairs.shape[1]  # one-to-one
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n_labels=st.integers(1, 30), n_types=st.integers(1, 7))
+def test_instance_sums_equal_numpy(seed: int, n_labels: int, n_types: int) -> None:
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, n_labels + 1, (37, 53)).astype(np.int32)
+    labels[labels == n_labels // 2] = 0  # an id with no pixels
+    types = rng.integers(0, n_types, labels.shape).astype(np.int32)
+    sums = instance_sums(labels, types)
+    size = int(labels.max()) + 1
+    ys, xs = np.nonzero(labels)  # raster order
+    ids = labels[ys, xs]
+    np.testing.assert_array_equal(sums.area, np.bincount(ids, minlength=size))
+    np.testing.assert_array_equal(sums.sum_y, np.bincount(ids, weights=ys, minlength=size))
+    np.testing.assert_array_equal(sums.sum_x, np.bincount(ids, weights=xs, minlength=size))
+    np.testing.assert_array_equal(sums.type_counts[:, :int(types[labels > 0].max()) + 1],
+                                  type_votes(labels, types))  # fmt: skip
+    for label, box in enumerate(ndimage.find_objects(labels), start=1):
+        if box is None:
+            assert sums.area[label] == 0
+            continue
+        assert (sums.top[label], sums.bottom[label] + 1) == (box[0].start, box[0].stop)
+        assert (sums.left[label], sums.right[label] + 1) == (box[1].start, box[1].stop)
+        first = np.flatnonzero(ids == label)[0]
+        assert (sums.top[label], sums.first_x[label]) == (ys[first], xs[first])
+    assert instance_sums(labels).type_counts is None
+    types[labels > 0] = -1
+    with pytest.raises(ValueError, match="negative"):
+        instance_sums(labels, types)
 
 
 @settings(max_examples=60, deadline=None)

@@ -177,3 +177,4 @@ def flood_markers(
     tied = np.empty(mask.size, dtype=np.int64)
     n_tied = _flood(dist, marker, mask, out, tied, monotone)
     return out, tied[:n_tied].copy()
+

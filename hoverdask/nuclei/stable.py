@@ -26,9 +26,9 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
-from scipy import ndimage
 from skimage.segmentation import watershed
 
+from hoverdask.nuclei._sums import instance_sums
 from hoverdask.nuclei.fast import (
     SEEDS_QUEUE_BY_VALUE,
     fill_holes,
@@ -37,7 +37,7 @@ from hoverdask.nuclei.fast import (
     surface_at,
     watershed_by_component,
 )
-from hoverdask.nuclei.instances import first_contour, type_counts, vote_types
+from hoverdask.nuclei.instances import first_contour, vote_types
 from hoverdask.nuclei.reference import (
     SOBEL_KSIZE,
     split_channels,
@@ -400,40 +400,31 @@ def flooded_nuclei(
     ``nucleus_id = y * slide_width + x`` of the instance's first pixel in raster order (leftmost
     pixel of its top row): a property of the pixels alone, so identical for every chunking.
     """
-    index = np.flatnonzero(flooded)
-    if index.size == 0:
+    sums = instance_sums(flooded, seg.type_map)
+    if sums.area.size <= 1:
         return []
     oy, ox = seg.origin
-    label = flooded.ravel()[index]
-    size = int(label.max()) + 1
-    rows, cols = np.divmod(index, flooded.shape[1])
-    area = np.bincount(label, minlength=size)
-    sum_y = np.bincount(label, weights=rows, minlength=size)
-    sum_x = np.bincount(label, weights=cols, minlength=size)
     types, probs = None, None
-    if seg.type_map is not None:
-        types, probs = vote_types(type_counts(label, seg.type_map.ravel()[index], size))
+    if sums.type_counts is not None:
+        types, probs = vote_types(sums.type_counts)
     records = []
-    for offset, box in enumerate(ndimage.find_objects(flooded)):
-        if box is None:
-            continue
-        instance = offset + 1
-        top, left = box[0].start, box[1].start
-        mask = (flooded[box] == instance).view(np.uint8)
-        contour = first_contour(mask)
+    for instance in np.flatnonzero(sums.area).tolist():
+        top, left = int(sums.top[instance]), int(sums.left[instance])
+        box = slice(top, int(sums.bottom[instance]) + 1), slice(left, int(sums.right[instance]) + 1)
+        contour = first_contour((flooded[box] == instance).view(np.uint8))
         if contour is None:
             continue
         y0, x0 = oy + top, ox + left
         contour[:, 0] += x0
         contour[:, 1] += y0
-        m00 = float(area[instance])
+        m00 = float(sums.area[instance])
         records.append(
             NucleusRecord(
-                nucleus_id=y0 * slide_width + x0 + int(np.argmax(mask[0])),
-                centroid=(float((sum_x[instance] - left * m00) / m00 + x0),
-                          float((sum_y[instance] - top * m00) / m00 + y0)),
+                nucleus_id=(oy + top) * slide_width + ox + int(sums.first_x[instance]),
+                centroid=(float((float(sums.sum_x[instance]) - left * m00) / m00 + x0),
+                          float((float(sums.sum_y[instance]) - top * m00) / m00 + y0)),
                 contour=contour,
-                area_px=int(area[instance]),
+                area_px=int(sums.area[instance]),
                 type=int(types[instance]) if types is not None else 0,
                 type_prob=float(probs[instance]) if probs is not None else float("nan"),
             )
