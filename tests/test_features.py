@@ -12,6 +12,7 @@ from skimage.draw import ellipse
 from skimage.measure import regionprops
 
 from hoverdask.core.schema import to_level0
+from hoverdask.nuclei._sums import pixel_means
 from hoverdask.nuclei.features import FEATURE_COLUMNS, measure
 
 TYPES = {1: ("Neoplastic", (255, 0, 0)), 2: ("Inflammatory", (0, 255, 0))}
@@ -166,3 +167,30 @@ def test_type_table_from_the_model_package():
     assert info[5] == (PANNUKE.name_of(5), PANNUKE.color_of(5))
     with pytest.raises(TypeError, match="TypeTable or a mapping"):
         type_info([("a", (1, 2, 3))])
+
+
+def test_pixel_means_equal_bincounts_to_the_last_bit() -> None:
+    """The compiled sums add in the pixels' order, as ``np.bincount`` does."""
+    rng = np.random.default_rng(11)
+    label = rng.integers(1, 40, 5000)
+    rows, cols = rng.integers(0, 3000, (2, 5000)).astype(np.float64)
+    stains = rng.random((5000, 3)) * 3.0
+    rgb = rng.integers(0, 256, (5000, 3)).astype(np.uint8)
+    size = 45  # labels 40-44 have no pixels
+    means = pixel_means(label, rows, cols, stains, rgb, size)
+    area = np.bincount(label, minlength=size).astype(np.float64)
+    safe = np.where(area > 0, area, 1.0)
+
+    def mean_of(values: np.ndarray) -> np.ndarray:
+        return np.bincount(label, weights=values, minlength=size) / safe
+
+    dr, dc = rows - mean_of(rows)[label], cols - mean_of(cols)[label]
+    expected = {
+        "area": area, "row": mean_of(rows), "col": mean_of(cols), "var_c": mean_of(dc * dc),
+        "var_r": mean_of(dr * dr), "cov_rc": mean_of(dr * dc), "h_od": mean_of(stains[:, 0]),
+        "h_od_sq": mean_of(stains[:, 0] ** 2), "e_od": mean_of(stains[:, 1]),
+        "e_od_sq": mean_of(stains[:, 1] ** 2), "red": mean_of(rgb[:, 0].astype(float)),
+        "green": mean_of(rgb[:, 1].astype(float)), "blue": mean_of(rgb[:, 2].astype(float)),
+    }  # fmt: skip
+    for name, values in expected.items():
+        np.testing.assert_array_equal(getattr(means, name), values, err_msg=name)

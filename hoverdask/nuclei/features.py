@@ -34,6 +34,7 @@ import shapely
 from skimage.color import hed_from_rgb
 
 from hoverdask.core.types import TypeTableLike
+from hoverdask.nuclei._sums import pixel_means
 
 FEATURE_COLUMNS: tuple[str, ...] = (
     "area_um2",
@@ -273,20 +274,15 @@ def label_stats(label_map: np.ndarray, image: np.ndarray, count: int) -> dict[st
     rows = (local_rows + r0).astype(np.float64)
     cols = (local_cols + c0).astype(np.float64)
     size = count + 1
-
-    area = np.bincount(label, minlength=size)[1:].astype(np.float64)
+    pixels = image.reshape(-1, 3)[foreground]
+    # np.dot: the same BLAS product as ``@`` here, bit for bit, without matmul's slow path for
+    # a (N, 3) x (3, 3) product
+    stains = np.dot(_OD_LUT[pixels], hed_from_rgb)
+    np.maximum(stains, 0.0, out=stains)
+    means = pixel_means(label, rows, cols, stains, pixels, size)
+    area = means.area[1:]
     present = area > 0
-    safe_area = np.where(present, area, 1.0)
-
-    def mean_of(values: np.ndarray) -> np.ndarray:
-        return np.bincount(label, weights=values, minlength=size)[1:] / safe_area
-
-    row_mean, col_mean = mean_of(rows), mean_of(cols)
-    dr = rows - np.concatenate([[0.0], row_mean])[label]
-    dc = cols - np.concatenate([[0.0], col_mean])[label]
-    var_c = mean_of(dc * dc)  # inertia tensor [[a, b], [b, c]] as skimage builds it
-    var_r = mean_of(dr * dr)
-    cov = -mean_of(dr * dc)
+    var_c, var_r, cov = means.var_c[1:], means.var_r[1:], -means.cov_rc[1:]
     half_trace = (var_c + var_r) / 2.0
     root = np.sqrt(((var_c - var_r) / 2.0) ** 2 + cov**2)
     ev_major = np.maximum(half_trace + root, 0.0)
@@ -304,12 +300,6 @@ def label_stats(label_map: np.ndarray, image: np.ndarray, count: int) -> dict[st
     perimeter = _perimeter(label_map.shape, border, size)
     convex_area = _hull_areas(extremes, size)
 
-    pixels = image.reshape(-1, 3)[foreground]
-    # np.dot: the same BLAS product as ``@`` here, bit for bit, without matmul's slow path for
-    # a (N, 3) x (3, 3) product
-    stains = np.dot(_OD_LUT[pixels], hed_from_rgb)
-    np.maximum(stains, 0.0, out=stains)
-    rgb = pixels.astype(np.float64)
     stats = {
         "area": area,
         "perimeter": perimeter,
@@ -320,12 +310,11 @@ def label_stats(label_map: np.ndarray, image: np.ndarray, count: int) -> dict[st
         "extent": extent,
         "solidity": area / np.where(convex_area > 0, convex_area, np.nan),
     }
-    for name, values in (("h_od", stains[:, 0]), ("e_od", stains[:, 1])):
-        mean = mean_of(values)
-        stats[f"{name}_mean"] = mean
-        stats[f"{name}_std"] = np.sqrt(np.maximum(mean_of(values * values) - mean * mean, 0.0))
-    for channel, name in enumerate(("r_mean", "g_mean", "b_mean")):
-        stats[name] = mean_of(rgb[:, channel])
+    for name, mean, mean_sq in (("h_od", means.h_od, means.h_od_sq),
+                                ("e_od", means.e_od, means.e_od_sq)):  # fmt: skip
+        stats[f"{name}_mean"] = mean[1:]
+        stats[f"{name}_std"] = np.sqrt(np.maximum(mean_sq[1:] - mean[1:] * mean[1:], 0.0))
+    stats["r_mean"], stats["g_mean"], stats["b_mean"] = means.red[1:], means.green[1:], means.blue[1:]
     for name, values in stats.items():
         stats[name] = np.where(present, values, np.nan)
     return stats
