@@ -12,7 +12,7 @@ from scipy import ndimage
 from skimage.segmentation import watershed
 
 from hoverdask.nuclei import fast as fast_module
-from hoverdask.nuclei._flood import flood_markers
+from hoverdask.nuclei._flood import flood_markers, groups_with_equal_values, growing_seeds
 from hoverdask.nuclei._sums import instance_sums
 from hoverdask.nuclei.instances import type_votes
 from hoverdask.nuclei.postproc import (
@@ -115,6 +115,25 @@ def test_compiled_flood_equals_skimage_on_plateaus(seed, levels, n_seeds, hole_d
             assert not labels[inside].any()
         else:
             np.testing.assert_array_equal(labels[inside], expected[inside])
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), levels=st.integers(1, 6))
+def test_growing_seeds_and_their_ties_equal_numpy(seed: int, levels: int) -> None:
+    rng = np.random.default_rng(seed)
+    shape = (int(rng.integers(2, 30)), int(rng.integers(2, 30)))
+    mask = rng.random(shape) < 0.8
+    marker = np.where(rng.random(shape) < 0.4, rng.integers(1, 5, shape), 0).astype(np.int32)
+    dist = rng.integers(0, levels, shape).astype(np.float64)
+    groups = rng.integers(0, 4, shape).astype(np.int32)
+    seeds = (marker > 0) & mask
+    free = np.pad(mask & ~seeds, 1)
+    grows = seeds & (free[:-2, 1:-1] | free[2:, 1:-1] | free[1:-1, :-2] | free[1:-1, 2:])
+    values, group_of = growing_seeds(dist, marker, mask, groups)
+    np.testing.assert_array_equal(values, dist[grows])
+    np.testing.assert_array_equal(group_of, groups[grows])
+    expected = [len(set(values[group_of == g].tolist())) < np.sum(group_of == g) for g in range(4)]
+    np.testing.assert_array_equal(groups_with_equal_values(values, group_of, 4), expected)
 
 
 def test_the_cost_floor_follows_this_skimage() -> None:

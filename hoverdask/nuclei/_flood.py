@@ -171,10 +171,61 @@ def flood_markers(
     pixel's cost is at least the cost of the pixel that pushed it, as in skimage 0.25 and later.
     """
     mask = np.ascontiguousarray(mask, dtype=bool)
-    marker = np.ascontiguousarray(np.where(mask, marker, 0), dtype=np.int32)
+    marker = np.ascontiguousarray(marker, dtype=np.int32)  # read inside the mask only
     dist = np.ascontiguousarray(dist, dtype=np.float64)
     out = np.zeros(mask.shape, dtype=np.int32)
     tied = np.empty(mask.size, dtype=np.int64)
     n_tied = _flood(dist, marker, mask, out, tied, monotone)
     return out, tied[:n_tied].copy()
 
+
+
+@numba.njit(cache=True, nogil=True)
+def _growing_seeds(dist, marker, mask, groups, values, group_of):  # pragma: no cover - compiled
+    height, width = mask.shape
+    n = 0
+    for y in range(height):
+        for x in range(width):
+            if mask[y, x] and marker[y, x] != 0 and _can_grow(marker, mask, y, x):
+                values[n], group_of[n] = dist[y, x], groups[y, x]
+                n += 1
+    return n
+
+
+def growing_seeds(
+    dist: np.ndarray, marker: np.ndarray, mask: np.ndarray, groups: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(values, groups)`` of the seeds that can grow (a marker pixel in ``mask`` with a
+    4-neighbour in ``mask`` that is no marker), in raster order: the seeds whose turn in
+    skimage's queue matters."""
+    mask = np.ascontiguousarray(mask, dtype=bool)
+    values = np.empty(np.count_nonzero(mask), dtype=np.float64)
+    group_of = np.empty(values.size, dtype=np.int64)
+    n = _growing_seeds(np.ascontiguousarray(dist, dtype=np.float64),
+                       np.ascontiguousarray(marker, dtype=np.int32), mask,
+                       np.ascontiguousarray(groups, dtype=np.int32), values, group_of)  # fmt: skip
+    return values[:n], group_of[:n]
+
+
+@numba.njit(cache=True, nogil=True)
+def groups_with_equal_values(values, groups, n_groups):  # pragma: no cover - compiled
+    """``out[g]``: True if two entries of group ``g`` (0 <= g < n_groups) share a value."""
+    count = np.zeros(n_groups + 1, dtype=np.int64)
+    for g in groups:
+        count[g + 1] += 1
+    start = np.cumsum(count)
+    fill = start[:-1].copy()
+    by_group = np.empty(values.size, dtype=np.float64)
+    for k in range(values.size):  # counting sort by group
+        by_group[fill[groups[k]]] = values[k]
+        fill[groups[k]] += 1
+    out = np.zeros(n_groups, dtype=np.bool_)
+    for g in range(n_groups):
+        lo, hi = start[g], start[g + 1]
+        if hi - lo > 1:
+            run = np.sort(by_group[lo:hi])
+            for k in range(1, run.size):
+                if run[k] == run[k - 1]:
+                    out[g] = True
+                    break
+    return out

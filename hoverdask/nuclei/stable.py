@@ -28,6 +28,7 @@ import cv2
 import numpy as np
 from skimage.segmentation import watershed
 
+from hoverdask.nuclei._flood import groups_with_equal_values, growing_seeds
 from hoverdask.nuclei._sums import instance_sums
 from hoverdask.nuclei.fast import (
     SEEDS_QUEUE_BY_VALUE,
@@ -329,17 +330,8 @@ def seed_ties(seg: WindowSegmentation) -> np.ndarray:
     n = len(seg.clusters)
     if not SEEDS_QUEUE_BY_VALUE:
         return np.ones(n + 1, dtype=bool)
-    blb = seg.blb > 0
-    seeds = (seg.marker > 0) & blb
-    free = np.pad(blb & ~seeds, 1)
-    can_grow = seeds & (free[:-2, 1:-1] | free[2:, 1:-1] | free[1:-1, :-2] | free[1:-1, 2:])
-    values, labels = seg.dist[can_grow], seg.clusters_map[can_grow]
-    order = np.lexsort((values, labels))
-    values, labels = values[order], labels[order]
-    tied = (labels[1:] == labels[:-1]) & (values[1:] == values[:-1])
-    out = np.zeros(n + 1, dtype=bool)
-    out[labels[1:][tied]] = True
-    return out
+    values, labels = growing_seeds(seg.dist, seg.marker, seg.blb > 0, seg.clusters_map)
+    return groups_with_equal_values(values, labels, n + 1)
 
 
 def flood_clusters(
@@ -357,7 +349,7 @@ def flood_clusters(
     selected[[c.label for c in clusters if not ties[c.label]]] = True
     region = np.take(selected, seg.clusters_map) & (seg.blb > 0)
     # a tie inside a 4-connected component is a tie inside its cluster: none is left here
-    flooded = watershed_by_component(seg.dist, np.where(region, seg.marker, 0), region)
+    flooded = watershed_by_component(seg.dist, seg.marker, region)  # markers outside: ignored
     for cluster in clusters:
         if not ties[cluster.label]:
             continue
