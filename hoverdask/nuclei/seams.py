@@ -37,6 +37,7 @@ from hoverdask.nuclei.stable import (
     Cluster,
     NormRanges,
     NucleusRecord,
+    WindowForeground,
     normalise_with_range,
     segment_window,
     sobel_range,
@@ -185,16 +186,14 @@ def block_nuclei(
     foreground: exact for the owned clusters (see ``segment_window``).
     """
     foreground = window_foreground(window[..., -3], window_box[:2])
-    clusters_map = foreground.clusters_map
-    core = clusters_map[box_slices(grid.core(*block), window_box[:2])]
-    in_core = np.bincount(core.ravel(), minlength=len(foreground.clusters) + 1) > 0
+    core = grid.core(*block)
     out = BlockNuclei()
     owned = []
     for cluster in foreground.clusters:
         if grid.can_decide(window_box, cluster.box):
             if _reported_by(grid, cluster, block):
                 owned.append(cluster)
-        elif in_core[cluster.label]:
+        elif _has_pixel_in(foreground, cluster, core):
             out.fragments.append(cluster.box)
     if not owned:
         return out
@@ -203,6 +202,14 @@ def block_nuclei(
                          foreground)  # fmt: skip
     out.records, out.seed_ties = window_nuclei(seg, owned, grid.width)
     return out
+
+
+def _has_pixel_in(foreground: WindowForeground, cluster: Cluster, box: Box) -> bool:
+    """Whether ``cluster`` has a pixel in ``box`` (looked at where the two boxes meet only)."""
+    if not _intersects(cluster.box, box):
+        return False
+    meet = box_slices(_intersection(cluster.box, box), foreground.origin)
+    return bool((foreground.clusters_map[meet] == cluster.label).any())
 
 
 def _reported_by(grid: BlockGrid, cluster: Cluster, block: tuple[int, int]) -> bool:
