@@ -34,6 +34,7 @@ import shapely
 from skimage.color import hed_from_rgb
 
 from hoverdask.core.types import TypeTableLike
+from hoverdask.nuclei._hull import hull_pixel_counts
 from hoverdask.nuclei._sums import pixel_means
 
 FEATURE_COLUMNS: tuple[str, ...] = (
@@ -413,77 +414,11 @@ def _perimeter(shape: tuple[int, int], border: _Border, size: int) -> np.ndarray
 
 
 def _hull_areas(extremes: _RowExtremes, size: int) -> np.ndarray:
-    """Pixel count of skimage's ``convex_hull_image`` per label.
-
-    The hull is that of the border pixels' points offset by half a pixel along each axis
-    (a diamond per pixel); a pixel counts when its centre lies inside or on the hull. Each row
-    of a label contributes only its leftmost and rightmost diamonds (the others lie between
-    them), and the pixels inside are counted row by row with exact integer arithmetic on doubled
-    coordinates, where every hull vertex is an integer: the same count as testing every pixel of
-    the bounding box, without the per-pixel tests.
-    """
+    """Pixel count of skimage's ``convex_hull_image`` per label (0 where a label is absent),
+    from each label's row extremes (:mod:`hoverdask.nuclei._hull`)."""
     convex_area = np.zeros(size - 1)
-    if extremes.present.size == 0:
-        return convex_area
-    row, left, right = extremes.row, extremes.left, extremes.right
-    # doubled coordinates: (2c -+ 1, 2r) and (2c, 2r -+ 1) for both extremes
-    xs = np.stack([2 * left - 1, 2 * left, 2 * left, 2 * right + 1, 2 * right, 2 * right], axis=1)
-    ys = np.stack([2 * row, 2 * row - 1, 2 * row + 1, 2 * row, 2 * row - 1, 2 * row + 1], axis=1)
-    points = np.stack([xs, ys], axis=2).astype(np.int32)  # (groups, 6, 2)
-    bounds = np.append(extremes.first, row.size)
-    hulls = [
-        cv2.convexHull(points[lo:hi].reshape(-1, 2))[:, 0, :]  # integer input: exact
-        for lo, hi in itertools.pairwise(bounds)
-    ]
-    sizes = np.array([len(h) for h in hulls])
-    # close each ring (first vertex again at its end)
-    coords = np.concatenate([np.concatenate([h, h[:1]]) for h in hulls]).astype(np.int64)
-    owner = np.repeat(np.arange(len(hulls)), sizes + 1)
-    convex_area[extremes.present - 1] = _lattice_points_in_hulls(coords, owner, len(hulls))
+    if extremes.present.size:
+        first = np.append(extremes.first, extremes.row.size)
+        counts = hull_pixel_counts(extremes.row, extremes.left, extremes.right, first)
+        convex_area[extremes.present - 1] = counts
     return convex_area
-
-
-def _lattice_points_in_hulls(coords: np.ndarray, owner: np.ndarray, count: int) -> np.ndarray:
-    """Points (2x, 2y), x and y integers, inside or on each closed convex ring (doubled coords).
-
-    Each edge P -> Q is a half-plane ``s * cross(Q - P, X - P) >= 0`` (``s`` the ring's
-    orientation). On a row ``Y`` of a convex ring, the inside is bounded by the two edges whose
-    rows span ``Y`` (one from each side; at a vertex both edges meeting there give the same
-    bound), so each edge is evaluated on the rows it spans only: about two bounds per row.
-    A horizontal edge spans one row, where its end points are those of the edges next to it.
-    """
-    same = owner[1:] == owner[:-1]  # consecutive vertices of one ring: its edges
-    px, py = coords[:-1, 0][same], coords[:-1, 1][same]
-    qx, qy = coords[1:, 0][same], coords[1:, 1][same]
-    edge_owner = owner[:-1][same]
-    sign = np.sign(np.bincount(edge_owner, weights=px * qy - qx * py, minlength=count))
-    sloped = qy != py
-    px, py, qx, qy, edge_owner = (x[sloped] for x in (px, py, qx, qy, edge_owner))
-    s = sign[edge_owner].astype(np.int64)
-    # s * cross = a * X + b * Y + c  (with X = 2x, Y = 2y); a != 0 on sloped edges
-    a = -s * (qy - py)
-    b = s * (qx - px)
-    c = s * ((qy - py) * px - (qx - px) * py)
-    ring_start = np.flatnonzero(np.diff(owner, prepend=-1))  # rings are contiguous, non-empty
-    y_lo = np.minimum.reduceat(coords[:, 1], ring_start)
-    y_hi = np.maximum.reduceat(coords[:, 1], ring_start)
-    first_row = (y_lo + 1) // 2  # integer rows y with lo <= 2y <= hi
-    n_rows = np.maximum(y_hi // 2 - first_row + 1, 0)
-    row_offset = np.cumsum(n_rows) - n_rows
-    # one entry per (edge, row it spans): integer rows y with min(py, qy) <= 2y <= max(py, qy)
-    edge_first = (np.minimum(py, qy) + 1) // 2
-    spans = np.maximum(np.maximum(py, qy) // 2 - edge_first + 1, 0)
-    entry_edge = np.repeat(np.arange(spans.size), spans)
-    y = edge_first[entry_edge] + np.arange(spans.sum()) - np.repeat(np.cumsum(spans) - spans, spans)
-    ea, eb, ec = a[entry_edge], b[entry_edge], c[entry_edge]
-    ring = edge_owner[entry_edge]
-    row = row_offset[ring] + y - first_row[ring]
-    rhs = -(eb * 2 * y + ec)  # a * X >= rhs, X = 2x
-    big = np.iinfo(np.int64).max // 4
-    lo = np.full(int(n_rows.sum()), -big)
-    hi = np.full(int(n_rows.sum()), big)
-    left = ea > 0
-    np.maximum.at(lo, row[left], -((-rhs[left]) // (2 * ea[left])))  # x >= ceil(rhs / 2a)
-    np.minimum.at(hi, row[~left], rhs[~left] // (2 * ea[~left]))  # x <= floor(rhs / 2a), a < 0
-    per_row = np.maximum(hi - lo + 1, 0)
-    return np.bincount(np.repeat(np.arange(count), n_rows), weights=per_row, minlength=count)
