@@ -8,7 +8,8 @@ import shapely
 from scipy import ndimage
 from skimage.morphology import convex_hull_image
 
-from hoverdask.nuclei.features import _border_pixels, _hull_areas, _row_extremes
+from hoverdask.nuclei._sums import outline_sums
+from hoverdask.nuclei.features import _PERIMETER_WEIGHTS, _grouped_extremes, _hull_areas
 
 
 def per_pixel_convex_area(mask: np.ndarray) -> int:
@@ -36,8 +37,8 @@ def test_convex_area_equals_the_per_pixel_test(seed: int) -> None:
     labels = random_labels(seed)
     count = int(labels.max())
     origin = (7, 3)
-    border = _border_pixels(labels, *np.nonzero(labels))
-    got = _hull_areas(_row_extremes(border, origin), count + 1)
+    _, *entries = outline_sums(labels, _PERIMETER_WEIGHTS, count + 1)
+    got = _hull_areas(_grouped_extremes(*entries, origin), count + 1)
     want = [per_pixel_convex_area(labels == i) if (labels == i).any() else 0
             for i in range(1, count + 1)]  # fmt: skip
     np.testing.assert_array_equal(got, want)
@@ -61,3 +62,21 @@ def test_rasterise_multipolygons_and_empty_rows_as_their_parts() -> None:
     np.testing.assert_array_equal(combined, expected)
     assert (combined == 1).sum() > 40
     assert (combined == 3).sum() > 20
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_outline_sums_give_skimage_perimeters_and_row_extremes(seed: int) -> None:
+    from skimage.measure import perimeter
+
+    labels = random_labels(seed, (60, 70))
+    count = int(labels.max())
+    got, label, row, left, right = outline_sums(labels, _PERIMETER_WEIGHTS, count + 1)
+    want = [perimeter(labels == i) for i in range(1, count + 1)]
+    np.testing.assert_allclose(got[1:], want, rtol=1e-12)
+    expected = []
+    for i in range(1, count + 1):
+        for r in np.unique(np.nonzero(labels == i)[0]):
+            cols = np.flatnonzero(labels[r] == i)
+            expected.append((i, r, cols[0], cols[-1]))
+    assert list(zip(label.tolist(), row.tolist(), left.tolist(), right.tolist(),
+                    strict=True)) == expected  # fmt: skip

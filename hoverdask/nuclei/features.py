@@ -24,7 +24,6 @@ from __future__ import annotations
 import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import cv2
 import geopandas as gpd
@@ -35,7 +34,7 @@ from skimage.color import hed_from_rgb
 
 from hoverdask.core.types import TypeTableLike
 from hoverdask.nuclei._hull import hull_pixel_counts
-from hoverdask.nuclei._sums import pixel_means
+from hoverdask.nuclei._sums import outline_sums, pixel_means
 
 FEATURE_COLUMNS: tuple[str, ...] = (
     "area_um2",
@@ -66,21 +65,12 @@ MEASURED_COLUMNS: tuple[str, ...] = (
 )
 
 _SUBPIXEL_BITS = 4  # cv2.fillPoly fixed-point precision: 1/16 px
+# skimage's perimeter weight per neighbour code (1 + 2 per edge-adjacent + 10 per corner-adjacent
+# border pixel of the same label; see ``nuclei._sums.outline_sums``)
 _PERIMETER_WEIGHTS = np.zeros(50)
 _PERIMETER_WEIGHTS[[5, 7, 15, 17, 25, 27]] = 1.0
 _PERIMETER_WEIGHTS[[21, 33]] = np.sqrt(2.0)
 _PERIMETER_WEIGHTS[[13, 23]] = (1.0 + np.sqrt(2.0)) / 2.0
-# 8 neighbours (dr, dc) and skimage's perimeter kernel weight for each.
-_NEIGHBOUR_CODES = (
-    (-1, -1, 10),
-    (-1, 0, 2),
-    (-1, 1, 10),
-    (0, -1, 2),
-    (0, 1, 2),
-    (1, -1, 10),
-    (1, 0, 2),
-    (1, 1, 10),
-)
 # Optical density of each 8-bit value: -log10(max(v/255, 1e-6)).
 _OD_LUT = -np.log10(np.maximum(np.arange(256) / 255.0, 1e-6))
 
@@ -294,11 +284,11 @@ def label_stats(label_map: np.ndarray, image: np.ndarray, count: int) -> dict[st
     ties = var_c - var_r == 0
     orientation[ties] = np.where(cov[ties] < 0, np.pi / 4.0, -np.pi / 4.0)
 
-    border = _border_pixels(label_map, local_rows, local_cols)
-    extremes = _row_extremes(border, (r0, c0))
+    perimeter, *entries = outline_sums(label_map, _PERIMETER_WEIGHTS, size)
+    perimeter = perimeter[1:]
+    extremes = _grouped_extremes(*entries, (r0, c0))
     row_min, row_max, col_min, col_max = _bounding_boxes(extremes, size)
     extent = area / ((row_max - row_min + 1) * (col_max - col_min + 1))
-    perimeter = _perimeter(label_map.shape, border, size)
     convex_area = _hull_areas(extremes, size)
 
     stats = {
@@ -335,18 +325,10 @@ def _labelled_box(label_map: np.ndarray) -> tuple[slice, slice] | None:
     return slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1)
 
 
-class _Border(NamedTuple):
-    """The border pixels (:func:`_border_pixels`) in raster order: rows, columns, labels."""
-
-    rows: np.ndarray
-    cols: np.ndarray
-    labels: np.ndarray
-
-
 @dataclass(frozen=True)
 class _RowExtremes:
     """The leftmost and rightmost pixel of every (label, row), grouped by label (a label's
-    rows in order); absolute pixel indices. Both are border pixels (:func:`_border_pixels`)."""
+    rows in order); absolute pixel indices."""
 
     row: np.ndarray
     left: np.ndarray
@@ -355,15 +337,11 @@ class _RowExtremes:
     first: np.ndarray  # index of each present label's first (label, row)
 
 
-def _row_extremes(border: _Border, origin: tuple[int, int]) -> _RowExtremes:
-    label = border.labels.astype(np.int64)
-    order = np.argsort(label, kind="stable")  # the border is in raster order already
-    rr, cc, label = border.rows[order] + origin[0], border.cols[order] + origin[1], label[order]
-    key = label * (int(rr.max(initial=0)) + 1) + rr
-    starts = np.flatnonzero(np.diff(key, prepend=-1))
-    ends = np.append(starts[1:], key.size) - 1
-    present, first = np.unique(label[starts], return_index=True)
-    return _RowExtremes(rr[starts], cc[starts], cc[ends], present, first)
+def _grouped_extremes(label: np.ndarray, row: np.ndarray, left: np.ndarray, right: np.ndarray,
+                      origin: tuple[int, int]) -> _RowExtremes:  # fmt: skip
+    """:class:`_RowExtremes` from (label, row) entries already grouped by label, rows ascending."""
+    present, first = np.unique(label, return_index=True)
+    return _RowExtremes(row + origin[0], left + origin[1], right + origin[1], present, first)
 
 
 def _bounding_boxes(extremes: _RowExtremes, size: int) -> tuple[np.ndarray, ...]:
@@ -378,39 +356,6 @@ def _bounding_boxes(extremes: _RowExtremes, size: int) -> tuple[np.ndarray, ...]
         boxes[2][at] = np.minimum.reduceat(extremes.left, first)
         boxes[3][at] = np.maximum.reduceat(extremes.right, first)
     return tuple(boxes)
-
-
-def _border_pixels(label_map: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> _Border:
-    """The labelled pixels with a 4-neighbour of another label (the image edge counts as
-    other), among ``rows`` and ``cols``: all the labelled pixels, in raster order, so only they
-    are compared."""
-    width = label_map.shape[1]
-    padded = np.pad(label_map, 1).ravel()
-    at = (rows + 1) * (width + 2) + cols + 1
-    own = padded[at]
-    interior = padded[at - 1] == own
-    for step in (1, -(width + 2), width + 2):
-        interior &= padded[at + step] == own
-    edge = ~interior
-    return _Border(rows[edge], cols[edge], own[edge])
-
-
-def _perimeter(shape: tuple[int, int], border: _Border, size: int) -> np.ndarray:
-    """skimage's 4-connectivity perimeter estimate, per label, on a label map of ``shape``.
-
-    Each border pixel's neighbour code counts the 8 neighbours that are border pixels of the
-    same label, read at the border pixels only (flat offsets into a padded map of them).
-    """
-    height, width = shape
-    at = (border.rows + 1) * (width + 2) + (border.cols + 1)
-    own = border.labels
-    flat = np.zeros((height + 2) * (width + 2), dtype=own.dtype)
-    flat[at] = own
-    code = np.ones(at.size, dtype=np.int64)
-    for dr, dc, weight in _NEIGHBOUR_CODES:
-        code += weight * (flat[at + dr * (width + 2) + dc] == own)
-    weights = _PERIMETER_WEIGHTS[code]
-    return np.bincount(own, weights=weights, minlength=size)[1:]
 
 
 def _hull_areas(extremes: _RowExtremes, size: int) -> np.ndarray:
