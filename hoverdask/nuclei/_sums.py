@@ -153,16 +153,15 @@ def pixel_means(label: np.ndarray, rows: np.ndarray, cols: np.ndarray, stains: n
 def _outline_sums(labels, weights, size):  # pragma: no cover - compiled
     height, width = labels.shape
     border = np.zeros((height + 2, width + 2), dtype=labels.dtype)  # label at border pixels
-    n_rows = 0
-    last_row = np.full(size, -1, dtype=np.int64)
+    top = np.full(size, height, dtype=np.int64)
+    bottom = np.full(size, -1, dtype=np.int64)
     for y in range(height):
         for x in range(width):
             own = labels[y, x]
             if own == 0:
                 continue
-            if last_row[own] != y:
-                last_row[own] = y
-                n_rows += 1
+            top[own] = min(top[own], y)
+            bottom[own] = y
             if (
                 x == 0 or labels[y, x - 1] != own or x == width - 1 or labels[y, x + 1] != own
                 or y == 0 or labels[y - 1, x] != own or y == height - 1 or labels[y + 1, x] != own
@@ -170,12 +169,15 @@ def _outline_sums(labels, weights, size):  # pragma: no cover - compiled
                 border[y + 1, x + 1] = own
     # (label, row) entries in raster order, then grouped by label (a counting sort keeps the
     # rows ascending); left and right are the row's first and last pixel
+    n_rows = 0  # at most this many: every row between a label's top and bottom
+    for own in range(size):
+        n_rows += max(bottom[own] - top[own] + 1, 0)
     entry_label = np.empty(n_rows, dtype=np.int64)
     entry_row = np.empty(n_rows, dtype=np.int64)
     entry_left = np.empty(n_rows, dtype=np.int64)
     entry_right = np.empty(n_rows, dtype=np.int64)
     current = np.full(size, -1, dtype=np.int64)
-    last_row[:] = -1
+    last_row = np.full(size, -1, dtype=np.int64)
     perimeter = np.zeros(size)
     n = 0
     for y in range(height):
@@ -196,6 +198,7 @@ def _outline_sums(labels, weights, size):  # pragma: no cover - compiled
                         if (dy != 0 or dx != 0) and border[y + 1 + dy, x + 1 + dx] == own:
                             code += 10 if dy != 0 and dx != 0 else 2
                 perimeter[own] += weights[code]
+    n_rows = n
     count = np.zeros(size + 1, dtype=np.int64)
     for k in range(n_rows):
         count[entry_label[k] + 1] += 1
