@@ -251,3 +251,38 @@ def test_negative_types_are_rejected() -> None:
     inst_map = np.ones((5, 5), dtype=np.int32)
     with pytest.raises(ValueError, match="negative"):
         instance_info_fast(inst_map, -np.ones((5, 5), dtype=np.int32))
+
+
+def test_kernels_compile_without_a_cache_location(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where numba finds nowhere to write its cache it refuses ``cache=True``; the kernels are
+    then compiled without one instead of failing at import."""
+    import numba
+
+    from hoverdask.nuclei import _jit
+
+    real = numba.njit
+
+    def no_cache_location(*args, cache=False, **options):
+        if cache:
+            raise RuntimeError("cannot cache function 'f': no locator available for file 'x'")
+        return real(*args, **options)
+
+    monkeypatch.setattr(numba, "njit", no_cache_location)
+
+    @_jit.kernel()
+    def twice(x):
+        return 2 * x
+
+    assert twice(21) == 42
+    assert twice._cache.__class__.__name__ == "NullCache"
+
+
+def test_warm_compiles_every_kernel() -> None:
+    from hoverdask.nuclei import _flood, _hull, _sums, compiled
+
+    compiled.warm()
+    for module, name in [(_flood, "_flood"), (_flood, "_growing_seeds"),
+                         (_flood, "groups_with_equal_values"), (_sums, "_instance_sums"),
+                         (_sums, "_pixel_sums"), (_sums, "_outline_sums"),
+                         (_hull, "_hull_pixel_counts")]:  # fmt: skip
+        assert getattr(module, name).signatures, name

@@ -1,4 +1,4 @@
-"""Maps to nuclei, numpy only: post-processing (the reference, kept forever, and the exact fast
+"""Maps to nuclei, numpy (and a few numba kernels) only: post-processing (the reference, kept forever, and the exact fast
 variant), the seam-stable passes and their ownership rule, the nuclei table and per-nucleus
 features.
 

@@ -16,8 +16,9 @@ single marker label take it without a queue.
 
 from __future__ import annotations
 
-import numba
 import numpy as np
+
+from hoverdask.nuclei._jit import kernel
 
 # skimage's neighbour order for connectivity 1 (``_offsets_to_raveled_neighbors``): up, left,
 # right, down. It decides which pixel gets the next age, so it is part of the result.
@@ -25,13 +26,13 @@ _DY = np.array([-1, 0, 0, 1], dtype=np.int64)
 _DX = np.array([0, -1, 1, 0], dtype=np.int64)
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
+@kernel(inline="always")
 def _before(v, a, w, b):  # pragma: no cover - compiled
     """skimage's heap order: by value, then by age."""
     return v < w or (v == w and a < b)
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
+@kernel(inline="always")
 def _push(value, age, ys, xs, size, v, a, y, x):  # pragma: no cover - compiled
     """Add an item; return the new size."""
     child = size
@@ -45,7 +46,7 @@ def _push(value, age, ys, xs, size, v, a, y, x):  # pragma: no cover - compiled
     return size + 1
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
+@kernel(inline="always")
 def _pop(value, age, ys, xs, size):  # pragma: no cover - compiled
     """Remove the first item (read it before calling); return the new size."""
     size -= 1
@@ -67,7 +68,7 @@ def _pop(value, age, ys, xs, size):  # pragma: no cover - compiled
     return size
 
 
-@numba.njit(cache=True, nogil=True)
+@kernel()
 def _can_grow(marker, mask, y, x):  # pragma: no cover - compiled
     height, width = mask.shape
     for d in range(4):
@@ -77,7 +78,7 @@ def _can_grow(marker, mask, y, x):  # pragma: no cover - compiled
     return False
 
 
-@numba.njit(cache=True, nogil=True)
+@kernel()
 def _flood_component(dist, marker, mask, out, qy, qx, n, value, age, ys, xs, monotone):
     """Flood one component (pixels ``qy[:n], qx[:n]``) from its seeds; return True, flooding
     nothing, if two seeds that can grow share a value."""
@@ -113,7 +114,7 @@ def _flood_component(dist, marker, mask, out, qy, qx, n, value, age, ys, xs, mon
     return False
 
 
-@numba.njit(cache=True, nogil=True)
+@kernel()
 def _flood(dist, marker, mask, out, tied, monotone):  # pragma: no cover - compiled
     height, width = mask.shape
     seen = np.zeros((height, width), dtype=np.bool_)
@@ -180,7 +181,7 @@ def flood_markers(
 
 
 
-@numba.njit(cache=True, nogil=True)
+@kernel()
 def _growing_seeds(dist, marker, mask, groups, values, group_of):  # pragma: no cover - compiled
     height, width = mask.shape
     n = 0
@@ -207,7 +208,7 @@ def growing_seeds(
     return values[:n], group_of[:n]
 
 
-@numba.njit(cache=True, nogil=True)
+@kernel()
 def groups_with_equal_values(values, groups, n_groups):  # pragma: no cover - compiled
     """``out[g]``: True if two entries of group ``g`` (0 <= g < n_groups) share a value."""
     count = np.zeros(n_groups + 1, dtype=np.int64)

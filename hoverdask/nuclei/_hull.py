@@ -11,16 +11,17 @@ so the counts are exact, whatever the hull algorithm.
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 
+from hoverdask.nuclei._jit import kernel
 
-@numba.njit(cache=True, nogil=True, inline="always")
+
+@kernel(inline="always")
 def _turn(oy, ox, ay, ax, by, bx):  # pragma: no cover - compiled
     return (ay - oy) * (bx - ox) - (ax - ox) * (by - oy)
 
 
-@numba.njit(cache=True, nogil=True)
+@kernel()
 def _chain(ys, xs, n, lower, chain_y, chain_x):  # pragma: no cover - compiled
     """Monotone chain over points sorted by Y: the left edge (``lower``, smallest X) or the
     right edge of their hull; returns its length."""
@@ -38,7 +39,7 @@ def _chain(ys, xs, n, lower, chain_y, chain_x):  # pragma: no cover - compiled
     return size
 
 
-@numba.njit(cache=True, nogil=True)
+@kernel()
 def _hull_pixel_counts(row, left, right, first, out):  # pragma: no cover - compiled
     n_groups = first.size - 1
     longest = 0

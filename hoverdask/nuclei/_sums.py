@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import numba
 import numpy as np
 
+from hoverdask.nuclei._jit import kernel
 
-@numba.njit(cache=True, nogil=True)
+
+@kernel()
 def _instance_sums(labels, types, n_labels, n_types, with_types):  # pragma: no cover - compiled
     height, width = labels.shape
     area = np.zeros(n_labels, dtype=np.int64)
@@ -85,7 +86,7 @@ def instance_sums(labels: np.ndarray, types: np.ndarray | None = None) -> Instan
     return InstanceSums(*sums, counts if with_types else None)
 
 
-@numba.njit(cache=True, nogil=True)
+@kernel()
 def _pixel_sums(label, rows, cols, stains, rgb, size):  # pragma: no cover - compiled
     n_px = label.size
     area = np.zeros(size)
@@ -149,7 +150,7 @@ def pixel_means(label: np.ndarray, rows: np.ndarray, cols: np.ndarray, stains: n
     return PixelMeans(area, row, col, *means)
 
 
-@numba.njit(cache=True, nogil=True)
+@kernel()
 def _outline_sums(labels, weights, size):  # pragma: no cover - compiled
     height, width = labels.shape
     border = np.zeros((height + 2, width + 2), dtype=labels.dtype)  # label at border pixels
