@@ -3,11 +3,12 @@
 Every feature is defined on the nucleus *mask* at processing resolution, exactly as
 ``skimage.measure.regionprops`` defines it, then converted to µm with ``scale * mpp`` (µm per
 image pixel). Instead of one ``regionprops`` call per nucleus (a Python loop), the block is turned
-into one instance label map and every statistic is a ``np.bincount`` over its foreground pixels:
-moments give centroid, axes, eccentricity and orientation; a 4-neighbour border mask and the
-weighted 3x3 neighbour code reproduce skimage's perimeter; the convex area counts pixel centres
-inside the hull of the diamond-offset border pixels (skimage's ``convex_hull_image`` rule), row by
-row in exact integer arithmetic.
+into one instance label map and every statistic is a per-label sum over its pixels, in raster
+order (compiled, :mod:`hoverdask.nuclei._sums`): moments give centroid, axes, eccentricity and
+orientation; a 4-neighbour border mask and the weighted 3x3 neighbour code reproduce skimage's
+perimeter; the convex area counts pixel centres inside the hull of the diamond-offset border
+pixels (skimage's ``convex_hull_image`` rule), row by row in exact integer arithmetic
+(:mod:`hoverdask.nuclei._hull`).
 
 Fastest honest path: pass the block's instance ``labels`` (which post-processing already has) and
 a column holding each row's label id; otherwise each polygon is rasterised with ``cv2.fillPoly``
