@@ -11,7 +11,8 @@ components that have one, and the caller decides what to do with them.
 Why compiled: the flood itself is one priority-queue pass, but around skimage's call the work of
 splitting the mask into components, counting their markers and packing the ones that need a
 queue took longer than the queue. Here it is one pass over the mask, and components holding a
-single marker label take it without a queue.
+single marker label take it without a queue. The seeds that can grow, and the groups where two
+of them tie (:func:`growing_seeds`, :func:`groups_with_equal_values`), are found here too.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from hoverdask.nuclei._jit import kernel
+from hoverdask.nuclei._sums import group_order
 
 # skimage's neighbour order for connectivity 1 (``_offsets_to_raveled_neighbors``): up, left,
 # right, down. It decides which pixel gets the next age, so it is part of the result.
@@ -79,7 +81,7 @@ def _can_grow(marker, mask, y, x):  # pragma: no cover - compiled
 
 
 @kernel()
-def _flood_component(dist, marker, mask, out, qy, qx, n, value, age, ys, xs, monotone):
+def _flood_component(dist, marker, mask, out, qy, qx, n, value, age, ys, xs, monotone):  # pragma: no cover
     """Flood one component (pixels ``qy[:n], qx[:n]``) from its seeds; return True, flooding
     nothing, if two seeds that can grow share a value."""
     height, width = mask.shape
@@ -115,10 +117,11 @@ def _flood_component(dist, marker, mask, out, qy, qx, n, value, age, ys, xs, mon
 
 
 @kernel()
-def _flood(dist, marker, mask, out, tied, monotone):  # pragma: no cover - compiled
+def _flood(dist, marker, mask, out, monotone):  # pragma: no cover - compiled
     height, width = mask.shape
     seen = np.zeros((height, width), dtype=np.bool_)
     capacity = max(np.count_nonzero(mask), 1)  # a queue never holds more than its component
+    tied = np.empty(capacity, dtype=np.int64)
     qy = np.empty(capacity, dtype=np.int32)
     qx = np.empty(capacity, dtype=np.int32)
     value = np.empty(capacity, dtype=np.float64)
@@ -157,7 +160,7 @@ def _flood(dist, marker, mask, out, tied, monotone):  # pragma: no cover - compi
             if _flood_component(dist, marker, mask, out, qy, qx, n, value, age, ys, xs, monotone):
                 tied[n_tied] = sy * width + sx
                 n_tied += 1
-    return n_tied
+    return tied[:n_tied].copy()
 
 
 def flood_markers(
@@ -175,10 +178,7 @@ def flood_markers(
     marker = np.ascontiguousarray(marker, dtype=np.int32)  # read inside the mask only
     dist = np.ascontiguousarray(dist, dtype=np.float64)
     out = np.zeros(mask.shape, dtype=np.int32)
-    tied = np.empty(mask.size, dtype=np.int64)
-    n_tied = _flood(dist, marker, mask, out, tied, monotone)
-    return out, tied[:n_tied].copy()
-
+    return out, _flood(dist, marker, mask, out, monotone)
 
 
 @kernel()
@@ -211,15 +211,8 @@ def growing_seeds(
 @kernel()
 def groups_with_equal_values(values, groups, n_groups):  # pragma: no cover - compiled
     """``out[g]``: True if two entries of group ``g`` (0 <= g < n_groups) share a value."""
-    count = np.zeros(n_groups + 1, dtype=np.int64)
-    for g in groups:
-        count[g + 1] += 1
-    start = np.cumsum(count)
-    fill = start[:-1].copy()
-    by_group = np.empty(values.size, dtype=np.float64)
-    for k in range(values.size):  # counting sort by group
-        by_group[fill[groups[k]]] = values[k]
-        fill[groups[k]] += 1
+    order, start = group_order(groups, n_groups)
+    by_group = values[order]
     out = np.zeros(n_groups, dtype=np.bool_)
     for g in range(n_groups):
         lo, hi = start[g], start[g + 1]

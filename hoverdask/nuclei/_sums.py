@@ -17,6 +17,22 @@ from hoverdask.nuclei._jit import kernel
 
 
 @kernel()
+def group_order(groups, n_groups):  # pragma: no cover - compiled
+    """``(order, start)``: a counting sort of ``groups`` (ids in ``[0, n_groups)``) that keeps
+    equal ids in their given order; group ``g`` is ``order[start[g]:start[g + 1]]``."""
+    start = np.zeros(n_groups + 1, dtype=np.int64)
+    for g in groups:
+        start[g + 1] += 1
+    start = np.cumsum(start)
+    fill = start[:-1].copy()
+    order = np.empty(groups.size, dtype=np.int64)
+    for k in range(groups.size):
+        order[fill[groups[k]]] = k
+        fill[groups[k]] += 1
+    return order, start
+
+
+@kernel()
 def _instance_sums(labels, types, n_labels, n_types, with_types):  # pragma: no cover - compiled
     height, width = labels.shape
     area = np.zeros(n_labels, dtype=np.int64)
@@ -199,16 +215,7 @@ def _outline_sums(labels, weights, size):  # pragma: no cover - compiled
                         if (dy != 0 or dx != 0) and border[y + 1 + dy, x + 1 + dx] == own:
                             code += 10 if dy != 0 and dx != 0 else 2
                 perimeter[own] += weights[code]
-    n_rows = n
-    count = np.zeros(size + 1, dtype=np.int64)
-    for k in range(n_rows):
-        count[entry_label[k] + 1] += 1
-    start = np.cumsum(count)
-    fill = start[:-1].copy()
-    order = np.empty(n_rows, dtype=np.int64)
-    for k in range(n_rows):
-        order[fill[entry_label[k]]] = k
-        fill[entry_label[k]] += 1
+    order = group_order(entry_label[:n], size)[0]
     return perimeter, entry_label[order], entry_row[order], entry_left[order], entry_right[order]
 
 
