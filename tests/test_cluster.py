@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
+from hoverdask.deploy.allocator import WORKER_ALLOCATOR_ENV
 from hoverdask.deploy.cluster import ClusterError, describe, make_client
 from hoverdask.pipeline.run import run_security
 
@@ -24,11 +26,22 @@ def test_local_cluster_is_bound_to_localhost_with_processes(capsys) -> None:
         assert client.submit(_square, 7).result() == 49
         pids = set(client.run(lambda: __import__("os").getpid()).values())
         assert len(pids) == 2  # two processes, not threads of this one
+        environs = client.run(lambda: {k: __import__("os").environ.get(k)
+                                       for k in WORKER_ALLOCATOR_ENV}).values()
+        # the workers reuse freed memory instead of dask's trim-at-64-KiB default; a value set
+        # in this process's environment would win
+        expected = {k: os.environ.get(k, v) for k, v in WORKER_ALLOCATOR_ENV.items()}
+        assert all(env == expected for env in environs)
         assert "127.0.0.1" in capsys.readouterr().out  # the dashboard link is printed
     finally:
         cluster = client.cluster
         client.close()
         cluster.close()
+
+
+def test_allocator_settings_keep_memory_that_dask_would_trim() -> None:
+    assert WORKER_ALLOCATOR_ENV["MALLOC_MMAP_MAX_"] == "0"
+    assert int(WORKER_ALLOCATOR_ENV["MALLOC_TRIM_THRESHOLD_"]) > 65536  # dask's default
 
 
 def test_scheduler_file_and_bad_address(tmp_path) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from hoverdask.core.errors import HoverdaskError
+from hoverdask.deploy.allocator import WORKER_ALLOCATOR_ENV
 from hoverdask.deploy.jobqueue import slurm_client
 
 if TYPE_CHECKING:
@@ -221,6 +222,7 @@ def start_local_cluster(
     import dask
 
     environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {})
+    environ.update(WORKER_ALLOCATOR_ENV)
     environ.update(worker_env or {})
     with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}), _ctrl_c_to_us():
         cluster = SpecCluster(workers=workers, scheduler=scheduler, security=security)
