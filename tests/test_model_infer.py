@@ -22,7 +22,7 @@ from hoverdask.model import (
     tile_layout,
 )
 from hoverdask.model.fused import FusedConv, FusedHoVerNet, NearestUpSample2x, can_fuse
-from hoverdask.model.infer import cpu_inference_model
+from hoverdask.model.infer import cpu_inference_model, logits_to_maps
 from hoverdask.model.network import TFSamePad, UpSample2x
 from tests.conftest import PARITY, parity_json, parity_npz
 from tests.parity_weights import parity_model
@@ -37,6 +37,16 @@ INFER_CONFIGS = {
 def _softmax(logits: np.ndarray, axis: int) -> np.ndarray:
     e = np.exp(logits - logits.max(axis=axis, keepdims=True))
     return e / e.sum(axis=axis, keepdims=True)
+
+
+def test_type_map_takes_the_first_of_tied_maxima() -> None:
+    rng = np.random.default_rng(2)
+    tp = rng.integers(0, 3, (2, 5, 9, 11)).astype(np.float32)  # integer logits: many ties
+    logits = {"tp": torch.from_numpy(tp).contiguous(memory_format=torch.channels_last),
+              "np": torch.zeros(2, 2, 9, 11), "hv": torch.zeros(2, 2, 9, 11)}
+    maps = logits_to_maps(logits).numpy()
+    expected = np.argmax(_softmax(tp, axis=1), axis=1)  # numpy: the first maximum
+    np.testing.assert_array_equal(maps[..., 0], expected)
 
 
 @pytest.mark.parametrize("config", INFER_CONFIGS)

@@ -12,6 +12,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from hoverdask.bench import conv_gflop, mflop_per_output_pixel
 from hoverdask.model import LiteHoVerNet, build_network, patch_geometry
 from hoverdask.model.checkpoints import infer_layout, load_model, save_checkpoint
+from hoverdask.model.fused import fused_ops_available
+from hoverdask.model.fused_lite import FusedLiteHoVerNet, upsample_concat
 from hoverdask.model.infer import cpu_inference_model, predict_image, predict_patches
 from hoverdask.model.lite import LiteShape, shape_of_state
 from hoverdask.model.network import HoVerNet
@@ -93,7 +95,12 @@ def test_inference_copy_folds_batchnorm_and_crops_the_margin() -> None:
     patches = np.random.default_rng(0).integers(0, 256, (1, geometry.input, geometry.input, 3))
     maps = predict_patches(model, patches.astype(np.uint8), device="cpu")
     assert maps.shape == (1, geometry.output, geometry.output, 4)
-    assert cpu_inference_model(model).inner.stem.conv1.bn.__class__ is torch.nn.Identity
+    inference = cpu_inference_model(model)
+    if fused_ops_available():  # oneDNN: BatchNorm folded, ReLU and residual sums as post-ops
+        assert isinstance(inference, FusedLiteHoVerNet)
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in inference.modules())
+    else:
+        assert inference.inner.stem.conv1.bn.__class__ is torch.nn.Identity
     with torch.no_grad():
         logits = model(torch.from_numpy(patches).permute(0, 3, 1, 2).float())
     m = geometry.margin
@@ -103,6 +110,32 @@ def test_inference_copy_folds_batchnorm_and_crops_the_margin() -> None:
     np.testing.assert_allclose(maps[0, ..., 1], np_prob, atol=1e-4)
     np.testing.assert_allclose(maps[0, ..., 2:], hv, atol=1e-3)
     assert (maps[0, ..., 0] == tp).mean() > 0.999
+
+
+@pytest.mark.skipif(not fused_ops_available(), reason="this PyTorch has no oneDNN")
+@pytest.mark.parametrize("blocks", [0, 2])
+def test_fused_form_computes_the_models_logits(blocks: int) -> None:
+    model = _with_running_stats(LiteHoVerNet(5, LiteShape((8, 16, 24), blocks)))
+    images = torch.rand(2, 3, 64, 96) * 255
+    with torch.inference_mode():
+        expected = model(images)
+        fused = FusedLiteHoVerNet(model)(images.contiguous(memory_format=torch.channels_last))
+        model_after = model(images)
+    assert set(fused) == set(expected)
+    for name, logits in expected.items():
+        torch.testing.assert_close(fused[name], logits, atol=1e-5, rtol=1e-5)
+        assert torch.equal(model_after[name], logits)  # the model itself is left as it was
+    with pytest.raises(ValueError, match="multiples of 4"):
+        FusedLiteHoVerNet(model)(torch.zeros(1, 3, 64, 90))
+
+
+def test_upsample_concat_equals_interpolate_then_cat() -> None:
+    small = torch.rand(2, 5, 6, 7).contiguous(memory_format=torch.channels_last)
+    skip = torch.rand(2, 3, 12, 14).contiguous(memory_format=torch.channels_last)
+    joined = upsample_concat(small, skip)
+    expected = torch.cat([torch.nn.functional.interpolate(small, scale_factor=2.0), skip], 1)
+    assert torch.equal(joined, expected)
+    assert joined.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_predict_image_covers_any_image_size() -> None:

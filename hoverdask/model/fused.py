@@ -102,6 +102,7 @@ class FusedConv(nn.Module):
         self.register_buffer("weight", weight.to(dtype).contiguous(memory_format=_LAYOUT))
         self.register_buffer("bias", bias.to(dtype))
         self.ksize = conv.kernel_size[0]
+        self.padding = [int(side) for side in conv.padding]  # type: ignore[union-attr]
         self.stride = list(conv.stride)
         self.groups = conv.groups
         self.same = same
@@ -109,7 +110,7 @@ class FusedConv(nn.Module):
 
     def _padded(self, x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
         if not self.same:
-            return x, [0, 0]
+            return x, self.padding
         before, after = tf_same_pad(self.ksize, self.stride[0], x.shape[2])
         if before == after:
             return x, [before, before]
@@ -121,12 +122,12 @@ class FusedConv(nn.Module):
             x, self.weight, self.bias, padding, self.stride, [1, 1], self.groups, self.attr, [], ""
         )
 
-    def add_into(self, x: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
-        """``total += conv(x)`` in place (no ReLU); returns ``total``."""
+    def add_into(self, x: torch.Tensor, total: torch.Tensor, *, relu: bool = False) -> torch.Tensor:
+        """``total += conv(x)`` in place, then ``relu_(total)`` when ``relu``; returns ``total``."""
         x, padding = self._padded(x)
         return _conv_add_(
             total, x, self.weight, self.bias, padding, self.stride, [1, 1], self.groups,
-            "add", None, None, [], None,
+            "add", None, "relu" if relu else None, [], None,
         )
 
 
