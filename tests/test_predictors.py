@@ -220,22 +220,27 @@ def test_cpu_autocast_runs_bfloat16_only_where_the_cpu_has_it(tmp_path, model: H
     assert np.abs(low[..., 1:] - fp32[..., 1:]).max() < 0.1
 
 
-def test_import_inference_stack_is_a_coroutine_that_imports_torch() -> None:
+def test_prepare_worker_is_a_coroutine_that_imports_the_task_stack() -> None:
     """``client.run(..., wait=False)`` only takes coroutine functions; in a fresh process the
-    call must leave torch and the network code imported."""
+    call must leave torch, the network and task code imported and the kernels loaded."""
     import inspect
     import subprocess
     import sys
 
-    from hoverdask.pipeline.predictors import import_inference_stack
+    from hoverdask.pipeline.warmup import prepare_worker
 
-    assert inspect.iscoroutinefunction(import_inference_stack)
+    assert inspect.iscoroutinefunction(prepare_worker)
     code = (
         "import asyncio, sys\n"
-        "from hoverdask.pipeline.predictors import import_inference_stack\n"
-        "assert 'torch' not in sys.modules\n"
-        "asyncio.run(import_inference_stack())\n"
-        "print('torch' in sys.modules, 'hoverdask.model.infer' in sys.modules)\n"
+        "from hoverdask.pipeline.warmup import prepare_worker\n"
+        "assert 'torch' not in sys.modules and 'hoverdask.pipeline.tasks' not in sys.modules\n"
+        "asyncio.run(prepare_worker())\n"
+        "from hoverdask.nuclei import _flood, _hull, _sums\n"
+        "kernels = [_flood._flood, _flood._growing_seeds, _hull._hull_pixel_counts,\n"
+        "           _sums._instance_sums, _sums._pixel_sums, _sums._outline_sums]\n"
+        "print(*(m in sys.modules for m in ('torch', 'hoverdask.model.infer',\n"
+        "      'hoverdask.pipeline.tasks', 'hoverdask.pipeline.postprocess')),\n"
+        "      len(kernels) >= 6 and all(f.signatures for f in kernels))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
-    assert out.stdout.split() == ["True", "True"]
+    assert out.stdout.split() == ["True"] * 5

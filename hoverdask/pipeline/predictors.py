@@ -243,18 +243,23 @@ class PredictorPlugin(_plugin_base()):  # type: ignore[misc]
     0..N-1); on CPU workers it gives torch the worker's threads back, since the nanny sets
     ``OMP_NUM_THREADS=1``. When the cluster has GPU workers (``gpu_cluster``), workers without
     the ``GPU`` resource never run inference: they neither load the network nor touch CUDA.
+    ``prepare`` runs first on every worker (the pipeline's imports and kernels), so that the
+    workers do it all at once, during registration, rather than inside their first tasks.
     """
 
     idempotent = False
 
     def __init__(self, factory: PredictorFactory, *, torch_threads: int | None = None,
-                 gpu_cluster: bool = False) -> None:
+                 gpu_cluster: bool = False, prepare: Callable[[], None] | None = None) -> None:
         self.factory = factory
+        self.prepare = prepare
         self.torch_threads = torch_threads
         self.gpu_cluster = gpu_cluster
         self.predictor: TilePredictor | None = None
 
     def setup(self, worker: Any) -> None:
+        if self.prepare is not None:
+            self.prepare()
         resources = getattr(getattr(worker, "state", None), "total_resources", None) or {}
         if self.gpu_cluster and resources.get("GPU", 0) < 1:
             return  # a CPU worker beside GPU workers: post-processing only
@@ -264,26 +269,6 @@ class PredictorPlugin(_plugin_base()):  # type: ignore[misc]
 
     def teardown(self, worker: Any) -> None:
         self.predictor = None
-
-
-async def import_inference_stack() -> None:
-    """Import torch and the network code on a worker, off its event loop, ahead of the plugin.
-
-    Importing torch takes about a second per process. Asked of a cluster that is already up
-    (``client.run(..., wait=False)``, which takes only coroutines) while the client checks the
-    checkpoint, which imports torch too, the two overlap instead of running one after the other;
-    the plugin's ``setup`` then only builds the network (Python's import lock makes it wait for
-    an import still under way).
-    """
-    import asyncio
-
-    await asyncio.get_running_loop().run_in_executor(None, _import_inference_modules)
-
-
-def _import_inference_modules() -> None:
-    import torch  # noqa: F401
-
-    import hoverdask.model.infer  # noqa: F401
 
 
 def gpu_index(worker_name: Any, device_count: int) -> int:

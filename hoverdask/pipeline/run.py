@@ -36,7 +36,6 @@ from hoverdask.pipeline.predictors import (
     PLUGIN_NAME,
     PredictorPlugin,
     TorchPredictorFactory,
-    import_inference_stack,
 )
 from hoverdask.pipeline.spec import (
     NO_TISSUE_WARNING,
@@ -45,6 +44,7 @@ from hoverdask.pipeline.spec import (
     Region,
     RunOptions,
 )
+from hoverdask.pipeline.warmup import import_worker_modules, prepare_worker
 from hoverdask.slide import open_slide
 
 if TYPE_CHECKING:
@@ -168,9 +168,9 @@ def run_cohort(
     if options.region is not None:
         check_region(options.region, slides, options.mpp)
     check_writable(out)
-    if client is not None and predictor_factory is None:
-        # fire and forget: the workers import torch while this process checks the checkpoint
-        client.run(import_inference_stack, wait=False)
+    if client is not None:
+        # fire and forget: the workers import while this process checks the checkpoint
+        client.run(prepare_worker, wait=False)
     spec = resolve_model(model, predictor_factory, options)
 
     logs = dask_logs(out, verbose=verbose) if log_file else contextlib.nullcontext()
@@ -254,7 +254,8 @@ class _CohortRunner:
         cap = getattr(client.cluster, "compute_threads", None)  # more workers than cores
         threads = min(threads, cap) if cap else threads
         client.register_plugin(PredictorPlugin(spec.factory, torch_threads=threads,
-                                               gpu_cluster=info.has_gpus),
+                                               gpu_cluster=info.has_gpus,
+                                               prepare=import_worker_modules),
                                name=PLUGIN_NAME)
         self.results: dict[str, SlideResult] = {}
         self.order: list[str] = []
