@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from hoverdask.model.fused import FusedConv
-from hoverdask.model.lite import ConvBNReLU, LiteHoVerNet
+from hoverdask.model.lite import ConvBNReLU, LiteHoVerNet, check_sides, decode
 
 _LAYOUT = torch.channels_last
 
@@ -74,15 +74,10 @@ class FusedLiteHoVerNet(nn.Module):
         self.eval()
 
     def forward(self, imgs: torch.Tensor) -> dict[str, torch.Tensor]:
-        if imgs.shape[2] % self.stride or imgs.shape[3] % self.stride:
-            raise ValueError(f"lite input sides must be multiples of {self.stride}, got "
-                             f"{tuple(imgs.shape[2:])}")
+        check_sides(imgs, self.stride)
         skips = [self.stem(imgs.contiguous(memory_format=_LAYOUT))]
         for stage in self.encoder:
             skips.append(stage(skips[-1]))
-        x = skips[-1]
-        for level, step in zip(reversed(range(1, len(skips) - 1)), self.decoder, strict=True):
-            x = step(upsample_concat(x, skips[level]))
-        joined = upsample_concat(x, skips[0])
+        joined = decode(skips, self.decoder, upsample_concat)
         mask, hv = self.mask(joined), self.hv(joined)
         return {name: head(hv if name == "hv" else mask) for name, head in self.heads.items()}

@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import re
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -141,18 +141,11 @@ class LiteHoVerNet(nn.Module):
         return self
 
     def forward(self, imgs: torch.Tensor) -> dict[str, torch.Tensor]:
-        if imgs.shape[2] % self.shape.stride or imgs.shape[3] % self.shape.stride:
-            raise ValueError(
-                f"lite input sides must be multiples of {self.shape.stride}, got "
-                f"{tuple(imgs.shape[2:])}"
-            )
+        check_sides(imgs, self.shape.stride)
         skips = [self.stem(imgs / 255.0)]
         for stage in self.encoder:
             skips.append(stage(skips[-1]))
-        x = skips[-1]
-        for level, step in zip(reversed(range(1, len(skips) - 1)), self.decoder, strict=True):
-            x = step(_upsample_cat(x, skips[level]))
-        joined = _upsample_cat(x, skips[0])
+        joined = decode(skips, self.decoder, _upsample_cat)
         mask = self.last["mask"](joined)
         hv = self.last["hv"](joined)
         logits: dict[str, torch.Tensor] = {}
@@ -161,6 +154,25 @@ class LiteHoVerNet(nn.Module):
         logits["np"] = self.heads["np"](mask)
         logits["hv"] = self.heads["hv"](hv)
         return logits
+
+
+def check_sides(imgs: torch.Tensor, stride: int) -> None:
+    if imgs.shape[2] % stride or imgs.shape[3] % stride:
+        raise ValueError(f"lite input sides must be multiples of {stride}, got "
+                         f"{tuple(imgs.shape[2:])}")
+
+
+def decode(
+    skips: list[torch.Tensor],
+    steps: nn.ModuleList,
+    join: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """The decoder: from the deepest features up, ``step(join(x, skip))`` per scale; returns
+    the full-resolution ``join`` that the last convolutions read."""
+    x = skips[-1]
+    for level, step in zip(reversed(range(1, len(skips) - 1)), steps, strict=True):
+        x = step(join(x, skips[level]))
+    return join(x, skips[0])
 
 
 def is_lite_state(state: Mapping[str, object]) -> bool:
