@@ -14,6 +14,7 @@ from hoverdask.model.gpu import CPU_BATCH_SIZE, StagedPatchRunner
 from hoverdask.pipeline.predictors import (
     DEFAULT_BATCH_SIZE,
     PatchPredictor,
+    PredictorPlugin,
     TorchPredictorFactory,
     join_patches,
     split_patches,
@@ -244,3 +245,29 @@ def test_prepare_worker_is_a_coroutine_that_imports_the_task_stack() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
     assert out.stdout.split() == ["True"] * 5
+
+
+def test_plugin_setup_prepares_and_gives_opencv_the_workers_threads() -> None:
+    """A CPU worker beside GPU workers only prepares and limits OpenCV; it loads no network."""
+    import types
+
+    import cv2
+
+    calls: list[str] = []
+
+    def factory() -> None:
+        raise AssertionError("a post-processing worker must not load the network")
+
+    worker = types.SimpleNamespace(name=3, state=types.SimpleNamespace(nthreads=1,
+                                                                       total_resources={}))
+    plugin = PredictorPlugin(factory, torch_threads=2, gpu_cluster=True,  # type: ignore[arg-type]
+                             prepare=lambda: calls.append("prepared"))
+    before = cv2.getNumThreads()
+    try:
+        cv2.setNumThreads(4)
+        plugin.setup(worker)
+        assert calls == ["prepared"]
+        assert cv2.getNumThreads() == 1  # the worker's one task thread, not the cores
+        assert plugin.predictor is None
+    finally:
+        cv2.setNumThreads(before)

@@ -260,7 +260,10 @@ class PredictorPlugin(_plugin_base()):  # type: ignore[misc]
     def setup(self, worker: Any) -> None:
         if self.prepare is not None:
             self.prepare()
-        resources = getattr(getattr(worker, "state", None), "total_resources", None) or {}
+        state = getattr(worker, "state", None)
+        task_threads = getattr(state, "nthreads", None) or getattr(worker, "nthreads", 1)
+        limit_opencv_threads(min(task_threads, self.torch_threads or task_threads))
+        resources = getattr(state, "total_resources", None) or {}
         if self.gpu_cluster and resources.get("GPU", 0) < 1:
             return  # a CPU worker beside GPU workers: post-processing only
         configure_torch(getattr(self.factory, "device", "cpu"), self.torch_threads,
@@ -280,6 +283,18 @@ def gpu_index(worker_name: Any, device_count: int) -> int:
     """
     match = re.search(r"(\d+)$", str(worker_name))
     return int(match.group(1)) % device_count if match and device_count > 0 else 0
+
+
+def limit_opencv_threads(threads: int) -> None:
+    """OpenCV's own thread pool to ``threads`` (at least 1) in this worker process.
+
+    OpenCV starts one thread per core in every process; a worker already runs as many tasks as
+    it has threads, beside other workers on the other cores, so its OpenCV calls (resampling,
+    labelling, contours) would otherwise compete with the other workers' networks. Results do
+    not depend on it."""
+    import cv2
+
+    cv2.setNumThreads(max(1, int(threads)))
 
 
 def configure_torch(device: str, threads: int | None, *, worker_name: Any = 0) -> None:
