@@ -4,6 +4,8 @@
     python benchmarks/scaling.py --network [--size 656] [--chunk 328]
     python benchmarks/scaling.py --model default --size 1792 --chunk 896 --slides 4 \
         --memory-sizes 1792 3584 --repeats 1
+    python benchmarks/scaling.py --model default --size 3584 --chunk 896 --slides 4 \
+        --memory-sizes 1792 3584 --repeats 2
 
 The network is replaced by a stub that replays a synthetic ``[tp, np, h, v]`` map (periodic, so
 it needs no memory that grows with the slide), so what is timed is the pipeline's own CPU work:
